@@ -1,0 +1,196 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Ajv, type ValidateFunction } from 'ajv';
+import addFormatsModule from 'ajv-formats';
+import { parse } from 'yaml';
+import { REPO_ROOT } from './daemon.js';
+
+/*
+ * The published API description is the contract; tests validate every answer against it instead
+ * of against hand-written expectations, so the suite catches drift in fields nobody thought of.
+ */
+
+export const REFERENCE_DIR = join(REPO_ROOT, '..', 'shared', 'reference');
+const SWAGGER_PATH = join(REFERENCE_DIR, 'poseidon-swagger.yaml');
+const WS_SCHEMA_PATH = join(REFERENCE_DIR, 'poseidon-websocket.schema.json');
+
+export type Json = string | number | boolean | null | Json[] | { [key: string]: Json };
+type JsonObject = { [key: string]: Json };
+
+export type HttpMethod = 'GET' | 'PUT' | 'POST' | 'PATCH' | 'DELETE';
+
+function isObject(value: Json | undefined): value is JsonObject {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function pointer(root: Json, ref: string): Json {
+  assert.ok(ref.startsWith('#/'), `only local $refs are supported, got ${ref}`);
+  let node: Json | undefined = root;
+  for (const part of ref.slice(2).split('/')) {
+    assert.ok(isObject(node), `dangling $ref ${ref}`);
+    node = node[part.replace(/~1/g, '/').replace(/~0/g, '~')];
+  }
+  assert.ok(node !== undefined, `dangling $ref ${ref}`);
+  return node;
+}
+
+/* Inlining refs keeps each compiled validator self-contained; the document has no recursive refs. */
+function deref(root: Json, node: Json, depth = 0): Json {
+  assert.ok(depth < 50, 'recursive $ref in swagger');
+  if (Array.isArray(node)) return node.map((item) => deref(root, item, depth + 1));
+  if (!isObject(node)) return node;
+  const ref = node.$ref;
+  if (typeof ref === 'string') return deref(root, pointer(root, ref), depth + 1);
+  const out: JsonObject = {};
+  for (const [key, value] of Object.entries(node)) out[key] = deref(root, value, depth + 1);
+  return out;
+}
+
+const swagger = parse(readFileSync(SWAGGER_PATH, 'utf8')) as Json;
+assert.ok(isObject(swagger), 'swagger root must be an object');
+
+/*
+ * Deliberate, documented deviation: the swagger's FileHeader forbids extra keys, yet real Poseidon
+ * emits owner/group/permissions/linkTarget and CodeOcean's file browser reads them
+ * (codeocean-contract.md §4). A daemon that omits them breaks CodeOcean, so the contract here is
+ * the swagger plus exactly those four string fields.
+ */
+{
+  const components = swagger.components;
+  assert.ok(isObject(components) && isObject(components.schemas), 'swagger has no components.schemas');
+  const fileHeader = components.schemas.FileHeader;
+  assert.ok(isObject(fileHeader) && isObject(fileHeader.properties), 'swagger has no FileHeader');
+  for (const key of ['owner', 'group', 'permissions', 'linkTarget']) {
+    fileHeader.properties[key] = { type: 'string' };
+  }
+}
+
+const ajv = new Ajv({ strict: false, allErrors: true });
+// ajv-formats is CommonJS whose module object is itself the plugin; NodeNext types see the namespace.
+const addFormats = (addFormatsModule as unknown as { default: typeof addFormatsModule.default }).default;
+addFormats(ajv);
+// OpenAPI-only formats that carry no checkable constraint for our purposes.
+ajv.addFormat('pct-encoded', true);
+ajv.addFormat('binary', true);
+
+interface ResponseSpec {
+  /** content type → compiled validator, or null when the type is not JSON (e.g. octet-stream). */
+  content: Map<string, ValidateFunction | null>;
+}
+
+const responseSpecs = new Map<string, Map<string, ResponseSpec>>();
+const requestValidators = new Map<string, ValidateFunction>();
+const routeKey = (method: string, pathTemplate: string): string => `${method.toUpperCase()} ${pathTemplate}`;
+
+{
+  const paths = swagger.paths;
+  assert.ok(isObject(paths), 'swagger has no paths');
+  for (const [template, rawItem] of Object.entries(paths)) {
+    const item = deref(swagger, rawItem);
+    assert.ok(isObject(item));
+    for (const method of ['get', 'put', 'post', 'patch', 'delete']) {
+      const operation = item[method];
+      if (!isObject(operation)) continue;
+      const key = routeKey(method, template);
+      const statuses = new Map<string, ResponseSpec>();
+      const responses = operation.responses;
+      assert.ok(isObject(responses), `${key} has no responses`);
+      for (const [status, response] of Object.entries(responses)) {
+        assert.ok(isObject(response));
+        const content = new Map<string, ValidateFunction | null>();
+        if (isObject(response.content)) {
+          for (const [type, media] of Object.entries(response.content)) {
+            const schema = isObject(media) ? media.schema : undefined;
+            const isJson = type.includes('json');
+            content.set(type, isJson && isObject(schema) ? ajv.compile(schema) : null);
+          }
+        }
+        statuses.set(status, { content });
+      }
+      responseSpecs.set(key, statuses);
+      const body = operation.requestBody;
+      if (isObject(body) && isObject(body.content)) {
+        const media = body.content['application/json'];
+        if (isObject(media) && isObject(media.schema)) requestValidators.set(key, ajv.compile(media.schema));
+      }
+    }
+  }
+}
+
+export function documentedStatuses(method: HttpMethod, pathTemplate: string): number[] {
+  const spec = responseSpecs.get(routeKey(method, pathTemplate));
+  assert.ok(spec, `route ${routeKey(method, pathTemplate)} is not in the swagger`);
+  return [...spec.keys()].map(Number);
+}
+
+function describeErrors(validate: ValidateFunction): string {
+  return ajv.errorsText(validate.errors, { separator: '; ' });
+}
+
+/**
+ * Fails unless `status` is documented for the route and, when the swagger gives a JSON schema for
+ * it, `body` is JSON (contentType says so) that validates. `body` is the parsed JSON or undefined.
+ */
+export function assertMatchesSwagger(
+  method: HttpMethod,
+  pathTemplate: string,
+  status: number,
+  body: Json | undefined,
+  contentType?: string | null,
+): void {
+  const key = routeKey(method, pathTemplate);
+  const spec = responseSpecs.get(key);
+  assert.ok(spec, `route ${key} is not in the swagger`);
+  const response = spec.get(String(status));
+  assert.ok(
+    response,
+    `${key} answered ${status}, which the swagger does not document (documented: ${[...spec.keys()].join(', ')}); body: ${JSON.stringify(body)}`,
+  );
+  if (response.content.size === 0) return;
+  const jsonEntry = [...response.content.entries()].find(([type]) => type.includes('json'));
+  if (jsonEntry === undefined) return; // e.g. the raw download: bytes, nothing to validate
+  const [, validate] = jsonEntry;
+  assert.ok(
+    contentType === undefined || (contentType !== null && contentType.includes('application/json')),
+    `${key} ${status} must be application/json, got Content-Type ${String(contentType)}`,
+  );
+  assert.ok(body !== undefined, `${key} ${status} must carry a JSON body, got none`);
+  if (validate !== null) {
+    assert.ok(validate(body), `${key} ${status} body violates the swagger: ${describeErrors(validate)}; body: ${JSON.stringify(body)}`);
+  }
+}
+
+/** Keeps the CodeOcean client honest: what it sends must itself be valid per the swagger. */
+export function assertRequestMatchesSwagger(method: HttpMethod, pathTemplate: string, body: Json): void {
+  const validate = requestValidators.get(routeKey(method, pathTemplate));
+  assert.ok(validate, `route ${routeKey(method, pathTemplate)} has no JSON request body in the swagger`);
+  assert.ok(validate(body), `request to ${routeKey(method, pathTemplate)} violates the swagger: ${describeErrors(validate)}`);
+}
+
+const wsValidate = ajv.compile(JSON.parse(readFileSync(WS_SCHEMA_PATH, 'utf8')) as JsonObject);
+
+export type WsMessage =
+  | { type: 'start' }
+  | { type: 'timeout' }
+  | { type: 'exit'; data: number }
+  | { type: 'stdout' | 'stderr' | 'error'; data: string };
+
+export function assertWebSocketMessage(message: Json): asserts message is WsMessage & Json {
+  assert.ok(wsValidate(message), `WebSocket message violates the schema: ${describeErrors(wsValidate)}; message: ${JSON.stringify(message)}`);
+}
+
+/**
+ * Errors must be what CodeOcean's generic handler parses: JSON `{message, errorCode?}`, and never a
+ * leaked stack trace.
+ */
+export function assertErrorBody(body: Json | undefined, context: string): void {
+  assert.ok(isObject(body), `${context}: error body must be a JSON object, got ${JSON.stringify(body)}`);
+  assert.equal(typeof body.message, 'string', `${context}: error body needs a string message: ${JSON.stringify(body)}`);
+  assert.ok(String(body.message).length > 0, `${context}: error message is empty`);
+  if ('errorCode' in body) assert.equal(typeof body.errorCode, 'string', `${context}: errorCode must be a string`);
+  for (const key of Object.keys(body)) {
+    assert.ok(['message', 'errorCode'].includes(key), `${context}: unexpected key ${key} in error body ${JSON.stringify(body)}`);
+  }
+  assert.doesNotMatch(String(body.message), /\n\s+at /, `${context}: error message leaks a stack trace`);
+}

@@ -1,0 +1,224 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { stringify } from 'yaml';
+
+/*
+ * Starts the real daemon exactly as an operator would (`node --import tsx src/cli.ts --config FILE`),
+ * on a free port and with a throw-away state directory, so every e2e test exercises the real
+ * process, real sockets and real sandboxes rather than an in-process app.
+ */
+
+export const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+export type ConfigTree = { [key: string]: ConfigValue };
+export type ConfigValue = string | number | boolean | null | ConfigValue[] | ConfigTree;
+
+export interface DaemonOptions {
+  /** Sets `server.token`; the client must then send it as Poseidon-Token. */
+  token?: string;
+  /** Deep-merged over the harness's base configuration (keys as in src/config/schema.ts). */
+  config?: ConfigTree;
+  /** Extra environment variables for the daemon process (e.g. POSEIDON_* overrides). */
+  env?: Record<string, string>;
+  /** Parent of the temporary directory; defaults to the OS temp dir. */
+  baseDir?: string;
+  /** How long to wait for /health to answer at all. */
+  startTimeoutMs?: number;
+}
+
+export interface Daemon {
+  baseUrl: string;
+  /** `http://127.0.0.1:<port>` without the API prefix, for WebSocket checks. */
+  origin: string;
+  port: number;
+  token: string | undefined;
+  /** Temp dir holding the config and the state dir; removed by stop(). */
+  tempDir: string;
+  configPath: string;
+  stateDir: string;
+  /** Everything the daemon wrote to stdout and stderr so far. */
+  logs(): string;
+  /** PIDs of bwrap processes whose command line mentions this daemon's state dir. */
+  sandboxPids(): number[];
+  stop(): Promise<void>;
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolvePort, reject) => {
+    const server = createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const address = server.address();
+      if (address === null || typeof address === 'string') {
+        server.close();
+        reject(new Error('could not read the port of a probe socket'));
+        return;
+      }
+      const { port } = address;
+      server.close(() => resolvePort(port));
+    });
+  });
+}
+
+function isTree(value: ConfigValue | undefined): value is ConfigTree {
+  return typeof value === 'object' && value !== null && !Array.isArray(value);
+}
+
+function deepMerge(base: ConfigTree, override: ConfigTree): ConfigTree {
+  const merged: ConfigTree = { ...base };
+  for (const [key, value] of Object.entries(override)) {
+    const current = merged[key];
+    merged[key] = isTree(current) && isTree(value) ? deepMerge(current, value) : value;
+  }
+  return merged;
+}
+
+/** Reads /proc directly because `ps` output formats differ between distributions. */
+export function processesMatching(needle: string): number[] {
+  const pids: number[] = [];
+  let entries: string[];
+  try {
+    entries = readdirSync('/proc');
+  } catch {
+    return pids;
+  }
+  for (const entry of entries) {
+    if (!/^\d+$/.test(entry)) continue;
+    try {
+      const cmdline = readFileSync(`/proc/${entry}/cmdline`, 'utf8').split('\0').join(' ');
+      if (cmdline.includes(needle)) pids.push(Number(entry));
+    } catch {
+      // The process exited between readdir and read; it cannot be a leftover.
+    }
+  }
+  return pids;
+}
+
+function bwrapPidsMentioning(needle: string): number[] {
+  return processesMatching(needle).filter((pid) => {
+    try {
+      const argv0 = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
+      return argv0.endsWith('bwrap');
+    } catch {
+      return false;
+    }
+  });
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> {
+  const tempDir = mkdtempSync(join(options.baseDir ?? tmpdir(), 'poseidon-e2e-'));
+  const stateDir = join(tempDir, 'state');
+  const configPath = join(tempDir, 'config.yaml');
+  const port = await freePort();
+
+  const base: ConfigTree = {
+    server: { address: '127.0.0.1', port },
+    logger: { level: 'warn' },
+    local: { statedir: stateDir },
+  };
+  if (options.token !== undefined) {
+    base.server = { ...(base.server as ConfigTree), token: options.token };
+  }
+  const config = deepMerge(base, options.config ?? {});
+  writeFileSync(configPath, stringify(config), { mode: 0o600 });
+
+  let output = '';
+  const child: ChildProcess = spawn(
+    process.execPath,
+    ['--import', 'tsx', 'src/cli.ts', '--config', configPath],
+    {
+      cwd: REPO_ROOT,
+      // A POSEIDON_* variable leaking from the developer's shell would silently override the file.
+      env: {
+        ...Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('POSEIDON_'))),
+        ...options.env,
+      },
+      stdio: ['ignore', 'pipe', 'pipe'],
+    },
+  );
+  child.stdout?.on('data', (chunk: Buffer) => {
+    output += chunk.toString('utf8');
+  });
+  child.stderr?.on('data', (chunk: Buffer) => {
+    output += chunk.toString('utf8');
+  });
+  let exited = false;
+  let exitDescription = '';
+  const exitPromise = new Promise<void>((resolveExit) => {
+    child.once('exit', (code, signal) => {
+      exited = true;
+      exitDescription = `code ${String(code)}, signal ${String(signal)}`;
+      resolveExit();
+    });
+  });
+
+  const origin = `http://127.0.0.1:${port}`;
+  const baseUrl = `${origin}/api/v1`;
+
+  const stop = async (): Promise<void> => {
+    if (!exited) {
+      child.kill('SIGTERM');
+      const killed = await Promise.race([exitPromise.then(() => true), sleep(5000).then(() => false)]);
+      if (!killed) {
+        child.kill('SIGKILL');
+        await exitPromise;
+      }
+    }
+    // Sandboxes die asynchronously after their parent; give them a moment before judging.
+    let survivors = bwrapPidsMentioning(stateDir);
+    for (let i = 0; i < 20 && survivors.length > 0; i++) {
+      await sleep(250);
+      survivors = bwrapPidsMentioning(stateDir);
+    }
+    for (const pid of survivors) {
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // Already gone.
+      }
+    }
+    rmSync(tempDir, { recursive: true, force: true, maxRetries: 3 });
+    if (survivors.length > 0) {
+      throw new Error(
+        `daemon left ${survivors.length} bwrap sandbox(es) behind after exit (pids ${survivors.join(', ')})`,
+      );
+    }
+  };
+
+  const deadline = Date.now() + (options.startTimeoutMs ?? 20_000);
+  for (;;) {
+    if (exited) {
+      rmSync(tempDir, { recursive: true, force: true });
+      throw new Error(`daemon exited during start-up (${exitDescription}). Output:\n${output}`);
+    }
+    try {
+      await fetch(`${baseUrl}/health`, { signal: AbortSignal.timeout(1000) });
+      break;
+    } catch {
+      if (Date.now() > deadline) {
+        await stop().catch(() => undefined);
+        throw new Error(`daemon did not answer /health within the start timeout. Output:\n${output}`);
+      }
+      await sleep(150);
+    }
+  }
+
+  return {
+    baseUrl,
+    origin,
+    port,
+    token: options.token,
+    tempDir,
+    configPath,
+    stateDir,
+    logs: () => output,
+    sandboxPids: () => bwrapPidsMentioning(stateDir),
+    stop,
+  };
+}
