@@ -1,0 +1,166 @@
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import { z } from 'zod';
+import type { NomadConfig } from '../config/schema.js';
+import {
+  allocationListStubSchema,
+  allocationSchema,
+  evaluationSchema,
+  jobDeregisterResponseSchema,
+  jobListStubSchema,
+  jobRegisterResponseSchema,
+  jobSchema,
+  nodeSchema,
+  type Allocation,
+  type AllocationListStub,
+  type Evaluation,
+  type JobListStub,
+  type NomadJob,
+  type NomadNode,
+} from './api-types.js';
+import { NomadError } from './errors.js';
+import { EventStreamSubscription, type EventStreamOptions } from './event-stream.js';
+import { execInAllocation, type ExecOptions } from './exec.js';
+import { NomadHttp, defaultRetryPolicy, type RetryPolicy } from './http.js';
+
+export interface ExecutorApiOptions {
+  readonly retry?: Partial<RetryPolicy>;
+}
+
+export interface RegisterResult {
+  readonly evalId: string;
+  /* Nomad accepts some settings with a warning and ignores them (e.g. MemoryMaxMB without oversubscription). */
+  readonly warnings: string | undefined;
+  readonly jobModifyIndex: number | undefined;
+}
+
+const terminalEvaluationStatuses = new Set(['complete', 'failed', 'canceled']);
+
+/*
+ * The daemon's only door to Nomad: typed calls for the handful of endpoints Poseidon uses. Every
+ * failure is a NomadError (NOMAD_UNREACHABLE or NOMAD_INTERNAL_SERVER_ERROR); reads are retried
+ * with backoff, writes are not (a register creates an evaluation each time).
+ */
+export class ExecutorApi {
+  private readonly http: NomadHttp;
+  private readonly subscriptions = new Set<EventStreamSubscription>();
+
+  constructor(
+    private readonly config: NomadConfig,
+    private readonly logger: Logger,
+    options: ExecutorApiOptions = {},
+  ) {
+    this.http = new NomadHttp(config, logger, { ...defaultRetryPolicy, ...options.retry });
+  }
+
+  get namespace(): string {
+    return this.config.namespace;
+  }
+
+  async registerJob(job: NomadJob): Promise<RegisterResult> {
+    // The namespace query parameter and Job.Namespace must agree, or Nomad rejects the job.
+    const body = { Job: { ...job, Namespace: this.config.namespace } };
+    const response = await this.http.call('POST', '/v1/jobs', { body, schema: jobRegisterResponseSchema });
+    if (response.Warnings) this.logger.warn({ jobId: job.ID, warnings: response.Warnings }, 'Nomad registered the job with warnings');
+    return { evalId: response.EvalID, warnings: response.Warnings || undefined, jobModifyIndex: response.JobModifyIndex ?? undefined };
+  }
+
+  /* Succeeds for a job that does not exist (Nomad >= 1.6 answers 200 with an empty EvalID). */
+  async deregisterJob(jobId: string, options: { purge: boolean } = { purge: true }): Promise<{ evalId: string | undefined }> {
+    const response = await this.http.call('DELETE', `/v1/job/${encodeURIComponent(jobId)}`, {
+      query: { purge: options.purge },
+      schema: jobDeregisterResponseSchema,
+      idempotent: options.purge,
+    });
+    return { evalId: response.EvalID || undefined };
+  }
+
+  /* Job stubs whose ID starts with `prefix`, sorted by ID like the Go client does. */
+  async listJobs(prefix: string): Promise<JobListStub[]> {
+    const jobs = await this.http.call('GET', '/v1/jobs', { query: { prefix }, schema: z.array(jobListStubSchema), idempotent: true });
+    return jobs.sort((a, b) => (a.ID < b.ID ? -1 : a.ID > b.ID ? 1 : 0));
+  }
+
+  /* The full job, or undefined when Nomad does not know it. */
+  async getJob(jobId: string): Promise<NomadJob | undefined> {
+    return this.http.call('GET', `/v1/job/${encodeURIComponent(jobId)}`, { schema: jobSchema, idempotent: true, notFoundIsUndefined: true });
+  }
+
+  /* Allocations of a job, newest (highest CreateIndex) first; [] for an unknown job. */
+  async listJobAllocations(jobId: string, options: { all?: boolean } = {}): Promise<AllocationListStub[]> {
+    const allocations = await this.http.call('GET', `/v1/job/${encodeURIComponent(jobId)}/allocations`, {
+      query: { all: options.all ?? false },
+      schema: z.array(allocationListStubSchema),
+      idempotent: true,
+    });
+    return allocations.sort((a, b) => (b.CreateIndex ?? 0) - (a.CreateIndex ?? 0));
+  }
+
+  async listAllocations(): Promise<AllocationListStub[]> {
+    return this.http.call('GET', '/v1/allocations', { schema: z.array(allocationListStubSchema), idempotent: true });
+  }
+
+  async getAllocation(allocationId: string): Promise<Allocation | undefined> {
+    return this.http.call('GET', `/v1/allocation/${encodeURIComponent(allocationId)}`, {
+      schema: allocationSchema,
+      idempotent: true,
+      notFoundIsUndefined: true,
+    });
+  }
+
+  async getEvaluation(evaluationId: string): Promise<Evaluation | undefined> {
+    return this.http.call('GET', `/v1/evaluation/${encodeURIComponent(evaluationId)}`, {
+      schema: evaluationSchema,
+      idempotent: true,
+      notFoundIsUndefined: true,
+    });
+  }
+
+  async getNode(nodeId: string): Promise<NomadNode | undefined> {
+    return this.http.call('GET', `/v1/node/${encodeURIComponent(nodeId)}`, { schema: nodeSchema, idempotent: true, notFoundIsUndefined: true });
+  }
+
+  /*
+   * Waits until an evaluation is terminal and fails unless it placed everything. Poseidon waits for
+   * this through the event stream; polling keeps this helper independent of a running subscription.
+   */
+  async waitForEvaluation(evaluationId: string, options: { timeoutMs?: number; pollMs?: number } = {}): Promise<Evaluation> {
+    const deadline = Date.now() + (options.timeoutMs ?? 10_000);
+    for (;;) {
+      const evaluation = await this.getEvaluation(evaluationId);
+      if (evaluation !== undefined && terminalEvaluationStatuses.has(evaluation.Status)) {
+        const failed = Object.keys(evaluation.FailedTGAllocs ?? {});
+        if (evaluation.Status === 'complete' && failed.length === 0) return evaluation;
+        const blocked = evaluation.BlockedEval ? `; the rest waits for capacity in evaluation ${evaluation.BlockedEval}` : '';
+        throw new NomadError(
+          'NOMAD_INTERNAL_SERVER_ERROR',
+          `Nomad evaluation ${evaluationId} ended ${evaluation.Status}${failed.length > 0 ? ` without placing ${failed.join(', ')}` : ''}${blocked}`,
+          { operation: 'evaluation' },
+        );
+      }
+      if (Date.now() >= deadline) {
+        throw new NomadError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad evaluation ${evaluationId} did not finish in time`, { operation: 'evaluation' });
+      }
+      await sleep(options.pollMs ?? 100);
+    }
+  }
+
+  /* Runs argv (no shell is added) in a task of an allocation; resolves with its exit code. */
+  async exec(allocationId: string, task: string, command: readonly string[], options: ExecOptions = {}): Promise<number> {
+    if (command.length === 0) throw new NomadError('NOMAD_INTERNAL_SERVER_ERROR', 'exec needs a non-empty command', { operation: 'exec' });
+    return execInAllocation(this.http, this.logger, this.config.requesttimeout, allocationId, task, command, options);
+  }
+
+  /* Starts a self-reconnecting event stream subscription; close() stops it too. */
+  subscribeEvents(options: EventStreamOptions): EventStreamSubscription {
+    const subscription = new EventStreamSubscription(this.http, this.logger, options);
+    this.subscriptions.add(subscription);
+    return subscription;
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([...this.subscriptions].map((subscription) => subscription.stop()));
+    this.subscriptions.clear();
+    await this.http.close();
+  }
+}
