@@ -26,6 +26,8 @@ export interface DaemonOptions {
   env?: Record<string, string>;
   /** Parent of the temporary directory; defaults to the OS temp dir. */
   baseDir?: string;
+  /** Script to run instead of src/cli.ts; lets the harness be checked against a stand-in. */
+  entry?: string;
   /** How long to wait for /health to answer at all. */
   startTimeoutMs?: number;
 }
@@ -109,6 +111,59 @@ function bwrapPidsMentioning(needle: string): number[] {
   });
 }
 
+function parentOf(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // comm may contain spaces and parentheses, so fields are counted from the last ')'.
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return Number(fields[1]);
+  } catch {
+    return undefined;
+  }
+}
+
+/** Every live process below `root`, found through /proc parent links. */
+export function descendantsOf(root: number): number[] {
+  const children = new Map<number, number[]>();
+  for (const entry of readdirSync('/proc')) {
+    if (!/^\d+$/.test(entry)) continue;
+    const parent = parentOf(Number(entry));
+    if (parent === undefined) continue;
+    const list = children.get(parent) ?? [];
+    list.push(Number(entry));
+    children.set(parent, list);
+  }
+  const found: number[] = [];
+  const queue = [root];
+  while (queue.length > 0) {
+    const next = queue.shift();
+    if (next === undefined) break;
+    for (const child of children.get(next) ?? []) {
+      found.push(child);
+      queue.push(child);
+    }
+  }
+  return found;
+}
+
+function describePid(pid: number): string {
+  try {
+    return `${pid} (${readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0').join(' ').trim().slice(0, 120)})`;
+  } catch {
+    return String(pid);
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    // A zombie still has a /proc entry but is harmless; only running leftovers count.
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2, stat.lastIndexOf(')') + 3) !== 'Z';
+  } catch {
+    return false;
+  }
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> {
@@ -131,7 +186,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   let output = '';
   const child: ChildProcess = spawn(
     process.execPath,
-    ['--import', 'tsx', 'src/cli.ts', '--config', configPath],
+    ['--import', 'tsx', options.entry ?? 'src/cli.ts', '--config', configPath],
     {
       cwd: REPO_ROOT,
       // A POSEIDON_* variable leaking from the developer's shell would silently override the file.
@@ -162,6 +217,8 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   const baseUrl = `${origin}/api/v1`;
 
   const stop = async (): Promise<void> => {
+    // Snapshot the process tree first: once the daemon is gone its orphans are reparented away.
+    const tree = child.pid !== undefined && !exited ? descendantsOf(child.pid) : [];
     if (!exited) {
       child.kill('SIGTERM');
       const killed = await Promise.race([exitPromise.then(() => true), sleep(5000).then(() => false)]);
@@ -171,11 +228,13 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
       }
     }
     // Sandboxes die asynchronously after their parent; give them a moment before judging.
-    let survivors = bwrapPidsMentioning(stateDir);
+    const leftovers = (): number[] => [...new Set([...bwrapPidsMentioning(stateDir), ...tree.filter(alive)])];
+    let survivors = leftovers();
     for (let i = 0; i < 20 && survivors.length > 0; i++) {
       await sleep(250);
-      survivors = bwrapPidsMentioning(stateDir);
+      survivors = leftovers();
     }
+    const described = survivors.map(describePid);
     for (const pid of survivors) {
       try {
         process.kill(pid, 'SIGKILL');
@@ -186,7 +245,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     rmSync(tempDir, { recursive: true, force: true, maxRetries: 3 });
     if (survivors.length > 0) {
       throw new Error(
-        `daemon left ${survivors.length} bwrap sandbox(es) behind after exit (pids ${survivors.join(', ')})`,
+        `daemon left ${survivors.length} process(es) behind after exit: ${described.join('; ')}`,
       );
     }
   };

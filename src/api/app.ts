@@ -1,0 +1,131 @@
+import { createHash, timingSafeEqual } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import websocket from '@fastify/websocket';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import type { Logger } from 'pino';
+import type { Config } from '../config/schema.js';
+import type { ErrorBody, ErrorCode } from '../dto/errors.js';
+import type { ExecutionRequest } from '../dto/runner.js';
+import type { AccessorHandler } from '../runner/accessor-handler.js';
+import { ApiError } from '../runner/errors.js';
+import type { Runner } from '../runner/runner.js';
+import { environmentRoutes } from './routes/environments.js';
+import { miscellaneousRoutes } from './routes/miscellaneous.js';
+import { runnerRoutes } from './routes/runners.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /* Set by the WebSocket route's pre-upgrade check. */
+    execution?: { runner: Runner; request: ExecutionRequest };
+  }
+}
+
+export interface AppDependencies {
+  config: Config;
+  manager: AccessorHandler;
+  logger: Logger;
+  version: string;
+}
+
+export const API_PREFIX = '/api/v1';
+const PUBLIC_ROUTES = new Set([`${API_PREFIX}/health`, `${API_PREFIX}/version`]);
+
+const STATUS_ERROR_CODES: Record<number, ErrorCode> = {
+  400: 'BAD_REQUEST',
+  401: 'UNAUTHORIZED',
+  404: 'NOT_FOUND',
+  410: 'RUNNER_GONE',
+  413: 'PAYLOAD_TOO_LARGE',
+  415: 'UNSUPPORTED_MEDIA_TYPE',
+  424: 'FILE_NOT_AVAILABLE',
+};
+
+function digest(value: string): Buffer {
+  return createHash('sha256').update(value).digest();
+}
+
+/* Compares digests, so neither the content nor the length of the token leaks through timing. */
+export function tokenMatches(expected: string, presented: string | string[] | undefined): boolean {
+  if (typeof presented !== 'string') return false;
+  return timingSafeEqual(digest(expected), digest(presented));
+}
+
+function tlsOptions(config: Config): Pick<FastifyServerOptions, never> | { https: { key: Buffer; cert: Buffer; ca?: Buffer } } {
+  const tls = config.server.tls;
+  if (!tls.active) return {};
+  if (!tls.certfile || !tls.keyfile) throw new Error('server.tls.active needs server.tls.certfile and server.tls.keyfile');
+  return {
+    https: {
+      key: readFileSync(tls.keyfile),
+      cert: readFileSync(tls.certfile),
+      ...(tls.cafile ? { ca: readFileSync(tls.cafile) } : {}),
+    },
+  };
+}
+
+/* Builds the API without listening, so tests and the CLI share one factory. */
+export async function buildApp(dependencies: AppDependencies): Promise<FastifyInstance> {
+  const { config, logger } = dependencies;
+  const app = Fastify({
+    loggerInstance: logger,
+    disableRequestLogging: true,
+    bodyLimit: config.server.bodylimit,
+    requestIdHeader: false,
+    ...tlsOptions(config),
+  }) as unknown as FastifyInstance;
+
+  // CodeOcean sends `Content-Type: application/json` with body-less GETs and DELETEs; an empty body is no body.
+  const parseJson = app.getDefaultJsonParser('error', 'error');
+  app.removeContentTypeParser('application/json');
+  app.addContentTypeParser('application/json', { parseAs: 'string' }, (request, body, done) => {
+    const text = body.toString();
+    if (text.trim() === '') {
+      done(null, undefined);
+      return;
+    }
+    parseJson(request, text, done);
+  });
+
+  app.addHook('onRequest', async (request) => {
+    const token = config.server.token;
+    const path = request.url.split('?', 1)[0] ?? '';
+    if (token && !PUBLIC_ROUTES.has(path) && !tokenMatches(token, request.headers['poseidon-token'])) {
+      throw new ApiError(401, 'UNAUTHORIZED', 'missing or wrong Poseidon-Token header');
+    }
+  });
+
+  // One log line per request, with its id, outcome and duration.
+  app.addHook('onResponse', async (request, reply) => {
+    request.log.info(
+      { method: request.method, url: request.url, statusCode: reply.statusCode, durationMs: Math.round(reply.elapsedTime * 10) / 10 },
+      'request',
+    );
+  });
+
+  app.setErrorHandler((error: FastifyError | ApiError | Error, request, reply) => {
+    const statusCode = error instanceof ApiError ? error.statusCode : ((error as FastifyError).statusCode ?? 500);
+    const known = error instanceof ApiError || (statusCode >= 400 && statusCode < 500);
+    const body: ErrorBody = {
+      message: known ? error.message : 'internal error; see the daemon log',
+      errorCode: error instanceof ApiError ? error.errorCode : (STATUS_ERROR_CODES[statusCode] ?? 'UNKNOWN'),
+    };
+    if (statusCode >= 500) request.log.error({ err: error }, 'request failed');
+    else request.log.info({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request rejected');
+    return reply.code(statusCode).send(body);
+  });
+
+  app.setNotFoundHandler((request, reply) => {
+    reply.code(404).send({ message: `no route ${request.method} ${request.url.split('?', 1)[0]}`, errorCode: 'NOT_FOUND' } satisfies ErrorBody);
+  });
+
+  await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
+  await app.register(
+    async (api) => {
+      await api.register(miscellaneousRoutes, dependencies);
+      await api.register(environmentRoutes, dependencies);
+      await api.register(runnerRoutes, dependencies);
+    },
+    { prefix: API_PREFIX },
+  );
+  return app;
+}

@@ -1,0 +1,114 @@
+import { z } from 'zod';
+
+/*
+ * Keys are lower-case without separators, as in Poseidon's configuration file, so that an
+ * environment variable such as POSEIDON_SERVER_TLS_CAFILE maps onto a path unambiguously.
+ */
+
+const tlsSchema = z
+  .strictObject({
+    active: z.boolean().default(false),
+    cafile: z.string().min(1).optional(),
+    certfile: z.string().min(1).optional(),
+    keyfile: z.string().min(1).optional(),
+  })
+  .prefault({});
+
+const serverSchema = z
+  .strictObject({
+    address: z.string().min(1).default('127.0.0.1'),
+    port: z.number().int().min(0).max(65535).default(7200),
+    token: z.string().min(1).optional(),
+    tls: tlsSchema,
+    /* Accepted for Poseidon compatibility; the local backend keeps stdout and stderr apart anyway. */
+    interactivestderr: z.boolean().default(true),
+    /* Largest accepted request body; file uploads are base64 JSON, so this bounds one PATCH. */
+    bodylimit: z.number().int().positive().default(64 * 1024 * 1024),
+    /* An execution URL that is never connected to is forgotten after this many seconds. */
+    websocketurltimeout: z.number().int().positive().default(60),
+    alert: z
+      .strictObject({
+        prewarmingpoolthreshold: z.number().min(0).lt(1).default(0.5),
+        prewarmingpoolreloadtimeout: z.number().int().min(0).default(300),
+      })
+      .prefault({}),
+  })
+  .prefault({});
+
+const loggerSchema = z
+  .strictObject({
+    level: z
+      .string()
+      .transform((level) => level.toLowerCase())
+      .pipe(z.enum(['trace', 'debug', 'info', 'warn', 'warning', 'error', 'fatal', 'silent']))
+      .transform((level) => (level === 'warning' ? 'warn' : level))
+      .default('info'),
+  })
+  .prefault({});
+
+const runnersSchema = z
+  .strictObject({
+    /* How many sandboxes an environment builds at once while refilling its pool. */
+    refillconcurrency: z.number().int().min(1).max(256).default(8),
+    /* Output beyond this many bytes per execution and stream is dropped and reported once. */
+    maxoutputbytes: z.number().int().positive().default(256 * 1024 * 1024),
+  })
+  .prefault({});
+
+const nomadSchema = z
+  .strictObject({
+    enabled: z.boolean().default(false),
+    address: z.string().min(1).default('127.0.0.1'),
+    port: z.number().int().min(1).max(65535).default(4646),
+    token: z.string().min(1).optional(),
+    tls: tlsSchema,
+    namespace: z.string().min(1).default('default'),
+    disableforcepull: z.boolean().default(true),
+    network: z.strictObject({ mode: z.string().min(1).default('bridge') }).prefault({}),
+    /* Path of a JSON job template replacing the built-in default (Poseidon's templatejobfile). */
+    templatejobfile: z.string().min(1).optional(),
+    /* Timeout of one Nomad HTTP call, in milliseconds. */
+    requesttimeout: z.number().int().positive().default(10_000),
+  })
+  .prefault({});
+
+const cgroupModeSchema = z.enum(['auto', 'v1', 'v2', 'off']);
+
+const localSchema = z
+  .strictObject({
+    enabled: z.boolean().default(true),
+    /* Environments are stored here and reloaded at start. */
+    statedir: z.string().min(1).default('./data'),
+    bwrap: z.string().min(1).default('bwrap'),
+    /* Maps an environment's `image` to a root file system directory; unknown images use the host's system directories read-only. */
+    images: z.record(z.string().min(1), z.string().min(1)).default({}),
+    /* The unprivileged user every non-privileged command runs as. */
+    uid: z.number().int().min(1).default(65534),
+    gid: z.number().int().min(1).default(65534),
+    /* Size of each runner's private workspace and /tmp (tmpfs, charged to the runner's memory). */
+    workspacesize: z.number().int().positive().default(256),
+    /* Fork-bomb guard: most processes one runner may have. */
+    pidslimit: z.number().int().min(8).default(512),
+    cgroups: cgroupModeSchema.default('auto'),
+    /* Name of the cgroup directory that holds one child per runner. */
+    cgroupparent: z.string().regex(/^[A-Za-z0-9_.-]+$/).default('poseidon-ts'),
+    /* Host address that reported mappedPorts point to. */
+    hostaddress: z.string().min(1).default('127.0.0.1'),
+  })
+  .prefault({});
+
+export const configSchema = z
+  .strictObject({
+    server: serverSchema,
+    logger: loggerSchema,
+    runners: runnersSchema,
+    nomad: nomadSchema,
+    local: localSchema,
+  })
+  .prefault({});
+
+export type Config = z.infer<typeof configSchema>;
+export type TlsConfig = z.infer<typeof tlsSchema>;
+export type NomadConfig = z.infer<typeof nomadSchema>;
+export type LocalConfig = z.infer<typeof localSchema>;
+export type CgroupMode = z.infer<typeof cgroupModeSchema>;

@@ -1,0 +1,52 @@
+import { readFileSync } from 'node:fs';
+import type { FastifyInstance } from 'fastify';
+import type { Logger } from 'pino';
+import { buildApp } from './api/app.js';
+import type { Config } from './config/schema.js';
+import { createCgroupManager } from './local/cgroups.js';
+import { LocalAccessorHandler } from './local/local-handler.js';
+import type { AccessorHandler } from './runner/accessor-handler.js';
+
+export interface Daemon {
+  app: FastifyInstance;
+  manager: AccessorHandler;
+  /* The address the server listens on, e.g. http://127.0.0.1:7200. */
+  url: string;
+  close(): Promise<void>;
+}
+
+export function packageVersion(): string {
+  const manifest = JSON.parse(readFileSync(new URL('../package.json', import.meta.url), 'utf8')) as { version: string };
+  return manifest.version;
+}
+
+/* The chain: backends earlier in the list get the first say; local is always last. */
+async function buildManager(config: Config, logger: Logger): Promise<AccessorHandler> {
+  const cgroups = await createCgroupManager(config.local.cgroups, config.local.cgroupparent, logger);
+  logger.info({ cgroups: cgroups.version }, 'local sandbox limits');
+  const handlers: AccessorHandler[] = [new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger)];
+  for (let index = 0; index < handlers.length - 1; index += 1) handlers[index]?.setNextHandler(handlers[index + 1] as AccessorHandler);
+  return handlers[0] as AccessorHandler;
+}
+
+export async function startDaemon(config: Config, logger: Logger): Promise<Daemon> {
+  const manager = await buildManager(config, logger);
+  await manager.load();
+  const app = await buildApp({ config, manager, logger, version: packageVersion() });
+  const url = await app.listen({ host: config.server.address, port: config.server.port });
+  logger.info({ url }, 'poseidon-ts listening');
+  let closing: Promise<void> | undefined;
+  return {
+    app,
+    manager,
+    url,
+    close: () => {
+      closing ??= (async () => {
+        await app.close();
+        await manager.shutdown();
+        logger.info('poseidon-ts stopped');
+      })();
+      return closing;
+    },
+  };
+}

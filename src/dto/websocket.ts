@@ -1,0 +1,9 @@
+/* Exactly the shapes of Poseidon's websocket.schema.json: CodeOcean silently drops anything else. */
+export type WebSocketMessage =
+  | { type: 'start' }
+  | { type: 'timeout' }
+  | { type: 'stdout' | 'stderr' | 'error'; data: string }
+  | { type: 'exit'; data: number };
+
+/* CodeOcean maps exactly this text to "out of memory". */
+export const OOM_ERROR_TEXT = 'the allocation was OOM Killed';

@@ -1,0 +1,106 @@
+import type { Logger } from 'pino';
+import { type EnvironmentStatistics, type ExecutionEnvironmentSpec, sameRunnerShape } from '../dto/environment.js';
+import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
+import { EnvironmentNotFoundError } from '../runner/errors.js';
+import type { ManagedRunner } from '../runner/managed-runner.js';
+import type { Runner } from '../runner/runner.js';
+import { ExecutionEnvironment, type RunnerFactory } from './execution-environment.js';
+
+/* Runner ids are `<environmentId>-<uuid>`, as in Poseidon, so the owner is found without a search. */
+export function environmentIdOfRunner(runnerId: string): number | undefined {
+  const prefix = runnerId.split('-', 1)[0];
+  const id = Number(prefix);
+  return prefix !== '' && Number.isSafeInteger(id) ? id : undefined;
+}
+
+/*
+ * An AccessorHandler whose environments keep prewarmed pools of runners built by a backend.
+ * Subclasses say how runners are built and where environments are stored.
+ */
+export abstract class PoolingAccessorHandler<R extends ManagedRunner> extends AccessorHandler {
+  protected readonly environmentsById = new Map<number, ExecutionEnvironment<R>>();
+
+  constructor(
+    protected readonly logger: Logger,
+    private readonly refillConcurrency: number,
+  ) {
+    super();
+  }
+
+  protected abstract runnerFactory(): RunnerFactory<R>;
+  protected abstract storeEnvironment(spec: ExecutionEnvironmentSpec): Promise<void>;
+  protected abstract removeStoredEnvironment(environmentId: number): Promise<void>;
+
+  knowsEnvironment(environmentId: number): boolean {
+    return this.environmentsById.has(environmentId);
+  }
+
+  ownEnvironments(): ExecutionEnvironmentSpec[] {
+    return [...this.environmentsById.values()].map((environment) => environment.spec);
+  }
+
+  ownStatistics(): EnvironmentStatistics[] {
+    return [...this.environmentsById.values()].map((environment) => environment.statistics());
+  }
+
+  ownEnvironmentPools(): Array<ExecutionEnvironment<R>> {
+    return [...this.environmentsById.values()];
+  }
+
+  ownRunner(runnerId: string): R | undefined {
+    const environmentId = environmentIdOfRunner(runnerId);
+    if (environmentId === undefined) return undefined;
+    const runner = this.environmentsById.get(environmentId)?.usedRunner(runnerId);
+    return runner && !runner.destroyed ? runner : undefined;
+  }
+
+  protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
+    return this.environmentsById.get(environmentId)?.sample(inactivityTimeout);
+  }
+
+  protected async returnOwn(runner: Runner): Promise<void> {
+    const environment = this.environmentsById.get(runner.environmentId);
+    const managed = environment?.runner(runner.id);
+    if (environment && managed) await environment.remove(managed, 'returned');
+  }
+
+  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+    const existing = this.environmentsById.get(spec.id);
+    await this.storeEnvironment(spec);
+    if (existing && sameRunnerShape(existing.spec, spec)) {
+      existing.setPoolSize(spec.prewarmingPoolSize);
+      this.logger.info({ environmentId: spec.id, prewarmingPoolSize: spec.prewarmingPoolSize }, 'environment updated');
+      return 'replaced';
+    }
+    // Any other change makes existing runners stale: Poseidon destroys them too.
+    if (existing) void existing.delete('environment replaced');
+    this.startEnvironment(spec);
+    this.logger.info({ environmentId: spec.id, replaced: Boolean(existing) }, 'environment stored');
+    return existing ? 'replaced' : 'created';
+  }
+
+  protected async deleteOwnEnvironment(environmentId: number): Promise<void> {
+    const environment = this.environmentsById.get(environmentId);
+    if (!environment) throw new EnvironmentNotFoundError(environmentId);
+    this.environmentsById.delete(environmentId);
+    await this.removeStoredEnvironment(environmentId);
+    await environment.delete('environment deleted');
+    this.logger.info({ environmentId }, 'environment deleted');
+  }
+
+  protected startEnvironment(spec: ExecutionEnvironmentSpec): ExecutionEnvironment<R> {
+    const environment = new ExecutionEnvironment(spec, this.runnerFactory(), {
+      refillConcurrency: this.refillConcurrency,
+      logger: this.logger,
+    });
+    this.environmentsById.set(spec.id, environment);
+    environment.refill();
+    return environment;
+  }
+
+  protected async shutdownOwn(): Promise<void> {
+    const environments = [...this.environmentsById.values()];
+    this.environmentsById.clear();
+    await Promise.allSettled(environments.map((environment) => environment.delete('shutdown')));
+  }
+}

@@ -1,0 +1,172 @@
+import { existsSync } from 'node:fs';
+import { mkdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import path from 'node:path';
+import type { Logger } from 'pino';
+import type { CgroupMode } from '../config/schema.js';
+
+export interface ResourceLimits {
+  /* Bytes; 0 means unlimited. */
+  memoryBytes: number;
+  /* Share of one CPU (1 = one core); 0 means unlimited. */
+  cpus: number;
+  pids: number;
+}
+
+/* One runner's cgroup(s): a process joins by writing its pid into every file of procsFiles. */
+export interface RunnerCgroup {
+  readonly procsFiles: string[];
+  /* How many OOM kills happened in this cgroup so far. */
+  oomKills(): Promise<number>;
+  /* Kills what is left inside and removes the cgroup. */
+  destroy(): Promise<void>;
+}
+
+export interface CgroupManager {
+  readonly version: 'v1' | 'v2' | 'off';
+  create(name: string, limits: ResourceLimits): Promise<RunnerCgroup | undefined>;
+}
+
+const CGROUP_ROOT = '/sys/fs/cgroup';
+const CPU_PERIOD_US = 100_000;
+
+export async function createCgroupManager(mode: CgroupMode, parent: string, logger: Logger): Promise<CgroupManager> {
+  const version = mode === 'auto' ? detectVersion() : mode;
+  try {
+    if (version === 'v2') return await CgroupV2Manager.open(parent);
+    if (version === 'v1') return await CgroupV1Manager.open(parent);
+  } catch (error) {
+    if (mode !== 'auto') throw new Error(`cgroups ${mode} requested but unusable: ${String(error)}`);
+    logger.error({ err: error }, 'cgroups detected but unusable');
+  }
+  logger.warn(
+    '!!! NO CGROUPS: runners have NO memory, CPU or process limits. A learner program can exhaust this host. ' +
+      'Run as root on a host with cgroup v1 or v2 to enable limits. !!!',
+  );
+  return { version: 'off', create: async () => undefined };
+}
+
+function detectVersion(): 'v1' | 'v2' | 'off' {
+  if (existsSync(path.join(CGROUP_ROOT, 'cgroup.controllers'))) return 'v2';
+  if (existsSync(path.join(CGROUP_ROOT, 'memory', 'cgroup.procs'))) return 'v1';
+  return 'off';
+}
+
+async function readCounter(file: string, key: string): Promise<number> {
+  try {
+    const content = await readFile(file, 'utf8');
+    const line = content.split('\n').find((candidate) => candidate.startsWith(`${key} `));
+    return line ? Number(line.split(' ')[1]) : 0;
+  } catch {
+    return 0;
+  }
+}
+
+/* Kills every process listed, until the cgroup is empty, then removes the directories. */
+async function emptyAndRemove(directories: string[]): Promise<void> {
+  for (let attempt = 0; attempt < 50; attempt += 1) {
+    let remaining = 0;
+    for (const directory of directories) {
+      const procs = await readFile(path.join(directory, 'cgroup.procs'), 'utf8').catch(() => '');
+      for (const pid of procs.split('\n').filter(Boolean)) {
+        remaining += 1;
+        try {
+          process.kill(Number(pid), 'SIGKILL');
+        } catch {
+          // Already gone.
+        }
+      }
+    }
+    if (remaining === 0) break;
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  await Promise.all(directories.map((directory) => rmdir(directory).catch(() => undefined)));
+}
+
+class CgroupV1Manager implements CgroupManager {
+  readonly version = 'v1';
+
+  private constructor(private readonly parents: { memory: string; pids: string; cpu?: string }) {}
+
+  static async open(parent: string): Promise<CgroupV1Manager> {
+    const parents = {
+      memory: path.join(CGROUP_ROOT, 'memory', parent),
+      pids: path.join(CGROUP_ROOT, 'pids', parent),
+      cpu: existsSync(path.join(CGROUP_ROOT, 'cpu', 'cgroup.procs')) ? path.join(CGROUP_ROOT, 'cpu', parent) : undefined,
+    };
+    for (const directory of Object.values(parents)) if (directory) await mkdir(directory, { recursive: true });
+    // Hierarchical accounting makes a runner's limit cover all its descendants.
+    await writeFile(path.join(parents.memory, 'memory.use_hierarchy'), '1').catch(() => undefined);
+    return new CgroupV1Manager(parents);
+  }
+
+  async create(name: string, limits: ResourceLimits): Promise<RunnerCgroup> {
+    const memory = path.join(this.parents.memory, name);
+    const pids = path.join(this.parents.pids, name);
+    const cpu = this.parents.cpu ? path.join(this.parents.cpu, name) : undefined;
+    const directories = [memory, pids, ...(cpu ? [cpu] : [])];
+    try {
+      await Promise.all(directories.map((directory) => mkdir(directory, { recursive: true })));
+      if (limits.memoryBytes > 0) {
+        await writeFile(path.join(memory, 'memory.limit_in_bytes'), String(limits.memoryBytes));
+        // Without this, a runner could swap instead of being OOM-killed at its limit.
+        await writeFile(path.join(memory, 'memory.memsw.limit_in_bytes'), String(limits.memoryBytes)).catch(() => undefined);
+      }
+      await writeFile(path.join(pids, 'pids.max'), String(limits.pids));
+      if (cpu && limits.cpus > 0) {
+        await writeFile(path.join(cpu, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
+        await writeFile(path.join(cpu, 'cpu.cfs_quota_us'), String(Math.max(1000, Math.round(limits.cpus * CPU_PERIOD_US))));
+      }
+    } catch (error) {
+      await emptyAndRemove(directories);
+      throw error;
+    }
+    return {
+      procsFiles: directories.map((directory) => path.join(directory, 'cgroup.procs')),
+      oomKills: () => readCounter(path.join(memory, 'memory.oom_control'), 'oom_kill'),
+      destroy: () => emptyAndRemove(directories),
+    };
+  }
+}
+
+class CgroupV2Manager implements CgroupManager {
+  readonly version = 'v2';
+
+  private constructor(private readonly parent: string) {}
+
+  static async open(parent: string): Promise<CgroupV2Manager> {
+    const directory = path.join(CGROUP_ROOT, parent);
+    await mkdir(directory, { recursive: true });
+    const available = (await readFile(path.join(CGROUP_ROOT, 'cgroup.controllers'), 'utf8')).split(/\s+/);
+    const wanted = ['memory', 'pids', 'cpu'].filter((controller) => available.includes(controller));
+    const enable = wanted.map((controller) => `+${controller}`).join(' ');
+    await writeFile(path.join(CGROUP_ROOT, 'cgroup.subtree_control'), enable);
+    await writeFile(path.join(directory, 'cgroup.subtree_control'), enable);
+    return new CgroupV2Manager(directory);
+  }
+
+  async create(name: string, limits: ResourceLimits): Promise<RunnerCgroup> {
+    const directory = path.join(this.parent, name);
+    await mkdir(directory, { recursive: true });
+    try {
+      if (limits.memoryBytes > 0) {
+        await writeFile(path.join(directory, 'memory.max'), String(limits.memoryBytes));
+        await writeFile(path.join(directory, 'memory.swap.max'), '0').catch(() => undefined);
+      }
+      await writeFile(path.join(directory, 'pids.max'), String(limits.pids));
+      if (limits.cpus > 0) {
+        await writeFile(path.join(directory, 'cpu.max'), `${Math.max(1000, Math.round(limits.cpus * CPU_PERIOD_US))} ${CPU_PERIOD_US}`);
+      }
+    } catch (error) {
+      await emptyAndRemove([directory]);
+      throw error;
+    }
+    return {
+      procsFiles: [path.join(directory, 'cgroup.procs')],
+      oomKills: () => readCounter(path.join(directory, 'memory.events'), 'oom_kill'),
+      destroy: async () => {
+        await writeFile(path.join(directory, 'cgroup.kill'), '1').catch(() => undefined);
+        await emptyAndRemove([directory]);
+      },
+    };
+  }
+}

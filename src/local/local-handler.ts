@@ -1,0 +1,73 @@
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { LocalConfig } from '../config/schema.js';
+import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
+import { EnvironmentStore } from '../environment/environment-store.js';
+import type { RunnerFactory } from '../environment/execution-environment.js';
+import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import type { CgroupManager } from './cgroups.js';
+import { LocalRunner } from './local-runner.js';
+import { SandboxProcessManager } from './process-manager.js';
+
+/* The last handler in the chain: runners are bubblewrap sandboxes on this host. */
+export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
+  readonly name = 'local';
+  readonly #store: EnvironmentStore;
+  readonly #processes: SandboxProcessManager;
+
+  constructor(
+    private readonly config: LocalConfig,
+    cgroups: CgroupManager,
+    refillConcurrency: number,
+    logger: Logger,
+  ) {
+    super(logger.child({ backend: 'local' }), refillConcurrency);
+    this.#store = new EnvironmentStore(config.statedir);
+    this.#processes = new SandboxProcessManager(config, cgroups, this.logger);
+  }
+
+  /* The local backend takes every environment no earlier handler wanted. */
+  acceptsEnvironment(): boolean {
+    return this.config.enabled;
+  }
+
+  protected runnerFactory(): RunnerFactory<LocalRunner> {
+    return {
+      createRunner: async (spec: ExecutionEnvironmentSpec) => {
+        const id = `${spec.id}-${randomUUID()}`;
+        const sandbox = await this.#processes.prepare(id, spec);
+        const ports = spec.networkAccess
+          ? spec.exposedPorts.map((port) => ({ exposedPort: port, hostAddress: `${this.config.hostaddress}:${port}` }))
+          : [];
+        const runner = new LocalRunner(id, spec.id, sandbox, ports, this.logger);
+        runner.onSandboxExit(() => {
+          this.logger.warn({ runnerId: id, environmentId: spec.id }, 'sandbox ended unexpectedly: runner removed');
+          this.environmentsById.get(spec.id)?.forget(id);
+        });
+        this.logger.info({ runnerId: id, environmentId: spec.id }, 'runner ready');
+        return runner;
+      },
+    };
+  }
+
+  protected storeEnvironment(spec: ExecutionEnvironmentSpec): Promise<void> {
+    return this.#store.put(spec);
+  }
+
+  protected removeStoredEnvironment(environmentId: number): Promise<void> {
+    return this.#store.delete(environmentId);
+  }
+
+  protected async loadOwn(): Promise<void> {
+    if (!this.config.enabled) return;
+    const specs = await this.#store.load();
+    for (const spec of specs) this.startEnvironment(spec);
+    this.logger.info({ environments: specs.length }, 'environments loaded');
+  }
+
+  protected override async shutdownOwn(): Promise<void> {
+    this.#processes.enterLameDuck();
+    await super.shutdownOwn();
+    await this.#processes.stop();
+  }
+}

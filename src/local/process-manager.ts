@@ -1,0 +1,86 @@
+import type { Logger } from 'pino';
+import type { LocalConfig } from '../config/schema.js';
+import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
+import type { CgroupManager } from './cgroups.js';
+import { Sandbox } from './sandbox.js';
+
+/* Told about sandboxes coming and going, so a pool can count them without polling. */
+export interface SandboxDelegate {
+  sandboxReady(id: string): void;
+  sandboxExited(id: string): void;
+}
+
+const MEGABYTE = 1024 * 1024;
+/* Poseidon's cpuLimit is in MHz; one core is counted as 1000 MHz here. */
+const MHZ_PER_CORE = 1000;
+
+/*
+ * Starts and tracks live sandboxes (after Nex's process manager): each is prepared before any
+ * workload arrives, so handing one out costs nothing.
+ */
+export class SandboxProcessManager {
+  readonly #sandboxes = new Map<string, Sandbox>();
+  #lameDuck = false;
+
+  constructor(
+    private readonly config: LocalConfig,
+    private readonly cgroups: CgroupManager,
+    private readonly logger: Logger,
+    private readonly delegate?: SandboxDelegate,
+  ) {}
+
+  list(): string[] {
+    return [...this.#sandboxes.keys()];
+  }
+
+  lookup(id: string): Sandbox | undefined {
+    return this.#sandboxes.get(id);
+  }
+
+  /* Builds a live sandbox for an environment: cgroup with its limits, namespaces, file systems. */
+  async prepare(id: string, spec: ExecutionEnvironmentSpec): Promise<Sandbox> {
+    if (this.#lameDuck) throw new Error('the sandbox manager is shutting down');
+    const cgroup = await this.cgroups.create(id, {
+      memoryBytes: spec.memoryLimit * MEGABYTE,
+      cpus: spec.cpuLimit / MHZ_PER_CORE,
+      pids: this.config.pidslimit,
+    });
+    let sandbox: Sandbox;
+    try {
+      sandbox = await Sandbox.start({
+        bwrap: this.config.bwrap,
+        rootfs: this.config.images[spec.image],
+        networkAccess: spec.networkAccess,
+        workspaceSizeMiB: this.config.workspacesize,
+        cgroup,
+        uid: this.config.uid,
+        gid: this.config.gid,
+      });
+    } catch (error) {
+      await cgroup?.destroy();
+      throw error;
+    }
+    this.#sandboxes.set(id, sandbox);
+    sandbox.onExit(() => {
+      this.#sandboxes.delete(id);
+      this.delegate?.sandboxExited(id);
+    });
+    this.logger.debug({ runnerId: id, initPid: sandbox.initPid }, 'sandbox ready');
+    this.delegate?.sandboxReady(id);
+    return sandbox;
+  }
+
+  async stopProcess(id: string): Promise<void> {
+    await this.#sandboxes.get(id)?.destroy();
+  }
+
+  /* No new sandboxes from now on; running ones keep serving until stopped. */
+  enterLameDuck(): void {
+    this.#lameDuck = true;
+  }
+
+  async stop(): Promise<void> {
+    this.enterLameDuck();
+    await Promise.allSettled([...this.#sandboxes.values()].map((sandbox) => sandbox.destroy()));
+  }
+}
