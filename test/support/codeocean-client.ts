@@ -199,9 +199,18 @@ export class CodeOceanClient {
     return this.send('POST', '/runners', {}, { executionEnvironmentId, inactivityTimeout });
   }
 
-  /** Claims and insists on success, returning the runner id. */
-  async claim(executionEnvironmentId: number, inactivityTimeout = 180): Promise<string> {
-    const response = await this.claimRunner(executionEnvironmentId, inactivityTimeout);
+  /**
+   * Claims and insists on success, returning the runner id. Like CodeOcean's environment
+   * validation (up to 60 attempts 1 s apart), it retries while the pool reports NOMAD_OVERLOAD,
+   * because a freshly created pool is allowed to be empty for a moment.
+   */
+  async claim(executionEnvironmentId: number, inactivityTimeout = 180, patienceMs = 30_000): Promise<string> {
+    const deadline = Date.now() + patienceMs;
+    let response = await this.claimRunner(executionEnvironmentId, inactivityTimeout);
+    while (response.status === 500 && isOverload(response.body) && Date.now() < deadline) {
+      await new Promise((resolve) => setTimeout(resolve, 250));
+      response = await this.claimRunner(executionEnvironmentId, inactivityTimeout);
+    }
     assert.equal(response.status, 200, `POST /runners failed: ${response.status} ${response.text}`);
     const body = response.body;
     assert.ok(typeof body === 'object' && body !== null && !Array.isArray(body));
@@ -359,6 +368,10 @@ export class CodeOceanClient {
     assertStreamIsWellFormed(result, command);
     return result;
   }
+}
+
+function isOverload(body: Json | undefined): boolean {
+  return typeof body === 'object' && body !== null && !Array.isArray(body) && body.errorCode === 'NOMAD_OVERLOAD';
 }
 
 export function assertStreamIsWellFormed(result: ExecutionResult, what: string): void {

@@ -44,7 +44,30 @@ function deref(root: Json, node: Json, depth = 0): Json {
   if (typeof ref === 'string') return deref(root, pointer(root, ref), depth + 1);
   const out: JsonObject = {};
   for (const [key, value] of Object.entries(node)) out[key] = deref(root, value, depth + 1);
-  return out;
+  return Array.isArray(out.allOf) ? mergeAllOf(out, out.allOf) : out;
+}
+
+/*
+ * The swagger's InternalServerError is `allOf: [ClientError (additionalProperties: false),
+ * {errorCode}]`, which under JSON Schema rejects every body that carries errorCode — the very body
+ * CodeOcean needs for NOMAD_OVERLOAD. OpenAPI tooling reads allOf as object composition, so the
+ * parts are merged into one object schema, as the authors evidently meant.
+ */
+function mergeAllOf(node: JsonObject, parts: Json[]): Json {
+  if (!parts.every((part) => isObject(part) && (part.type === 'object' || part.type === undefined))) return node;
+  const properties: JsonObject = {};
+  const required = new Set<string>();
+  let closed = false;
+  for (const part of parts) {
+    assert.ok(isObject(part));
+    if (isObject(part.properties)) Object.assign(properties, part.properties);
+    if (Array.isArray(part.required)) for (const name of part.required) required.add(String(name));
+    if (part.additionalProperties === false) closed = true;
+  }
+  const { allOf: _allOf, ...rest } = node;
+  const merged: JsonObject = { ...rest, type: 'object', properties, required: [...required] };
+  if (closed) merged.additionalProperties = false;
+  return merged;
 }
 
 const swagger = parse(readFileSync(SWAGGER_PATH, 'utf8')) as Json;

@@ -219,10 +219,12 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   const stop = async (): Promise<void> => {
     // Snapshot the process tree first: once the daemon is gone its orphans are reparented away.
     const tree = child.pid !== undefined && !exited ? descendantsOf(child.pid) : [];
+    let forced = false;
     if (!exited) {
       child.kill('SIGTERM');
       const killed = await Promise.race([exitPromise.then(() => true), sleep(5000).then(() => false)]);
       if (!killed) {
+        forced = true;
         child.kill('SIGKILL');
         await exitPromise;
       }
@@ -243,9 +245,12 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
       }
     }
     rmSync(tempDir, { recursive: true, force: true, maxRetries: 3 });
+    if (forced && survivors.length === 0) {
+      throw new Error('daemon did not exit within 5 s of SIGTERM and had to be SIGKILLed');
+    }
     if (survivors.length > 0) {
       throw new Error(
-        `daemon left ${survivors.length} process(es) behind after exit: ${described.join('; ')}`,
+        `daemon left ${survivors.length} process(es) behind after exit (${forced ? 'it ignored SIGTERM for 5 s and was SIGKILLed' : `exited on SIGTERM: ${exitDescription}`}): ${described.join('; ')}`,
       );
     }
   };
