@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { CodeOceanClient, environmentSpec, type ApiResponse } from './support/codeocean-client.js';
 import { assertErrorBody, assertMatchesSwagger, type HttpMethod } from './support/contract.js';
 import { useDaemon } from './support/fixture.js';
@@ -13,11 +13,8 @@ import { useDaemon } from './support/fixture.js';
 const TOKEN = 'bad-input-token-51e0';
 const ENV_ID = 41;
 const BODY_LIMIT = 1024 * 1024;
-const fixture = useDaemon({ token: TOKEN, config: { server: { bodylimit: BODY_LIMIT } } });
 let runnerId = '';
-
-before(async () => {
-  const { client } = fixture;
+const fixture = useDaemon({ token: TOKEN, config: { server: { bodylimit: BODY_LIMIT } } }, async ({ client }) => {
   assert.equal((await client.putEnvironment(environmentSpec(ENV_ID))).status, 201);
   runnerId = await client.claim(ENV_ID);
 });

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
-import { before, describe, test } from 'node:test';
+import { describe, test } from 'node:test';
 import { environmentSpec } from './support/codeocean-client.js';
 import { useDaemon } from './support/fixture.js';
 
@@ -16,10 +16,8 @@ const CANARY = `canary-${randomUUID()}`;
 const ENV_ID = 31;
 const BASE_DIR = '/var/tmp';
 mkdirSync(BASE_DIR, { recursive: true });
-const fixture = useDaemon({ token: TOKEN, baseDir: BASE_DIR, env: { POSEIDON_E2E_CANARY: CANARY } });
-
-before(async () => {
-  assert.equal((await fixture.client.putEnvironment(environmentSpec(ENV_ID, { prewarmingPoolSize: 2 }))).status, 201);
+const fixture = useDaemon({ token: TOKEN, baseDir: BASE_DIR, env: { POSEIDON_E2E_CANARY: CANARY } }, async ({ client }) => {
+  assert.equal((await client.putEnvironment(environmentSpec(ENV_ID, { prewarmingPoolSize: 2 }))).status, 201);
 });
 
 const SECRET_NAME = `learner-secret-${randomUUID()}.txt`;

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { randomUUID } from 'node:crypto';
 import { createServer, type Server } from 'node:net';
-import { after, before, describe, test } from 'node:test';
+import { after, describe, test } from 'node:test';
 import { environmentSpec } from './support/codeocean-client.js';
 import { processesMatching } from './support/daemon.js';
 import { useDaemon } from './support/fixture.js';
@@ -17,28 +17,27 @@ const TOKEN = 'limits-token-77c1';
 const PIDS_LIMIT = 64;
 const SMALL_ENV = 21;
 const NET_ENV = 22;
-const fixture = useDaemon({ token: TOKEN, config: { local: { pidslimit: PIDS_LIMIT } } });
-
-let hostServer: Server;
+let hostServer: Server | undefined;
 let hostPort = 0;
 let hostConnections = 0;
 
-before(async () => {
-  hostServer = createServer((socket) => {
+const fixture = useDaemon({ token: TOKEN, config: { local: { pidslimit: PIDS_LIMIT } } }, async ({ client }) => {
+  const server = createServer((socket) => {
     hostConnections++;
     socket.end('hello from the host\n');
   });
-  await new Promise<void>((resolve) => hostServer.listen(0, '127.0.0.1', resolve));
-  const address = hostServer.address();
+  hostServer = server;
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const address = server.address();
   assert.ok(address !== null && typeof address === 'object');
   hostPort = address.port;
-  const { client } = fixture;
   assert.equal((await client.putEnvironment(environmentSpec(SMALL_ENV, { memoryLimit: 64, prewarmingPoolSize: 1 }))).status, 201);
   assert.equal((await client.putEnvironment(environmentSpec(NET_ENV, { networkAccess: true, prewarmingPoolSize: 1 }))).status, 201);
 });
 
 after(async () => {
-  await new Promise<void>((resolve) => hostServer.close(() => resolve()));
+  const server = hostServer;
+  if (server !== undefined) await new Promise<void>((resolve) => server.close(() => resolve()));
 });
 
 const connectScript = (port: number): string =>

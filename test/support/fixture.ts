@@ -11,12 +11,14 @@ export interface DaemonFixture {
  * One daemon per test file keeps the suite fast; its log goes to stderr at the end because with
  * `logger.level: warn` anything it printed is a lead when a test fails.
  */
-export function useDaemon(options: DaemonOptions = {}): DaemonFixture {
+export function useDaemon(options: DaemonOptions = {}, setup?: (fixture: DaemonFixture) => Promise<void>): DaemonFixture {
   let daemon: Daemon | undefined;
   let client: CodeOceanClient | undefined;
   before(async () => {
     daemon = await startDaemon(options);
     client = new CodeOceanClient(daemon.baseUrl, options.token);
+    // Runs inside the same hook: separate root-level hooks are not ordered reliably by Node 20.
+    await setup?.(fixture);
   });
   after(async () => {
     if (daemon === undefined) return;
@@ -27,7 +29,7 @@ export function useDaemon(options: DaemonOptions = {}): DaemonFixture {
       if (logs.length > 0) process.stderr.write(`--- daemon output (${daemon.baseUrl}) ---\n${logs.slice(-8000)}\n`);
     }
   });
-  return {
+  const fixture: DaemonFixture = {
     get daemon(): Daemon {
       if (daemon === undefined) throw new Error('daemon did not start (see the before hook failure)');
       return daemon;
@@ -37,4 +39,5 @@ export function useDaemon(options: DaemonOptions = {}): DaemonFixture {
       return client;
     },
   };
+  return fixture;
 }
