@@ -1,7 +1,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import websocket from '@fastify/websocket';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions } from 'fastify';
+import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions, LogController } from 'fastify';
 import type { Logger } from 'pino';
 import type { Config } from '../config/schema.js';
 import type { ErrorBody, ErrorCode } from '../dto/errors.js';
@@ -68,7 +68,8 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
   const { config, logger } = dependencies;
   const app = Fastify({
     loggerInstance: logger,
-    disableRequestLogging: true,
+    // Our own onResponse hook writes the single line per request.
+    logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: config.server.bodylimit,
     requestIdHeader: false,
     ...tlsOptions(config),

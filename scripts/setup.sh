@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what poseidon-ts needs on a Debian/Ubuntu host: bubblewrap and the tools every
+# sandbox uses (util-linux for nsenter/setpriv, tar, findutils, coreutils), python3 for the
+# test programs, then the npm dependencies. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(bubblewrap util-linux tar findutils coreutils python3)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+command -v bwrap >/dev/null || { echo "setup: bwrap is still missing" >&2; exit 1; }
+
+if [ -f package-lock.json ]; then npm ci --no-fund --no-audit; else npm install --no-fund --no-audit; fi
+echo "setup: done (bubblewrap $(bwrap --version | awk '{print $2}'), node $(node --version))"

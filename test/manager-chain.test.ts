@@ -1,0 +1,174 @@
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import pino from 'pino';
+import type { ExecutionEnvironmentSpec } from '../src/dto/environment.js';
+import type { RunnerFactory } from '../src/environment/execution-environment.js';
+import { PoolingAccessorHandler } from '../src/environment/pooling-handler.js';
+import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from '../src/runner/errors.js';
+import { InactivityTrackingRunner, type ManagedRunner } from '../src/runner/managed-runner.js';
+
+/* An in-memory runner: the chain logic under test never touches a backend. */
+class MemoryRunner extends InactivityTrackingRunner implements ManagedRunner {
+  destroyed = false;
+  constructor(
+    readonly id: string,
+    readonly environmentId: number,
+  ) {
+    super();
+  }
+  mappedPorts() {
+    return [];
+  }
+  async updateFileSystem() {}
+  async listFileSystem() {
+    return [];
+  }
+  async getFileContent(): Promise<never> {
+    throw new Error('not used');
+  }
+  async execute(): Promise<never> {
+    throw new Error('not used');
+  }
+  async destroy() {
+    this.destroyed = true;
+    this.stopInactivityTimer();
+  }
+}
+
+class MemoryHandler extends PoolingAccessorHandler<MemoryRunner> {
+  readonly stored = new Map<number, ExecutionEnvironmentSpec>();
+  #counter = 0;
+  /* While set, runner builds wait for it: a pool that cannot refill instantly. */
+  hold: Promise<void> | undefined;
+  constructor(
+    readonly name: string,
+    private readonly accepts: (spec: ExecutionEnvironmentSpec) => boolean,
+  ) {
+    super(pino({ level: 'silent' }), 4);
+  }
+  acceptsEnvironment(spec: ExecutionEnvironmentSpec) {
+    return this.accepts(spec);
+  }
+  protected runnerFactory(): RunnerFactory<MemoryRunner> {
+    return {
+      createRunner: async (spec) => {
+        await this.hold;
+        return new MemoryRunner(`${spec.id}-${this.name}-${(this.#counter += 1)}`, spec.id);
+      },
+    };
+  }
+  protected async storeEnvironment(spec: ExecutionEnvironmentSpec) {
+    this.stored.set(spec.id, spec);
+  }
+  protected async removeStoredEnvironment(id: number) {
+    this.stored.delete(id);
+  }
+  protected async loadOwn() {}
+}
+
+const spec = (id: number, prewarmingPoolSize = 2): ExecutionEnvironmentSpec => ({
+  id,
+  image: 'python',
+  prewarmingPoolSize,
+  cpuLimit: 100,
+  memoryLimit: 128,
+  networkAccess: false,
+  exposedPorts: [],
+});
+
+/* Lets queued refills finish; setImmediate, so that mocked timers do not stall it. */
+const settle = async () => {
+  for (let round = 0; round < 5; round += 1) await new Promise((resolve) => setImmediate(resolve));
+};
+
+function chain() {
+  // The first handler takes only even ids, like a Nomad handler that owns some environments.
+  const first = new MemoryHandler('first', (candidate) => candidate.id % 2 === 0);
+  const second = new MemoryHandler('second', () => true);
+  first.setNextHandler(second);
+  return { first, second };
+}
+
+test('environments go to the first handler that accepts them; claims are delegated to their owner', async () => {
+  const { first, second } = chain();
+  assert.equal(first.nextHandler(), second);
+  assert.equal(second.hasNextHandler(), false);
+  assert.equal(await first.putEnvironment(spec(2)), 'created');
+  assert.equal(await first.putEnvironment(spec(3)), 'created');
+  assert.deepEqual([...first.stored.keys()], [2]);
+  assert.deepEqual([...second.stored.keys()], [3]);
+  await settle();
+
+  const even = await first.claim(2, 0);
+  const odd = await first.claim(3, 0);
+  assert.match(even.id, /^2-first-/);
+  assert.match(odd.id, /^3-second-/);
+  // Get and Return find the owner through the chain too.
+  assert.equal(first.get(odd.id), odd);
+  assert.equal(first.get(even.id), even);
+  await first.return(odd);
+  assert.throws(() => first.get(odd.id), RunnerNotFoundError);
+  assert.deepEqual(
+    first.statistics().map((stats) => stats.id),
+    [2, 3],
+  );
+});
+
+test('the end of the chain answers unknown environments with 404 and unknown runners with 410', async () => {
+  const { first } = chain();
+  await assert.rejects(first.claim(99, 0), EnvironmentNotFoundError);
+  assert.throws(() => first.get('99-nothing'), RunnerNotFoundError);
+  await assert.rejects(first.deleteEnvironment(99), EnvironmentNotFoundError);
+});
+
+test('an empty pool is an overload, and the pool refills after claims', async () => {
+  const { first } = chain();
+  await first.putEnvironment(spec(4, 1));
+  await settle();
+  let release = () => {};
+  first.hold = new Promise((resolve) => (release = resolve));
+  await first.claim(4, 0);
+  await assert.rejects(first.claim(4, 0), NoIdleRunnerError);
+  release();
+  await settle();
+  const [stats] = first.statistics();
+  assert.deepEqual(stats, { id: 4, prewarmingPoolSize: 1, idleRunners: 1, usedRunners: 1 });
+});
+
+test('changing only the pool size keeps runners; other changes replace them; delete destroys all', async () => {
+  const { first } = chain();
+  await first.putEnvironment(spec(6, 2));
+  await settle();
+  const claimed = await first.claim(6, 0);
+  assert.equal(await first.putEnvironment(spec(6, 4)), 'replaced');
+  await settle();
+  assert.equal(first.get(claimed.id), claimed);
+  assert.equal(first.statistics()[0]?.idleRunners, 4);
+  assert.equal(await first.putEnvironment(spec(6, 1)), 'replaced');
+  assert.equal(first.statistics()[0]?.idleRunners, 1);
+
+  assert.equal(await first.putEnvironment({ ...spec(6, 1), memoryLimit: 256 }), 'replaced');
+  assert.throws(() => first.get(claimed.id), RunnerNotFoundError);
+  assert.equal((claimed as MemoryRunner).destroyed, true);
+
+  await settle();
+  const again = await first.claim(6, 0);
+  await first.deleteEnvironment(6);
+  assert.equal((again as MemoryRunner).destroyed, true);
+  assert.deepEqual(first.environments(), []);
+});
+
+test('an inactive runner is destroyed after its timeout, but not while it executes', async (t) => {
+  t.mock.timers.enable({ apis: ['setTimeout'] });
+  const { first } = chain();
+  await first.putEnvironment(spec(8, 1));
+  t.mock.timers.runAll();
+  await settle();
+  const runner = await first.claim(8, 5);
+  runner.beginExecution();
+  t.mock.timers.tick(6000);
+  assert.equal(first.get(runner.id), runner);
+  runner.endExecution();
+  t.mock.timers.tick(5001);
+  assert.throws(() => first.get(runner.id), RunnerNotFoundError);
+});
