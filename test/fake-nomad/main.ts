@@ -1,0 +1,27 @@
+/*
+ * Runs the fake Nomad as its own process, for manual checks or for tests that drive it only
+ * through HTTP (control API under /__control/):
+ *   node --import tsx test/fake-nomad/main.ts [--port 4646] [--token T] [--heartbeat-ms 1000]
+ */
+import { parseArgs } from 'node:util';
+import { startFakeNomad } from './server.js';
+
+const { values } = parseArgs({
+  options: {
+    port: { type: 'string', default: '4646' },
+    token: { type: 'string' },
+    'heartbeat-ms': { type: 'string', default: '30000' },
+  },
+});
+
+const fake = await startFakeNomad({
+  port: Number(values.port),
+  heartbeatMs: Number(values['heartbeat-ms']),
+  ...(values.token === undefined ? {} : { token: values.token }),
+});
+console.log(`fake nomad listening on ${fake.url}`);
+const stop = (): void => {
+  void fake.close().then(() => process.exit(0));
+};
+process.once('SIGINT', stop);
+process.once('SIGTERM', stop);
