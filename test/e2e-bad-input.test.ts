@@ -27,8 +27,8 @@ async function expectError(
   assert.equal(response.status, status, `${context}: expected ${status}, got ${response.status} ${response.text}`);
   assert.match(response.headers.get('content-type') ?? '', /application\/json/, `${context}: error must be JSON`);
   assertErrorBody(response.body, context);
-  // The daemon must survive whatever it was just sent.
-  assert.equal((await fixture.client.health()).status, 204, `${context}: daemon stopped serving`);
+  // The daemon must survive whatever it was just sent. /health may say 503 while a pool refills.
+  assert.equal((await fixture.client.listEnvironments()).status, 200, `${context}: daemon stopped serving`);
 }
 
 function raw(method: HttpMethod, template: string, params: Record<string, string>, rawBody: string): Promise<ApiResponse> {
@@ -103,7 +103,8 @@ describe('bad input', () => {
       assert.equal((await client.deleteRunner(runnerId)).status, 401);
       assert.equal((await client.execute(runnerId, 'true')).status, 401);
       assert.equal((await client.listFiles(runnerId)).status, 401);
-      assert.equal((await client.health()).status, 204);
+      // Open routes: 503 is a legitimate health answer while the pool refills after the claim.
+      assert.ok([204, 503].includes((await client.health()).status));
       assert.equal((await client.version()).status, 200);
     }
     // No header at all, not just an empty one.

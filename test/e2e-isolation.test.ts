@@ -16,7 +16,7 @@ const CANARY = `canary-${randomUUID()}`;
 const ENV_ID = 31;
 const BASE_DIR = '/var/tmp';
 mkdirSync(BASE_DIR, { recursive: true });
-const fixture = useDaemon({ token: TOKEN, baseDir: BASE_DIR, env: { POSEIDON_E2E_CANARY: CANARY } }, async ({ client }) => {
+const fixture = useDaemon({ token: TOKEN, baseDir: BASE_DIR, env: { E2E_DAEMON_CANARY: CANARY } }, async ({ client }) => {
   assert.equal((await client.putEnvironment(environmentSpec(ENV_ID, { prewarmingPoolSize: 2 }))).status, 201);
 });
 
