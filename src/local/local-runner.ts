@@ -1,20 +1,16 @@
 import type { ChildProcess } from 'node:child_process';
 import { constants as osConstants } from 'node:os';
-import path from 'node:path';
 import { PassThrough } from 'node:stream';
 import type { Logger } from 'pino';
-import tar from 'tar-stream';
-import type { ExecutionRequest, FileEntryType, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
-import { fileEntryTypes } from '../dto/runner.js';
+import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
 import { BadRequestError, FileNotAvailableError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
-import { SANDBOX_PATH, type Sandbox, WORKSPACE } from './sandbox.js';
+import { buildArchive, listCommand, parseFindOutput, readCommand, updateCommand, WORKSPACE } from '../runner/workspace-files.js';
+import { SANDBOX_PATH, type Sandbox } from './sandbox.js';
 
 /* Output still arriving after the process exited belongs to it; silence this long ends the wait. */
 const OUTPUT_SETTLE_MS = 100;
-const DIRECTORY_MODE = 0o1777;
-const FILE_MODE = 0o744;
 
 const BASE_ENVIRONMENT: Record<string, string> = {
   PATH: SANDBOX_PATH,
@@ -25,34 +21,10 @@ const BASE_ENVIRONMENT: Record<string, string> = {
   CODEOCEAN: 'true',
 };
 
-/*
- * Deletes first, then extracts the tar on stdin at the sandbox root. Positional arguments
- * carry the paths, so no path is ever parsed by the shell.
- */
-const UPDATE_SCRIPT = [
-  'set -e',
-  `cd ${WORKSPACE}`,
-  'glob=$1; literal=$2; extract=$3; shift 3',
-  // The exact entry ./* is Poseidon's glob over the workspace, which spares dotfiles.
-  'if [ "$glob" = 1 ]; then rm -rf -- ./*; fi',
-  'while [ "$literal" -gt 0 ]; do rm -rf -- "$1"; shift; literal=$((literal-1)); done',
-  'if [ "$extract" = 1 ]; then tar -x -p --same-owner -f - -C /; fi',
-].join('\n');
-
-const READ_SCRIPT = '[ -f "$1" ] && [ -r "$1" ] || { echo "$1 is not a readable regular file" >&2; exit 1; }; stat -L -c %s -- "$1" && exec cat -- "$1"';
-
-const FIND_FORMAT = '%y\\0%s\\0%T@\\0%M\\0%u\\0%g\\0%p\\0%l\\0';
-const FIND_FIELDS = 8;
-
 export function exitCodeOf(code: number | null, signal: NodeJS.Signals | null): number {
   if (code !== null) return code & 0xff;
   const signalNumber = signal ? osConstants.signals[signal] : undefined;
   return 128 + (signalNumber ?? 9);
-}
-
-/* Resolves a request path the way Poseidon does: relative to the workspace, absolute as given. */
-export function sandboxPath(requested: string): string {
-  return path.posix.normalize(path.posix.isAbsolute(requested) ? requested : `${WORKSPACE}/${requested}`);
 }
 
 export class LocalRunner extends InactivityTrackingRunner implements ManagedRunner {
@@ -111,23 +83,14 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
   }
 
   async updateFileSystem(update: FileUpdate): Promise<void> {
-    const globDelete = update.delete.includes('./*');
-    const literalDeletes = update.delete.filter((entry) => entry !== './*');
     const archive = update.copy.length > 0 ? await buildArchive(update.copy) : undefined;
-    const result = await this.#run(
-      ['/bin/sh', '-c', UPDATE_SCRIPT, 'update', globDelete ? '1' : '0', String(literalDeletes.length), archive ? '1' : '0', ...literalDeletes],
-      { privileged: true, stdin: archive },
-    );
+    const result = await this.#run(updateCommand(update, archive !== undefined), { privileged: true, stdin: archive });
     if (result.exitCode !== 0) throw new BadRequestError(`updating files failed: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
   }
 
   async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
-    // find reads a leading '-' as an option; a './' prefix keeps such a name a path.
-    const start = options.path.startsWith('-') ? `./${options.path}` : options.path;
-    const result = await this.#run(
-      ['find', start, ...(options.recursive ? [] : ['-maxdepth', '1']), '-printf', FIND_FORMAT],
-      { privileged: options.privilegedExecution },
-    );
+    const { start, argv } = listCommand(options.path, options.recursive);
+    const result = await this.#run(argv, { privileged: options.privilegedExecution });
     const entries = parseFindOutput(result.stdout).filter((entry, index) => !(index === 0 && entry.name === start && entry.entryType === 'd'));
     if (result.exitCode !== 0 && entries.length === 0) {
       throw new FileNotAvailableError(`cannot list ${options.path}: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
@@ -136,7 +99,7 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
   }
 
   async getFileContent(requestedPath: string, privilegedExecution: boolean): Promise<FileContent> {
-    const child = this.sandbox.exec(['/bin/sh', '-c', READ_SCRIPT, 'read', requestedPath], {
+    const child = this.sandbox.exec(readCommand(requestedPath), {
       privileged: privilegedExecution,
       env: BASE_ENVIRONMENT,
     });
@@ -234,57 +197,3 @@ function waitForResult(child: ChildProcess): Promise<ExecutionResult> {
   });
 }
 
-async function buildArchive(copies: FileUpdate['copy']): Promise<Buffer> {
-  const pack = tar.pack();
-  const chunks: Buffer[] = [];
-  pack.on('data', (chunk: unknown) => {
-    if (Buffer.isBuffer(chunk)) chunks.push(chunk);
-  });
-  const done = new Promise<void>((resolve, reject) => {
-    pack.on('end', resolve);
-    pack.on('error', reject);
-  });
-  const directories = new Set<string>();
-  const addDirectory = (target: string): void => {
-    if (target === WORKSPACE || target === '/' || directories.has(target)) return;
-    if (target.startsWith(`${WORKSPACE}/`)) addDirectory(path.posix.dirname(target));
-    directories.add(target);
-    pack.entry({ name: target.slice(1), type: 'directory', mode: DIRECTORY_MODE, uid: 0, gid: 0 });
-  };
-  for (const copy of copies) {
-    const target = sandboxPath(copy.path);
-    if (target === '/') throw new BadRequestError(`cannot write to ${copy.path}`);
-    if (copy.path.endsWith('/')) {
-      addDirectory(target);
-      continue;
-    }
-    if (target.startsWith(`${WORKSPACE}/`)) addDirectory(path.posix.dirname(target));
-    const content = Buffer.from(copy.content ?? '', 'base64');
-    pack.entry({ name: target.slice(1), type: 'file', mode: FILE_MODE, uid: 0, gid: 0, size: content.length }, content);
-  }
-  pack.finalize();
-  await done;
-  return Buffer.concat(chunks);
-}
-
-const FIND_TYPES: Record<string, FileEntryType> = { f: '-', d: 'd', l: 'l', p: 'p', s: 's', c: 'c', b: 'b', D: 'D' };
-
-export function parseFindOutput(output: Buffer): FileHeader[] {
-  const fields = output.toString('utf8').split('\0');
-  const entries: FileHeader[] = [];
-  for (let offset = 0; offset + FIND_FIELDS <= fields.length; offset += FIND_FIELDS) {
-    const [type = '?', size, time, mode = '', owner = '', group = '', name = '', linkTarget = ''] = fields.slice(offset, offset + FIND_FIELDS);
-    const entryType = FIND_TYPES[type] ?? (fileEntryTypes.includes(type as FileEntryType) ? (type as FileEntryType) : '?');
-    entries.push({
-      name,
-      entryType,
-      ...(entryType === 'l' ? { linkTarget } : {}),
-      size: Number(size) || 0,
-      modificationTime: Math.floor(Number(time) || 0),
-      permissions: mode.slice(1),
-      owner,
-      group,
-    });
-  }
-  return entries;
-}

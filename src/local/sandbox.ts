@@ -2,6 +2,7 @@ import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, lstatSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import type { Readable } from 'node:stream';
+import { WORKSPACE } from '../runner/workspace-files.js';
 import type { RunnerCgroup } from './cgroups.js';
 
 export interface SandboxOptions {
@@ -20,7 +21,6 @@ export interface SandboxExecOptions {
   env: Record<string, string>;
 }
 
-export const WORKSPACE = '/workspace';
 export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
 /*
