@@ -61,7 +61,9 @@ export async function startAgentSandbox(extraArguments: string[] = []): Promise<
     if (lstatSync(hostPath).isSymbolicLink()) system.push('--symlink', `usr/${entry}`, hostPath);
     else system.push('--ro-bind', hostPath, hostPath);
   }
-  for (const entry of ['passwd', 'group']) system.push('--ro-bind-try', `/etc/${entry}`, `/etc/${entry}`);
+  // bwrap creates missing parents with the caller's umask: a strict one would hide /etc from the learner.
+  system.push('--perms', '0755', '--dir', '/etc');
+  for (const entry of ['passwd', 'group', 'nsswitch.conf']) system.push('--ro-bind-try', `/etc/${entry}`, `/etc/${entry}`);
   const child = spawn(
     'bwrap',
     [
