@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(bubblewrap util-linux tar findutils coreutils python3)
+packages=(bubblewrap util-linux tar findutils coreutils python3 gcc libc6-dev make)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
@@ -18,6 +18,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 command -v bwrap >/dev/null || { echo "setup: bwrap is still missing" >&2; exit 1; }
+
+# The agent every sandbox runs as its first process: a static binary, so it works in any image.
+make -C agent --no-print-directory
 
 if [ -f package-lock.json ]; then npm ci --no-fund --no-audit; else npm install --no-fund --no-audit; fi
 echo "setup: done (bubblewrap $(bwrap --version | awk '{print $2}'), node $(node --version))"
