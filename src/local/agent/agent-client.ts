@@ -330,7 +330,8 @@ export class AgentClient {
         onClose: (error) => {
           ended = true;
           reject(error);
-          stream.destroy(sized ? error : undefined);
+          // An error on a stream nobody listens to would crash the process; then it just ends.
+          stream.destroy(sized && stream.listenerCount('error') > 0 ? error : undefined);
         },
       });
       this.#failIfClosed(id);

@@ -1,5 +1,5 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { existsSync, lstatSync } from 'node:fs';
+import { existsSync, lstatSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { AgentClient } from './agent-client.js';
@@ -29,9 +29,11 @@ export function agentCapabilityArguments(): string[] {
   return ['--cap-drop', 'ALL', ...AGENT_CAPABILITIES.flatMap((capability) => ['--cap-add', capability])];
 }
 
-/* Builds the agent if it is missing (needs gcc, make and a static libc: libc6-dev on Debian). */
+/* Builds the agent if it is missing or older than its source (needs gcc, make and libc6-dev). */
 export function ensureAgentBuilt(): string {
-  if (!existsSync(AGENT_BINARY)) {
+  const source = path.join(AGENT_SOURCE_DIR, 'poseidon-agent.c');
+  const stale = !existsSync(AGENT_BINARY) || (existsSync(source) && statSync(source).mtimeMs > statSync(AGENT_BINARY).mtimeMs);
+  if (stale) {
     try {
       execFileSync('make', ['-C', AGENT_SOURCE_DIR, '--no-print-directory'], { stdio: ['ignore', 'pipe', 'pipe'] });
     } catch (error) {
