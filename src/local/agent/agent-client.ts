@@ -320,7 +320,7 @@ export class AgentClient {
                 reject(error);
                 stream.destroy();
               } else if (status === 0) stream.push(null);
-              else stream.destroy(error);
+              else stream.destroy(stream.listenerCount('error') > 0 ? error : undefined);
               break;
             }
             default:
