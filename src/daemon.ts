@@ -5,6 +5,7 @@ import { buildApp } from './api/app.js';
 import type { Config } from './config/schema.js';
 import { createCgroupManager } from './local/cgroups.js';
 import { LocalAccessorHandler } from './local/local-handler.js';
+import { NomadAccessorHandler } from './nomad/nomad-handler.js';
 import type { AccessorHandler } from './runner/accessor-handler.js';
 
 export interface Daemon {
@@ -25,6 +26,8 @@ async function buildManager(config: Config, logger: Logger): Promise<AccessorHan
   const cgroups = await createCgroupManager(config.local.cgroups, config.local.cgroupparent, logger);
   logger.info({ cgroups: cgroups.version }, 'local sandbox limits');
   const handlers: AccessorHandler[] = [new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger)];
+  // Nomad goes first: with it enabled it owns every new environment, local keeps the ones it stored.
+  if (config.nomad.enabled) handlers.unshift(new NomadAccessorHandler(config.nomad, config.runners.refillconcurrency, logger));
   for (let index = 0; index < handlers.length - 1; index += 1) handlers[index]?.setNextHandler(handlers[index + 1] as AccessorHandler);
   return handlers[0] as AccessorHandler;
 }

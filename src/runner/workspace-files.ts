@@ -15,12 +15,12 @@ const FILE_MODE = 0o744;
 
 /*
  * Deletes first, then extracts the tar on stdin at the root. Positional arguments carry the
- * paths, so no path is ever parsed by the shell.
+ * paths, so no path is ever parsed by the shell. The workspace is an argument because a Nomad
+ * task's workspace is its image's working directory, not a fixed path.
  */
 export const UPDATE_SCRIPT = [
   'set -e',
-  `cd ${WORKSPACE}`,
-  'glob=$1; literal=$2; extract=$3; shift 3',
+  'glob=$1; literal=$2; extract=$3; cd "$4"; shift 4',
   // The exact entry ./* is Poseidon's glob over the workspace, which spares dotfiles.
   'if [ "$glob" = 1 ]; then rm -rf -- ./*; fi',
   'while [ "$literal" -gt 0 ]; do rm -rf -- "$1"; shift; literal=$((literal-1)); done',
@@ -35,16 +35,16 @@ const FIND_FORMAT = '%y\\0%s\\0%T@\\0%M\\0%u\\0%g\\0%p\\0%l\\0';
 const FIND_FIELDS = 8;
 
 /* Resolves a request path the way Poseidon does: relative to the workspace, absolute as given. */
-export function workspacePath(requested: string): string {
-  return path.posix.normalize(path.posix.isAbsolute(requested) ? requested : `${WORKSPACE}/${requested}`);
+export function workspacePath(requested: string, workspace: string = WORKSPACE): string {
+  return path.posix.normalize(path.posix.isAbsolute(requested) ? requested : `${workspace}/${requested}`);
 }
 
 /* argv for UPDATE_SCRIPT: the glob flag, the literal deletes, and whether a tar follows on stdin. */
-export function updateCommand(update: FileUpdate, withArchive: boolean): string[] {
+export function updateCommand(update: FileUpdate, withArchive: boolean, workspace: string = WORKSPACE): string[] {
   const literalDeletes = update.delete.filter((entry) => entry !== './*');
   return [
     '/bin/sh', '-c', UPDATE_SCRIPT, 'update',
-    update.delete.includes('./*') ? '1' : '0', String(literalDeletes.length), withArchive ? '1' : '0', ...literalDeletes,
+    update.delete.includes('./*') ? '1' : '0', String(literalDeletes.length), withArchive ? '1' : '0', workspace, ...literalDeletes,
   ];
 }
 
@@ -58,7 +58,7 @@ export function readCommand(requestedPath: string): string[] {
   return ['/bin/sh', '-c', READ_SCRIPT, 'read', requestedPath];
 }
 
-export async function buildArchive(copies: FileUpdate['copy']): Promise<Buffer> {
+export async function buildArchive(copies: FileUpdate['copy'], workspace: string = WORKSPACE): Promise<Buffer> {
   const pack = tar.pack();
   const chunks: Buffer[] = [];
   pack.on('data', (chunk: unknown) => {
@@ -70,19 +70,19 @@ export async function buildArchive(copies: FileUpdate['copy']): Promise<Buffer> 
   });
   const directories = new Set<string>();
   const addDirectory = (target: string): void => {
-    if (target === WORKSPACE || target === '/' || directories.has(target)) return;
-    if (target.startsWith(`${WORKSPACE}/`)) addDirectory(path.posix.dirname(target));
+    if (target === workspace || target === '/' || directories.has(target)) return;
+    if (target.startsWith(`${workspace}/`)) addDirectory(path.posix.dirname(target));
     directories.add(target);
     pack.entry({ name: target.slice(1), type: 'directory', mode: DIRECTORY_MODE, uid: 0, gid: 0 });
   };
   for (const copy of copies) {
-    const target = workspacePath(copy.path);
+    const target = workspacePath(copy.path, workspace);
     if (target === '/') throw new BadRequestError(`cannot write to ${copy.path}`);
     if (copy.path.endsWith('/')) {
       addDirectory(target);
       continue;
     }
-    if (target.startsWith(`${WORKSPACE}/`)) addDirectory(path.posix.dirname(target));
+    if (target.startsWith(`${workspace}/`)) addDirectory(path.posix.dirname(target));
     const content = Buffer.from(copy.content ?? '', 'base64');
     pack.entry({ name: target.slice(1), type: 'file', mode: FILE_MODE, uid: 0, gid: 0, size: content.length }, content);
   }

@@ -1,0 +1,478 @@
+import { randomUUID } from 'node:crypto';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import type { NomadConfig } from '../config/schema.js';
+import { executionEnvironmentSchema, type ExecutionEnvironmentSpec } from '../dto/environment.js';
+import { ExecutionEnvironment, type RunnerFactory } from '../environment/execution-environment.js';
+import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import type { PutOutcome } from '../runner/accessor-handler.js';
+import { ApiError, BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
+import type { Runner } from '../runner/runner.js';
+import type { Allocation, AllocationListStub, EventBatch, NomadJob } from './api-types.js';
+import { NomadError } from './errors.js';
+import type { EventStreamSubscription } from './event-stream.js';
+import { ExecutorApi, type ExecutorApiOptions } from './executor-api.js';
+import {
+  buildTemplateJob,
+  configGroupName,
+  defaultTaskName,
+  deriveRunnerJob,
+  environmentIdOfJob,
+  isTemplateJobId,
+  loadBaseTemplate,
+  readRunnerUsage,
+  readTemplateEnvironment,
+  templateJobId,
+  templateJobPrefix,
+  withRunnerUsage,
+} from './job-template.js';
+import { NomadRunner } from './nomad-runner.js';
+
+/* The environment as CodeOcean sent it, kept in the template's config-group meta for an exact round trip. */
+export const metaEnvironmentSpec = 'environmentSpec';
+
+/* Poseidon's fallback when a used runner's meta lacks its timeout. */
+const DEFAULT_USED_TIMEOUT_SECONDS = 60;
+
+export interface NomadHandlerOptions {
+  /* How long a new runner may take from registration to a running allocation. */
+  readonly readinessTimeoutMs?: number;
+  readonly api?: ExecutorApiOptions;
+}
+
+interface Waiter {
+  readonly environmentId: number;
+  readonly resolve: (allocation: Allocation) => void;
+  readonly reject: (error: Error) => void;
+}
+
+const terminalClientStatuses = new Set(['failed', 'lost', 'complete']);
+
+/* Turns whatever a Nomad call threw into an error the API answers with a clear status and code. */
+export function toApiError(error: unknown): Error {
+  if (error instanceof ApiError) return error;
+  if (error instanceof NomadError) return new BackendError(error.message, error.errorCode);
+  return error instanceof Error ? error : new Error(String(error));
+}
+
+/*
+ * The Nomad backend: environments are template jobs, runners are jobs derived from them, and Nomad
+ * itself is the store (no local file). Runner readiness and loss come from the event stream; any
+ * doubt about the stream (reconnect, gap) triggers a full reconciliation with Nomad's job list.
+ */
+export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
+  readonly name = 'nomad';
+  readonly #api: ExecutorApi;
+  readonly #base: NomadJob;
+  readonly #templates = new Map<number, NomadJob>();
+  readonly #waiters = new Map<string, Waiter>();
+  /* Every live runner by allocation, for routing allocation events. */
+  readonly #byAllocation = new Map<string, NomadRunner>();
+  /* Runner jobs this process gave up on; a resync purges them instead of adopting them again. */
+  readonly #discarded = new Set<string>();
+  /* Environments PUT while a resync runs: the resync's older job list must not delete them. */
+  readonly #putDuringResync = new Set<number>();
+  readonly #readinessTimeoutMs: number;
+  readonly #refillConcurrency: number;
+  #subscription: EventStreamSubscription | undefined;
+  #resyncing: Promise<void> | undefined;
+  #resyncAgain = false;
+  #everConnected = false;
+  #closed = false;
+
+  constructor(
+    private readonly config: NomadConfig,
+    refillConcurrency: number,
+    logger: Logger,
+    options: NomadHandlerOptions = {},
+  ) {
+    super(logger.child({ backend: 'nomad' }), refillConcurrency);
+    this.#api = new ExecutorApi(config, this.logger, options.api);
+    this.#base = loadBaseTemplate(config);
+    this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
+    this.#refillConcurrency = refillConcurrency;
+  }
+
+  /* With Nomad enabled every new environment lives in Nomad; local keeps only those it already stored. */
+  acceptsEnvironment(): boolean {
+    return this.config.enabled;
+  }
+
+  // ---- claims and returns ------------------------------------------------------------------
+
+  /* Takes an idle runner without any Nomad call; the "used" mark is written afterwards. */
+  protected override async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
+    const runner = this.environmentsById.get(environmentId)?.sample(inactivityTimeout);
+    if (runner === undefined) return undefined;
+    runner.enqueueJobWrite('mark used', async (job) => {
+      const used = withRunnerUsage(job, true, inactivityTimeout);
+      await this.#api.registerJob(used);
+      runner.job = used;
+    });
+    return runner;
+  }
+
+  // ---- environments ------------------------------------------------------------------------
+
+  protected override async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+    if (this.#resyncing !== undefined) this.#putDuringResync.add(spec.id);
+    return super.putOwnEnvironment(spec);
+  }
+
+  protected async storeEnvironment(spec: ExecutionEnvironmentSpec): Promise<void> {
+    const job = buildTemplateJob(this.#base, spec, this.config);
+    const configGroup = job.TaskGroups?.find((group) => group.Name === configGroupName);
+    if (configGroup) configGroup.Meta = { ...(configGroup.Meta ?? {}), [metaEnvironmentSpec]: JSON.stringify(spec) };
+    try {
+      await this.#api.registerJob(job);
+    } catch (error) {
+      throw toApiError(error);
+    }
+    this.#templates.set(spec.id, job);
+  }
+
+  protected async removeStoredEnvironment(environmentId: number): Promise<void> {
+    try {
+      await this.#api.deregisterJob(templateJobId(environmentId), { purge: true });
+    } catch (error) {
+      throw toApiError(error);
+    }
+    this.#templates.delete(environmentId);
+  }
+
+  /* The template goes first (so a failure leaves everything in place), then every runner job. */
+  protected override async deleteOwnEnvironment(environmentId: number): Promise<void> {
+    const environment = this.environmentsById.get(environmentId);
+    if (!environment) throw new EnvironmentNotFoundError(environmentId);
+    await this.removeStoredEnvironment(environmentId);
+    this.environmentsById.delete(environmentId);
+    for (const runner of this.#runnersOf(environmentId)) this.#discarded.add(runner.id);
+    await environment.delete('environment deleted');
+    // Runner jobs this process does not know (a refill in flight, leftovers of an earlier process).
+    try {
+      const leftovers = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId);
+      await Promise.all(leftovers.map((stub) => this.#api.deregisterJob(stub.ID, { purge: true })));
+    } catch (error) {
+      this.logger.warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
+    }
+    this.logger.info({ environmentId }, 'environment deleted');
+  }
+
+  // ---- runner creation ---------------------------------------------------------------------
+
+  protected runnerFactory(): RunnerFactory<NomadRunner> {
+    return { createRunner: (spec) => this.#createRunner(spec) };
+  }
+
+  async #createRunner(spec: ExecutionEnvironmentSpec): Promise<NomadRunner> {
+    const template = this.#templates.get(spec.id);
+    if (this.#closed || template === undefined) throw new BackendError(`environment ${spec.id} has no template job`);
+    const id = `${spec.id}-${randomUUID()}`;
+    const job = deriveRunnerJob(template, id, this.config.namespace);
+    // Waiting starts before the registration, so a running event cannot slip through in between.
+    const ready = this.#awaitRunningAllocation(id, spec.id);
+    try {
+      await this.#api.registerJob(job);
+    } catch (error) {
+      this.#waiters.get(id)?.reject(toApiError(error));
+      await ready.catch(() => undefined);
+      throw toApiError(error);
+    }
+    let allocation: Allocation;
+    try {
+      allocation = await ready;
+    } catch (error) {
+      this.#discarded.add(id);
+      void this.#api.deregisterJob(id, { purge: true }).catch((purgeError: unknown) => {
+        this.logger.warn({ err: purgeError, runnerId: id }, 'purging a runner job that never ran failed');
+      });
+      throw error;
+    }
+    const runner = this.#newRunner(id, spec.id, allocation, job);
+    this.logger.info({ runnerId: id, environmentId: spec.id, allocationId: allocation.ID }, 'runner ready');
+    return runner;
+  }
+
+  #awaitRunningAllocation(jobId: string, environmentId: number): Promise<Allocation> {
+    return new Promise<Allocation>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        void this.#checkWaiter(jobId).then((found) => {
+          if (!found) this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${this.#readinessTimeoutMs} ms`, 'NOMAD_INTERNAL_SERVER_ERROR'));
+        });
+      }, this.#readinessTimeoutMs);
+      timer.unref();
+      const settle = (): void => {
+        clearTimeout(timer);
+        this.#waiters.delete(jobId);
+      };
+      this.#waiters.set(jobId, {
+        environmentId,
+        resolve: (allocation) => {
+          settle();
+          resolve(allocation);
+        },
+        reject: (error) => {
+          settle();
+          reject(error);
+        },
+      });
+    });
+  }
+
+  /* Asks Nomad directly whether a waited-for runner already runs (after a gap, or as a last resort). */
+  async #checkWaiter(jobId: string): Promise<boolean> {
+    try {
+      const running = (await this.#api.listJobAllocations(jobId)).find(isRunning);
+      const allocation = running === undefined ? undefined : await this.#api.getAllocation(running.ID);
+      if (allocation === undefined || !isRunning(allocation)) return false;
+      this.#waiters.get(jobId)?.resolve(allocation);
+      return true;
+    } catch (error) {
+      this.logger.warn({ err: error, runnerId: jobId }, 'checking a starting runner failed');
+      return false;
+    }
+  }
+
+  #newRunner(id: string, environmentId: number, allocation: Allocation, job: NomadJob): NomadRunner {
+    const runner = new NomadRunner(
+      {
+        id,
+        environmentId,
+        allocationId: allocation.ID,
+        ports: allocation.AllocatedResources?.Shared?.Ports ?? [],
+        job,
+        restarts: restartsOf(allocation),
+      },
+      this.#api,
+      this.logger,
+      (gone, reason) => this.#lose(gone, reason),
+    );
+    this.#byAllocation.set(allocation.ID, runner);
+    return runner;
+  }
+
+  /* A runner whose allocation broke: it answers 410 from now on and the pool refills. */
+  #lose(runner: NomadRunner, reason: string): void {
+    this.#byAllocation.delete(runner.allocationId);
+    this.#discarded.add(runner.id);
+    runner.markLost(reason);
+    this.environmentsById.get(runner.environmentId)?.forget(runner.id);
+  }
+
+  #runnersOf(environmentId: number): NomadRunner[] {
+    return [...this.#byAllocation.values()].filter((runner) => runner.environmentId === environmentId);
+  }
+
+  // ---- events ------------------------------------------------------------------------------
+
+  #onEvents(batch: EventBatch): void {
+    for (const event of batch.events) {
+      if (event.kind === 'allocation') this.#onAllocation(event.allocation);
+      else if (event.kind === 'job' && event.Type === 'JobDeregistered') this.#onJobDeregistered(event.job.ID);
+    }
+    // Destroyed runners (returned, expired) produce no allocation events after a purge.
+    for (const [allocationId, runner] of this.#byAllocation) if (runner.destroyed) this.#byAllocation.delete(allocationId);
+  }
+
+  #onAllocation(allocation: Allocation): void {
+    if (isTemplateJobId(allocation.JobID)) return;
+    const waiter = this.#waiters.get(allocation.JobID);
+    if (waiter !== undefined) {
+      if (isRunning(allocation)) waiter.resolve(allocation);
+      else if (terminalClientStatuses.has(allocation.ClientStatus) || allocation.DesiredStatus !== 'run') {
+        waiter.reject(new BackendError(`runner ${allocation.JobID} failed to start: ${allocation.ClientDescription ?? allocation.ClientStatus}`, 'NOMAD_INTERNAL_SERVER_ERROR'));
+      }
+    }
+    const runner = this.#byAllocation.get(allocation.ID);
+    if (runner !== undefined && !runner.destroyed) {
+      const state = allocation.TaskStates?.[defaultTaskName];
+      if ((state?.Restarts ?? 0) > runner.restarts) {
+        // A restarted container lost its workspace and processes: Poseidon drops such runners too.
+        const oom = (state?.Events ?? []).some((event) => event.Details?.['oom_killed'] === 'true');
+        if (oom) runner.markOomKilled();
+        this.#lose(runner, oom ? 'allocation OOM killed' : 'task restarted');
+      } else if (terminalClientStatuses.has(allocation.ClientStatus) || allocation.DesiredStatus !== 'run') {
+        this.#lose(runner, `allocation ${allocation.ClientStatus}/${allocation.DesiredStatus}`);
+      }
+      return;
+    }
+    const previous = allocation.PreviousAllocation ? this.#byAllocation.get(allocation.PreviousAllocation) : undefined;
+    if (previous !== undefined && !previous.destroyed) this.#lose(previous, 'allocation rescheduled');
+  }
+
+  #onJobDeregistered(jobId: string): void {
+    const environmentId = environmentIdOfJob(jobId);
+    if (environmentId === undefined || isTemplateJobId(jobId)) return;
+    const runner = this.environmentsById.get(environmentId)?.runner(jobId);
+    if (runner !== undefined && !runner.destroyed) this.#lose(runner, 'job deregistered');
+  }
+
+  // ---- recovery ----------------------------------------------------------------------------
+
+  protected async loadOwn(): Promise<void> {
+    if (!this.config.enabled) return;
+    // Subscribe first, so that nothing happening during the initial load goes unseen.
+    this.#subscription ??= this.#api.subscribeEvents({
+      onEvents: (batch) => this.#onEvents(batch),
+      onGap: () => this.#resync('event gap'),
+      onConnected: () => {
+        // Poseidon reloads after every lost stream; a reconnect may have missed events between buffers.
+        if (this.#everConnected) void this.#resync('event stream reconnected');
+        this.#everConnected = true;
+      },
+    });
+    // The daemon starts after the first attempt even when Nomad is down; later attempts run in the background.
+    await new Promise<void>((resolve) => void this.#resync('start', resolve));
+  }
+
+  /* One reconciliation at a time; a request during one runs another afterwards. Retries until it succeeds. */
+  #resync(reason: string, onFirstAttempt?: () => void): Promise<void> {
+    if (this.#resyncing !== undefined) {
+      this.#resyncAgain = true;
+      onFirstAttempt?.();
+      return this.#resyncing;
+    }
+    const run = async (): Promise<void> => {
+      let attempt = 0;
+      do {
+        this.#resyncAgain = false;
+        try {
+          await this.#reconcile();
+          attempt = 0;
+          this.logger.info({ reason, environments: this.environmentsById.size }, 'Nomad state loaded');
+          onFirstAttempt?.();
+        } catch (error) {
+          onFirstAttempt?.();
+          attempt += 1;
+          const delay = Math.min(30_000, 500 * 2 ** Math.min(attempt, 6));
+          this.logger.error({ err: error, reason, retryInMs: delay }, 'loading state from Nomad failed');
+          if (this.#closed) return;
+          await sleep(delay, undefined, { ref: false });
+          this.#resyncAgain = true;
+        }
+      } while (this.#resyncAgain && !this.#closed);
+    };
+    const promise = run().finally(() => {
+      this.#resyncing = undefined;
+      this.#putDuringResync.clear();
+    });
+    this.#resyncing = promise;
+    return promise;
+  }
+
+  /* Makes the in-memory environments and runners match Nomad's jobs, without double-counting. */
+  async #reconcile(): Promise<void> {
+    const templates = (await this.#api.listJobs(templateJobPrefix)).filter((stub) => isTemplateJobId(stub.ID) && stub.Status !== 'dead');
+    const inNomad = new Set<number>();
+    for (const stub of templates) {
+      const job = await this.#api.getJob(stub.ID);
+      const spec = job === undefined ? undefined : specOfTemplate(job);
+      if (job === undefined || spec === undefined || this.#closed) continue;
+      inNomad.add(spec.id);
+      let environment = this.environmentsById.get(spec.id);
+      if (environment === undefined) {
+        this.#templates.set(spec.id, job);
+        environment = new ExecutionEnvironment(spec, this.runnerFactory(), { refillConcurrency: this.#refillConcurrency, logger: this.logger });
+        this.environmentsById.set(spec.id, environment);
+      }
+      await this.#reconcileRunners(environment);
+      environment.refill();
+    }
+    for (const [environmentId, environment] of this.environmentsById) {
+      if (inNomad.has(environmentId) || this.#putDuringResync.has(environmentId)) continue;
+      this.logger.warn({ environmentId }, 'template job vanished from Nomad: environment removed');
+      this.environmentsById.delete(environmentId);
+      this.#templates.delete(environmentId);
+      await environment.delete('template job gone');
+    }
+    // Runners that started while events were missed.
+    await Promise.all([...this.#waiters.keys()].map((jobId) => this.#checkWaiter(jobId)));
+  }
+
+  async #reconcileRunners(environment: ExecutionEnvironment<NomadRunner>): Promise<void> {
+    const environmentId = environment.id;
+    // Runners created after this snapshot are not in the job list below and must not look lost.
+    const before = new Set(this.#runnersOf(environmentId));
+    const jobs = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId && !isTemplateJobId(stub.ID));
+    const alive = new Set<string>();
+    for (const stub of jobs) {
+      if (this.#waiters.has(stub.ID)) continue;
+      if (this.#discarded.has(stub.ID) || stub.Status === 'dead') {
+        await this.#api.deregisterJob(stub.ID, { purge: true });
+        continue;
+      }
+      const allocations = await this.#api.listJobAllocations(stub.ID);
+      const running = allocations.find(isRunning);
+      const known = [...before].find((runner) => runner.id === stub.ID);
+      if (known !== undefined) {
+        if (running?.ID === known.allocationId && !known.destroyed) alive.add(known.id);
+        continue;
+      }
+      if (running === undefined || [...this.#byAllocation.values()].some((runner) => runner.id === stub.ID)) {
+        // Not running (still starting for a previous process, or broken): the pool builds a fresh one instead.
+        if (running === undefined) {
+          this.#discarded.add(stub.ID);
+          await this.#api.deregisterJob(stub.ID, { purge: true });
+        }
+        continue;
+      }
+      const [job, allocation] = await Promise.all([this.#api.getJob(stub.ID), this.#api.getAllocation(running.ID)]);
+      if (job === undefined || allocation === undefined || !isRunning(allocation)) continue;
+      this.#adopt(environment, job, allocation);
+      alive.add(stub.ID);
+    }
+    for (const runner of before) {
+      if (!alive.has(runner.id) && !runner.destroyed) this.#lose(runner, 'no running allocation in Nomad');
+    }
+    const listed = new Set(jobs.map((stub) => stub.ID));
+    for (const id of this.#discarded) if (environmentIdOfJob(id) === environmentId && !listed.has(id)) this.#discarded.delete(id);
+  }
+
+  #adopt(environment: ExecutionEnvironment<NomadRunner>, job: NomadJob, allocation: Allocation): void {
+    const runner = this.#newRunner(job.ID, environment.id, allocation, job);
+    const usage = readRunnerUsage(job);
+    if (usage.used) {
+      // Activity times are not persisted (that would cost a Nomad call per request): the full timeout restarts.
+      runner.setInactivityTimeout(usage.timeoutSeconds ?? DEFAULT_USED_TIMEOUT_SECONDS, () => undefined);
+      environment.adopt(runner, true, () => {
+        this.logger.info({ runnerId: runner.id, environmentId: environment.id }, 'recovered runner inactive: destroying');
+        void environment.remove(runner, 'inactivity timeout');
+      });
+    } else {
+      environment.adopt(runner, false);
+    }
+    this.logger.info({ runnerId: runner.id, environmentId: environment.id, used: usage.used }, 'runner recovered');
+  }
+
+  /* Runners and jobs stay in Nomad, so that the next start recovers them with the same ids. */
+  protected override async shutdownOwn(): Promise<void> {
+    this.#closed = true;
+    for (const waiter of [...this.#waiters.values()]) waiter.reject(new BackendError('daemon shutting down'));
+    this.environmentsById.clear();
+    await this.#api.close();
+  }
+
+}
+
+function isRunning(allocation: Allocation | AllocationListStub): boolean {
+  return allocation.ClientStatus === 'running' && allocation.DesiredStatus === 'run';
+}
+
+function restartsOf(allocation: Allocation): number {
+  return allocation.TaskStates?.[defaultTaskName]?.Restarts ?? 0;
+}
+
+/* The spec CodeOcean sent (from meta), else what the template job itself says. */
+function specOfTemplate(job: NomadJob): ExecutionEnvironmentSpec | undefined {
+  const stored = job.TaskGroups?.find((group) => group.Name === configGroupName)?.Meta?.[metaEnvironmentSpec];
+  if (stored !== undefined) {
+    try {
+      const parsed = executionEnvironmentSchema.safeParse(JSON.parse(stored));
+      if (parsed.success && templateJobId(parsed.data.id) === job.ID) return parsed.data;
+    } catch {
+      // Not JSON: fall back to the job's own settings below.
+    }
+  }
+  const environment = readTemplateEnvironment(job);
+  return environment === undefined ? undefined : { ...environment, exposedPorts: [...environment.exposedPorts] };
+}

@@ -1,0 +1,386 @@
+import { randomUUID } from 'node:crypto';
+import { PassThrough } from 'node:stream';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Logger } from 'pino';
+import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
+import { ApiError, BackendError, BadRequestError, FileNotAvailableError, RunnerNotFoundError } from '../runner/errors.js';
+import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
+import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
+import { buildArchive, listCommand, parseFindOutput, readCommand, updateCommand, WORKSPACE } from '../runner/workspace-files.js';
+import type { NomadJob, PortMapping } from './api-types.js';
+import { NomadError, NomadExecError } from './errors.js';
+import type { ExecutorApi } from './executor-api.js';
+import type { StdinSource } from './exec.js';
+import { defaultTaskName } from './job-template.js';
+
+/*
+ * Unprivileged commands run as the image's `user` through /sbin/setuser, Poseidon's convention for
+ * openHPI's images. Images without setuser run them as the task's own user, so such images should
+ * declare a non-root USER (documented in the README).
+ */
+const AS_USER = 'if [ "$1" = 0 ] && [ -x /sbin/setuser ]; then shift; exec /sbin/setuser user "$@"; fi; shift; exec "$@"';
+
+/*
+ * Wraps a learner's command. Records the wrapper's pid so that a kill can reach the process group
+ * from a second exec (Nomad offers no signal for an exec session), removes Nomad's variables as
+ * Poseidon does, and runs the command with the request's variables and CODEOCEAN=true.
+ */
+const EXECUTE_SCRIPT = [
+  'pidfile=$1; privileged=$2; command=$3; shift 3',
+  'echo $$ > "$pidfile"',
+  'for variable in $(env | sed -n "s/^\\(NOMAD_[A-Za-z0-9_]*\\)=.*/\\1/p" 2>/dev/null); do unset "$variable"; done',
+  'if [ "$privileged" = 0 ] && [ -x /sbin/setuser ]; then /sbin/setuser user env CODEOCEAN=true "$@" /bin/sh -c "$command"',
+  'else env CODEOCEAN=true "$@" /bin/sh -c "$command"; fi',
+  'status=$?; rm -f "$pidfile"; exit $status',
+].join('\n');
+
+/*
+ * Kills what EXECUTE_SCRIPT started. Only a process that leads its own group is killed as a group:
+ * otherwise the group may be the container's, and killing it would take the runner down.
+ */
+const KILL_SCRIPT = [
+  'pid=$(cat "$1" 2>/dev/null) || exit 0',
+  'rm -f "$1"',
+  'group=$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f3)',
+  // dash's kill knows no `--`; `-9 -<pid>` addresses the group in every POSIX shell.
+  'if [ "$group" = "$pid" ]; then kill -9 "-$pid" 2>/dev/null; else kill -9 "$pid" 2>/dev/null; fi',
+  'exit 0',
+].join('\n');
+
+/* Where the workspace goes when the image's working directory is the root (never empty `/` with ./*). */
+const FALLBACK_WORKSPACE = WORKSPACE;
+
+/* Docker reports some OOM kills as 128; the allocation's OOM event may follow the exit that closely. */
+const OOM_CONFIRMATION_MS = 1_000;
+
+export interface NomadRunnerOptions {
+  readonly id: string;
+  readonly environmentId: number;
+  readonly allocationId: string;
+  readonly ports: readonly PortMapping[];
+  /* The registered runner job, re-registered with new meta when the runner is claimed. */
+  readonly job: NomadJob;
+  readonly restarts: number;
+}
+
+/* A pushable async iterable: the WebSocket's stdin frames, fed into an exec session. */
+class StdinQueue implements AsyncIterable<Buffer> {
+  readonly #chunks: Buffer[] = [];
+  #ended = false;
+  #wake: (() => void) | undefined;
+
+  push(chunk: Buffer): void {
+    if (this.#ended) return;
+    this.#chunks.push(chunk);
+    this.#wake?.();
+  }
+
+  end(): void {
+    this.#ended = true;
+    this.#wake?.();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncIterator<Buffer> {
+    for (;;) {
+      const next = this.#chunks.shift();
+      if (next !== undefined) {
+        yield next;
+        continue;
+      }
+      if (this.#ended) return;
+      await new Promise<void>((resolve) => (this.#wake = resolve));
+      this.#wake = undefined;
+    }
+  }
+}
+
+/* A runner is one Nomad job with one allocation; everything runs through allocation exec. */
+export class NomadRunner extends InactivityTrackingRunner implements ManagedRunner {
+  readonly id: string;
+  readonly environmentId: number;
+  readonly allocationId: string;
+  /* Task restarts seen when the runner was adopted; a higher count means the container restarted. */
+  readonly restarts: number;
+  job: NomadJob;
+  #destroyed = false;
+  #oomKilled = false;
+  #workspace: Promise<string> | undefined;
+  /* Meta writes and the final purge are serialised, so a late meta write never re-creates a purged job. */
+  #jobOperations: Promise<void> = Promise.resolve();
+  readonly #executions = new Set<AbortController>();
+  readonly #ports: MappedPort[];
+  readonly #logger: Logger;
+
+  constructor(
+    options: NomadRunnerOptions,
+    private readonly api: ExecutorApi,
+    logger: Logger,
+    private readonly onGone: (runner: NomadRunner, reason: string) => void,
+  ) {
+    super();
+    this.id = options.id;
+    this.environmentId = options.environmentId;
+    this.allocationId = options.allocationId;
+    this.restarts = options.restarts;
+    this.job = options.job;
+    this.#ports = options.ports.map((port) => ({ exposedPort: port.To || Number(port.Label), hostAddress: `${port.HostIP}:${port.Value}` }));
+    this.#logger = logger.child({ runnerId: options.id, environmentId: options.environmentId, allocationId: options.allocationId });
+  }
+
+  get destroyed(): boolean {
+    return this.#destroyed;
+  }
+
+  mappedPorts(): MappedPort[] {
+    return this.#ports;
+  }
+
+  /* The allocation was OOM-killed; an execution ending with 128 then reports 137. */
+  markOomKilled(): void {
+    this.#oomKilled = true;
+  }
+
+  /*
+   * Queues a Nomad job operation after the earlier ones. Used for the "used" meta write after a
+   * claim: it is off the claim's path, retried with backoff, and only logged when it fails.
+   */
+  enqueueJobWrite(what: string, write: (job: NomadJob) => Promise<void>, attempts = 5): void {
+    this.#jobOperations = this.#jobOperations.then(async () => {
+      for (let attempt = 1; attempt <= attempts; attempt += 1) {
+        if (this.#destroyed) return;
+        try {
+          await write(this.job);
+          this.#logger.debug({ what }, 'runner job updated');
+          return;
+        } catch (error) {
+          const level = attempt === attempts ? 'error' : 'warn';
+          this.#logger[level]({ err: error, what, attempt }, 'updating the runner job in Nomad failed');
+          if (attempt < attempts) await sleep(Math.min(5_000, 200 * 2 ** attempt), undefined, { ref: false });
+        }
+      }
+    });
+  }
+
+  async execute(request: ExecutionRequest, output: ExecutionOutput): Promise<ExecutionProcess> {
+    this.#assertAlive();
+    const pidFile = `/tmp/.poseidon-${randomUUID()}.pid`;
+    const environment = Object.entries(request.environment).map(([key, value]) => `${key}=${value}`);
+    const argv = ['/bin/sh', '-c', EXECUTE_SCRIPT, 'execute', pidFile, request.privilegedExecution ? '1' : '0', request.command, ...environment];
+    const stdin = new StdinQueue();
+    const abort = new AbortController();
+    this.#executions.add(abort);
+    let killed = false;
+    const session = this.api.exec(this.allocationId, defaultTaskName, argv, {
+      stdin,
+      onStdout: (chunk) => output.onStdout(chunk),
+      onStderr: (chunk) => output.onStderr(chunk),
+      signal: abort.signal,
+    });
+    const result = (async (): Promise<ExecutionResult> => {
+      try {
+        const exitCode = await session;
+        if (exitCode === 137 || (exitCode === 128 && (await this.#confirmOom()))) return this.#oomKilled ? { kind: 'oomKilled' } : { kind: 'exited', exitCode };
+        return { kind: 'exited', exitCode: exitCode & 0xff };
+      } catch (error) {
+        if (killed) return { kind: 'exited', exitCode: 137 };
+        if (this.#oomKilled) return { kind: 'oomKilled' };
+        return { kind: 'failed', message: this.#describeExecFailure(error) };
+      } finally {
+        stdin.end();
+        this.#executions.delete(abort);
+      }
+    })();
+    return {
+      writeStdin: (data) => stdin.push(Buffer.from(data)),
+      kill: () => {
+        if (killed) return;
+        killed = true;
+        abort.abort(new Error('execution killed'));
+        void this.#exec(['/bin/sh', '-c', KILL_SCRIPT, 'kill', pidFile]).catch((error: unknown) => {
+          this.#logger.warn({ err: error }, 'killing the execution in the allocation failed');
+        });
+      },
+      // Nomad's exec protocol has no flow control; output is forwarded as it arrives.
+      pauseOutput: () => undefined,
+      resumeOutput: () => undefined,
+      result,
+    };
+  }
+
+  async updateFileSystem(update: FileUpdate): Promise<void> {
+    const workspace = await this.#workspaceDirectory();
+    const archive = update.copy.length > 0 ? await buildArchive(update.copy, workspace) : undefined;
+    const result = await this.#exec(updateCommand(update, archive !== undefined, workspace), { stdin: archive });
+    if (result.exitCode !== 0) throw new BadRequestError(`updating files failed: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
+  }
+
+  async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
+    const { start, argv } = listCommand(options.path, options.recursive);
+    const result = await this.#exec(asUser(argv, options.privilegedExecution));
+    const entries = parseFindOutput(result.stdout).filter((entry, index) => !(index === 0 && entry.name === start && entry.entryType === 'd'));
+    if (result.exitCode !== 0 && entries.length === 0) {
+      throw new FileNotAvailableError(`cannot list ${options.path}: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
+    }
+    return entries;
+  }
+
+  async getFileContent(requestedPath: string, privilegedExecution: boolean): Promise<FileContent> {
+    this.#assertAlive();
+    const abort = new AbortController();
+    const stream = new PassThrough();
+    let head: Buffer | undefined = Buffer.alloc(0);
+    let stderr = '';
+    let resolveSize: (size: number | undefined) => void = () => undefined;
+    const sizeKnown = new Promise<number | undefined>((resolve) => (resolveSize = resolve));
+    // The first line is the size (for Content-Length); the rest is the file, streamed as it comes.
+    const onStdout = (chunk: Buffer): void => {
+      if (head === undefined) {
+        stream.write(chunk);
+        return;
+      }
+      head = Buffer.concat([head, chunk]);
+      const newline = head.indexOf(10);
+      if (newline < 0) return;
+      const size = Number(head.subarray(0, newline).toString('utf8'));
+      const rest = head.subarray(newline + 1);
+      head = undefined;
+      resolveSize(Number.isSafeInteger(size) ? size : undefined);
+      if (rest.length > 0) stream.write(rest);
+    };
+    const session = this.api.exec(this.allocationId, defaultTaskName, asUser(readCommand(requestedPath), privilegedExecution), {
+      onStdout,
+      onStderr: (chunk) => (stderr += chunk.toString('utf8')),
+      signal: abort.signal,
+    });
+    stream.on('close', () => abort.abort(new Error('download ended')));
+    void session.then(
+      () => {
+        resolveSize(undefined);
+        stream.end();
+      },
+      (error: unknown) => {
+        resolveSize(undefined);
+        stream.destroy(error instanceof Error ? error : new Error(String(error)));
+      },
+    );
+    const size = await sizeKnown;
+    if (size === undefined) {
+      abort.abort(new Error('no file'));
+      const failure = await session.then(
+        () => undefined,
+        (error: unknown) => error,
+      );
+      if (failure !== undefined && !(failure instanceof Error && failure.message === 'no file')) throw this.#apiError(failure);
+      throw new FileNotAvailableError(`cannot read ${requestedPath}: ${stderr.trim() || 'no such file'}`);
+    }
+    return { size, stream };
+  }
+
+  /* Removes the runner for good: running executions end and its job is purged. */
+  async destroy(reason: string): Promise<void> {
+    if (this.#destroyed) return;
+    this.#destroyed = true;
+    this.stopInactivityTimer();
+    for (const execution of this.#executions) execution.abort(new Error(`runner destroyed: ${reason}`));
+    await this.purge(reason);
+    this.#logger.info({ reason }, 'runner destroyed');
+  }
+
+  /*
+   * The allocation is gone or broken (failed, lost, rescheduled, restarted): the runner answers 410
+   * from now on. Running executions are not aborted, so that e.g. an OOM kill still reports its exit.
+   */
+  markLost(reason: string): void {
+    if (this.#destroyed) return;
+    this.#destroyed = true;
+    this.stopInactivityTimer();
+    this.#logger.warn({ reason }, 'runner lost');
+    void this.purge(reason);
+  }
+
+  /* Purges the job after pending meta writes; a failed purge is retried in the background. */
+  purge(reason: string): Promise<void> {
+    const purge = this.#jobOperations.then(async () => {
+      for (let attempt = 1; attempt <= 6; attempt += 1) {
+        try {
+          await this.api.deregisterJob(this.id, { purge: true });
+          return;
+        } catch (error) {
+          this.#logger.warn({ err: error, attempt, reason }, 'purging the runner job failed');
+          await sleep(Math.min(10_000, 250 * 2 ** attempt), undefined, { ref: false });
+        }
+      }
+      this.#logger.error({ reason }, 'giving up purging the runner job; the next resync removes it');
+    });
+    this.#jobOperations = purge;
+    // The caller (a DELETE request) waits only for the first attempt's worth of time.
+    return Promise.race([purge, sleep(3_000, undefined, { ref: false })]).then(() => undefined);
+  }
+
+  #assertAlive(): void {
+    if (this.#destroyed) throw new RunnerNotFoundError(this.id);
+  }
+
+  async #confirmOom(): Promise<boolean> {
+    const deadline = Date.now() + OOM_CONFIRMATION_MS;
+    while (!this.#oomKilled && Date.now() < deadline) await sleep(50);
+    return this.#oomKilled;
+  }
+
+  /* The image's working directory is the workspace, as in Poseidon; learned once per runner. */
+  #workspaceDirectory(): Promise<string> {
+    this.#workspace ??= this.#exec(['/bin/sh', '-c', `d=$(pwd); if [ "$d" = / ]; then mkdir -p ${FALLBACK_WORKSPACE} && d=${FALLBACK_WORKSPACE}; fi; echo "$d"`]).then(
+      (result) => {
+        const directory = result.stdout.toString('utf8').trim();
+        if (result.exitCode !== 0 || !directory.startsWith('/')) throw new BackendError(`cannot find the workspace of runner ${this.id}: ${result.stderr.trim()}`);
+        return directory;
+      },
+    );
+    this.#workspace.catch(() => (this.#workspace = undefined));
+    return this.#workspace;
+  }
+
+  /* Runs a helper command to completion, collecting its output; Nomad failures become API errors. */
+  async #exec(argv: string[], options: { stdin?: Buffer } = {}): Promise<{ exitCode: number; stdout: Buffer; stderr: string }> {
+    this.#assertAlive();
+    const stdout: Buffer[] = [];
+    let stderr = '';
+    const stdin: StdinSource | undefined = options.stdin === undefined ? undefined : once(options.stdin);
+    try {
+      const exitCode = await this.api.exec(this.allocationId, defaultTaskName, argv, {
+        ...(stdin === undefined ? {} : { stdin }),
+        onStdout: (chunk) => stdout.push(chunk),
+        onStderr: (chunk) => (stderr += chunk.toString('utf8')),
+      });
+      return { exitCode, stdout: Buffer.concat(stdout), stderr };
+    } catch (error) {
+      throw this.#apiError(error);
+    }
+  }
+
+  #apiError(error: unknown): Error {
+    if (error instanceof ApiError) return error;
+    if (error instanceof NomadExecError && error.allocationUnknown) {
+      this.onGone(this, 'allocation unknown to Nomad');
+      return new RunnerNotFoundError(this.id);
+    }
+    if (error instanceof NomadError) return new BackendError(error.message, error.errorCode);
+    return error instanceof Error ? error : new Error(String(error));
+  }
+
+  #describeExecFailure(error: unknown): string {
+    if (error instanceof NomadExecError && error.allocationUnknown) {
+      this.onGone(this, 'allocation unknown to Nomad');
+      return 'the runner is gone';
+    }
+    return error instanceof Error ? error.message : String(error);
+  }
+}
+
+function asUser(argv: string[], privileged: boolean): string[] {
+  return ['/bin/sh', '-c', AS_USER, 'as-user', privileged ? '1' : '0', ...argv];
+}
+
+async function* once(data: Buffer): AsyncGenerator<Buffer> {
+  yield data;
+}
