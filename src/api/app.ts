@@ -1,5 +1,7 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import type { IncomingMessage } from 'node:http';
+import type { Socket } from 'node:net';
 import websocket from '@fastify/websocket';
 import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions, LogController } from 'fastify';
 import type { Logger } from 'pino';
@@ -39,6 +41,25 @@ const STATUS_ERROR_CODES: Record<number, ErrorCode> = {
   415: 'UNSUPPORTED_MEDIA_TYPE',
   424: 'FILE_NOT_AVAILABLE',
 };
+
+const BODY_DISCARD_MS = 10_000;
+const SHUTDOWN_GRACE_MS = 2_000;
+
+function discardBody(stream: IncomingMessage, timeoutMs: number): Promise<void> {
+  if (stream.readableEnded || stream.destroyed) return Promise.resolve();
+  return new Promise((resolve) => {
+    const timer = setTimeout(done, timeoutMs);
+    function done(): void {
+      clearTimeout(timer);
+      stream.off('end', done);
+      stream.off('error', done);
+      resolve();
+    }
+    stream.on('end', done);
+    stream.on('error', done);
+    stream.resume();
+  });
+}
 
 function digest(value: string): Buffer {
   return createHash('sha256').update(value).digest();
@@ -103,20 +124,41 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
     );
   });
 
-  app.setErrorHandler((error: FastifyError | ApiError | Error, request, reply) => {
+  app.setErrorHandler(async (error: FastifyError | ApiError | Error, request, reply) => {
     const statusCode = error instanceof ApiError ? error.statusCode : ((error as FastifyError).statusCode ?? 500);
     const known = error instanceof ApiError || (statusCode >= 400 && statusCode < 500);
     const body: ErrorBody = {
       message: known ? error.message : 'internal error; see the daemon log',
       errorCode: error instanceof ApiError ? error.errorCode : (STATUS_ERROR_CODES[statusCode] ?? 'UNKNOWN'),
     };
-    if (statusCode >= 500) request.log.error({ err: error }, 'request failed');
+    if ((error as FastifyError).code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
+      // Answering before the client finished sending would break its connection (EPIPE) and it
+      // would never see the 413; so the rest is read and dropped, for a bounded time.
+      await discardBody(request.raw, BODY_DISCARD_MS);
+      reply.header('Connection', 'close');
+    }
+    // A refused WebSocket upgrade must not leave its socket open (it would hold up shutdown).
+    if (request.headers.upgrade) reply.header('Connection', 'close');
+    if (statusCode >= 500 && !(error instanceof ApiError)) request.log.error({ err: error }, 'request failed');
+    else if (statusCode >= 500) request.log.warn({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request failed');
     else request.log.info({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request rejected');
     return reply.code(statusCode).send(body);
   });
 
   app.setNotFoundHandler((request, reply) => {
     reply.code(404).send({ message: `no route ${request.method} ${request.url.split('?', 1)[0]}`, errorCode: 'NOT_FOUND' } satisfies ErrorBody);
+  });
+
+  // Shutdown waits for open connections; whatever is still open after a grace period is cut.
+  const sockets = new Set<Socket>();
+  app.server.on('connection', (socket: Socket) => {
+    sockets.add(socket);
+    socket.once('close', () => sockets.delete(socket));
+  });
+  app.addHook('preClose', async () => {
+    setTimeout(() => {
+      for (const socket of sockets) socket.destroy();
+    }, SHUTDOWN_GRACE_MS).unref();
   });
 
   await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });

@@ -22,6 +22,8 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   readonly #idle = new Map<string, R>();
   readonly #used = new Map<string, R>();
   #creating = 0;
+  /* Builds under way; deleting waits for them so that no sandbox outlives its environment. */
+  readonly #builds = new Set<Promise<void>>();
   #failureStreak = 0;
   #retryTimer: NodeJS.Timeout | undefined;
   #deleted = false;
@@ -108,7 +110,9 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
       this.#creating < this.options.refillConcurrency
     ) {
       this.#creating += 1;
-      void this.#createOne();
+      const build = this.#createOne();
+      this.#builds.add(build);
+      void build.finally(() => this.#builds.delete(build));
     }
   }
 
@@ -169,7 +173,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     const runners = [...this.#idle.values(), ...this.#used.values()];
     this.#idle.clear();
     this.#used.clear();
-    await Promise.allSettled(runners.map((runner) => runner.destroy(reason)));
+    await Promise.allSettled([...runners.map((runner) => runner.destroy(reason)), ...this.#builds]);
     this.#logger.info({ destroyedRunners: runners.length, reason }, 'environment runners destroyed');
   }
 }

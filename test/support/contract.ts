@@ -87,6 +87,15 @@ assert.ok(isObject(swagger), 'swagger root must be an object');
   for (const key of ['owner', 'group', 'permissions', 'linkTarget']) {
     fileHeader.properties[key] = { type: 'string' };
   }
+  /*
+   * Second deliberate deviation: every error body of ours is `{message, errorCode}` (the project's
+   * rule: a machine-readable code on every error). The swagger only lists errorCode on 500s, and its
+   * ClientError (410, 424) forbids extra keys; CodeOcean reads `message` there and ignores the rest.
+   * So ClientError accepts an optional string errorCode, nothing else.
+   */
+  const clientError = components.schemas.ClientError;
+  assert.ok(isObject(clientError) && isObject(clientError.properties), 'swagger has no ClientError');
+  clientError.properties.errorCode = { type: 'string' };
 }
 
 const ajv = new Ajv({ strict: false, allErrors: true });
