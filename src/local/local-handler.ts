@@ -5,6 +5,7 @@ import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentStore } from '../environment/environment-store.js';
 import type { RunnerFactory } from '../environment/execution-environment.js';
 import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import { ensureAgentBuilt } from './agent/standalone.js';
 import type { CgroupManager } from './cgroups.js';
 import { LocalRunner } from './local-runner.js';
 import { SandboxProcessManager } from './process-manager.js';
@@ -23,7 +24,7 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
   ) {
     super(logger.child({ backend: 'local' }), refillConcurrency);
     this.#store = new EnvironmentStore(config.statedir);
-    this.#processes = new SandboxProcessManager(config, cgroups, this.logger);
+    this.#processes = new SandboxProcessManager(config, cgroups, this.logger, ensureAgentBuilt());
   }
 
   /* The local backend takes every environment no earlier handler wanted. */
@@ -39,7 +40,7 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
         const ports = spec.networkAccess
           ? spec.exposedPorts.map((port) => ({ exposedPort: port, hostAddress: `${this.config.hostaddress}:${port}` }))
           : [];
-        const runner = new LocalRunner(id, spec.id, sandbox, ports, this.logger);
+        const runner = new LocalRunner(id, spec.id, sandbox, ports, { uid: this.config.uid, gid: this.config.gid }, this.logger);
         runner.onSandboxExit(() => {
           this.logger.warn({ runnerId: id, environmentId: spec.id }, 'sandbox ended unexpectedly: runner removed');
           this.environmentsById.get(spec.id)?.forget(id);

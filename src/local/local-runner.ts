@@ -1,16 +1,11 @@
-import type { ChildProcess } from 'node:child_process';
-import { constants as osConstants } from 'node:os';
-import { PassThrough } from 'node:stream';
 import type { Logger } from 'pino';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
 import { BadRequestError, FileNotAvailableError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
-import { buildArchive, listCommand, parseFindOutput, readCommand, updateCommand, WORKSPACE } from '../runner/workspace-files.js';
+import { parseFindOutput, WORKSPACE } from '../runner/workspace-files.js';
+import { AgentRequestError, type AgentIdentity } from './agent/agent-client.js';
 import { SANDBOX_PATH, type Sandbox } from './sandbox.js';
-
-/* Output still arriving after the process exited belongs to it; silence this long ends the wait. */
-const OUTPUT_SETTLE_MS = 100;
 
 const BASE_ENVIRONMENT: Record<string, string> = {
   PATH: SANDBOX_PATH,
@@ -21,12 +16,12 @@ const BASE_ENVIRONMENT: Record<string, string> = {
   CODEOCEAN: 'true',
 };
 
-export function exitCodeOf(code: number | null, signal: NodeJS.Signals | null): number {
-  if (code !== null) return code & 0xff;
-  const signalNumber = signal ? osConstants.signals[signal] : undefined;
-  return 128 + (signalNumber ?? 9);
+export interface SandboxUser {
+  uid: number;
+  gid: number;
 }
 
+/* A runner of the local backend: a live sandbox whose agent does the work. */
 export class LocalRunner extends InactivityTrackingRunner implements ManagedRunner {
   #destroyed = false;
   readonly #logger: Logger;
@@ -36,6 +31,7 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     readonly environmentId: number,
     private readonly sandbox: Sandbox,
     private readonly ports: MappedPort[],
+    private readonly user: SandboxUser,
     logger: Logger,
   ) {
     super();
@@ -56,83 +52,64 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     });
   }
 
+  #identity(privileged: boolean): AgentIdentity {
+    return privileged ? { privileged } : { privileged, uid: this.user.uid, gid: this.user.gid };
+  }
+
   async execute(request: ExecutionRequest, output: ExecutionOutput): Promise<ExecutionProcess> {
-    const child = this.sandbox.exec(['/bin/sh', '-c', request.command], {
-      privileged: request.privilegedExecution,
-      env: { ...BASE_ENVIRONMENT, ...request.environment },
-    });
-    child.stdout?.on('data', (chunk: Buffer) => output.onStdout(chunk));
-    child.stderr?.on('data', (chunk: Buffer) => output.onStderr(chunk));
-    // A process that ends without reading its stdin makes later writes fail; that is not an error.
-    child.stdin?.on('error', () => undefined);
+    const execution = this.sandbox.agent.exec(
+      ['/bin/sh', '-c', request.command],
+      { env: { ...BASE_ENVIRONMENT, ...request.environment }, cwd: WORKSPACE, ...this.#identity(request.privilegedExecution) },
+      { onStdout: output.onStdout, onStderr: output.onStderr },
+    );
+    const result: Promise<ExecutionResult> = execution.result.then(
+      ({ exitCode }) => ({ kind: 'exited', exitCode }),
+      (error: unknown) => ({ kind: 'failed', message: error instanceof Error ? error.message : String(error) }),
+    );
     return {
-      writeStdin: (data) => {
-        if (child.stdin?.writable) child.stdin.write(data);
-      },
-      kill: () => killTree(child),
-      pauseOutput: () => {
-        child.stdout?.pause();
-        child.stderr?.pause();
-      },
-      resumeOutput: () => {
-        child.stdout?.resume();
-        child.stderr?.resume();
-      },
-      result: waitForResult(child),
+      writeStdin: (data) => execution.writeStdin(data),
+      kill: () => execution.kill(),
+      pauseOutput: () => execution.pauseOutput(),
+      resumeOutput: () => execution.resumeOutput(),
+      result,
     };
   }
 
   async updateFileSystem(update: FileUpdate): Promise<void> {
-    const archive = update.copy.length > 0 ? await buildArchive(update.copy) : undefined;
-    const result = await this.#run(updateCommand(update, archive !== undefined), { privileged: true, stdin: archive });
-    if (result.exitCode !== 0) throw new BadRequestError(`updating files failed: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
+    try {
+      await this.sandbox.agent.updateFiles({
+        delete: update.delete,
+        copy: update.copy.map((copy) => ({
+          path: copy.path,
+          isDirectory: copy.path.endsWith('/'),
+          content: Buffer.from(copy.content ?? '', 'base64'),
+        })),
+      });
+    } catch (error) {
+      if (error instanceof AgentRequestError) throw new BadRequestError(`updating files failed: ${error.message}`);
+      throw error;
+    }
   }
 
   async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
-    const { start, argv } = listCommand(options.path, options.recursive);
-    const result = await this.#run(argv, { privileged: options.privilegedExecution });
-    const entries = parseFindOutput(result.stdout).filter((entry, index) => !(index === 0 && entry.name === start && entry.entryType === 'd'));
-    if (result.exitCode !== 0 && entries.length === 0) {
-      throw new FileNotAvailableError(`cannot list ${options.path}: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
+    let listing: Buffer;
+    try {
+      listing = await this.sandbox.agent.list(options.path, options.recursive, this.#identity(options.privilegedExecution));
+    } catch (error) {
+      if (error instanceof AgentRequestError) throw new FileNotAvailableError(`cannot list ${options.path}: ${error.message}`);
+      throw error;
     }
-    return entries;
+    // Like find, the agent lists the start directory itself first; CodeOcean wants its contents.
+    return parseFindOutput(listing).filter((entry, index) => !(index === 0 && entry.entryType === 'd' && entry.name === options.path));
   }
 
-  async getFileContent(requestedPath: string, privilegedExecution: boolean): Promise<FileContent> {
-    const child = this.sandbox.exec(readCommand(requestedPath), {
-      privileged: privilegedExecution,
-      env: BASE_ENVIRONMENT,
-    });
-    child.stdin?.end();
-    let stderr = '';
-    child.stderr?.setEncoding('utf8').on('data', (text: string) => (stderr += text));
-    const exited = waitForResult(child);
-    const stdout = child.stdout;
-    if (!stdout) throw new FileNotAvailableError('cannot read file');
-    // The first line is the size (for Content-Length); the rest is the file, streamed as it comes.
-    const size = await new Promise<number | undefined>((resolve) => {
-      let head = Buffer.alloc(0);
-      const onData = (chunk: Buffer): void => {
-        head = Buffer.concat([head, chunk]);
-        const newline = head.indexOf(10);
-        if (newline < 0) return;
-        stdout.off('data', onData);
-        stdout.pause();
-        const rest = head.subarray(newline + 1);
-        if (rest.length > 0) stdout.unshift(rest);
-        resolve(Number(head.subarray(0, newline).toString('utf8')));
-      };
-      stdout.on('data', onData);
-      void exited.then(() => resolve(undefined));
-    });
-    if (size === undefined || !Number.isSafeInteger(size)) {
-      killTree(child);
-      throw new FileNotAvailableError(`cannot read ${requestedPath}: ${stderr.trim() || 'no such file'}`);
+  async getFileContent(path: string, privilegedExecution: boolean): Promise<FileContent> {
+    try {
+      return await this.sandbox.agent.read(path, this.#identity(privilegedExecution));
+    } catch (error) {
+      if (error instanceof AgentRequestError) throw new FileNotAvailableError(`cannot read ${path}: ${error.message}`);
+      throw error;
     }
-    const stream = new PassThrough();
-    stdout.pipe(stream);
-    stream.on('close', () => killTree(child));
-    return { size, stream };
   }
 
   async destroy(reason: string): Promise<void> {
@@ -142,58 +119,4 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     await this.sandbox.destroy();
     this.#logger.info({ reason }, 'runner destroyed');
   }
-
-  /* Runs a helper command to completion, collecting its output. */
-  async #run(argv: string[], options: { privileged: boolean; stdin?: Buffer }): Promise<{ exitCode: number; stdout: Buffer; stderr: string }> {
-    const child = this.sandbox.exec(argv, { privileged: options.privileged, env: BASE_ENVIRONMENT });
-    const stdout: Buffer[] = [];
-    let stderr = '';
-    child.stdout?.on('data', (chunk: Buffer) => stdout.push(chunk));
-    child.stderr?.setEncoding('utf8').on('data', (text: string) => (stderr += text));
-    child.stdin?.on('error', () => undefined);
-    child.stdin?.end(options.stdin);
-    const result = await waitForResult(child);
-    return { exitCode: result.kind === 'exited' ? result.exitCode : 1, stdout: Buffer.concat(stdout), stderr };
-  }
 }
-
-function killTree(child: ChildProcess): void {
-  if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) return;
-  try {
-    // The execution runs in its own process group (spawned detached), so this reaches its whole tree.
-    process.kill(-child.pid, 'SIGKILL');
-  } catch {
-    child.kill('SIGKILL');
-  }
-}
-
-/*
- * Resolves once the process exited and its output drained. Background processes may keep the
- * pipes open forever, so after the exit the wait ends when no output came for a short while.
- */
-function waitForResult(child: ChildProcess): Promise<ExecutionResult> {
-  return new Promise((resolve) => {
-    let settleTimer: NodeJS.Timeout | undefined;
-    let exitCode: number | undefined;
-    const finish = (): void => {
-      if (settleTimer) clearTimeout(settleTimer);
-      child.stdout?.destroy();
-      child.stderr?.destroy();
-      resolve({ kind: 'exited', exitCode: exitCode ?? 1 });
-    };
-    const armSettle = (): void => {
-      if (exitCode === undefined) return;
-      if (settleTimer) clearTimeout(settleTimer);
-      settleTimer = setTimeout(finish, OUTPUT_SETTLE_MS);
-    };
-    child.stdout?.on('data', armSettle);
-    child.stderr?.on('data', armSettle);
-    child.once('error', (error) => resolve({ kind: 'failed', message: `cannot start the command: ${error.message}` }));
-    child.once('exit', (code, signal) => {
-      exitCode = exitCodeOf(code, signal);
-      armSettle();
-    });
-    child.once('close', finish);
-  });
-}
-

@@ -26,6 +26,7 @@ export class SandboxProcessManager {
     private readonly config: LocalConfig,
     private readonly cgroups: CgroupManager,
     private readonly logger: Logger,
+    private readonly agentBinary: string,
     private readonly delegate?: SandboxDelegate,
   ) {}
 
@@ -49,12 +50,11 @@ export class SandboxProcessManager {
     try {
       sandbox = await Sandbox.start({
         bwrap: this.config.bwrap,
+        agent: this.agentBinary,
         rootfs: this.config.images[spec.image],
         networkAccess: spec.networkAccess,
         workspaceSizeMiB: this.config.workspacesize,
         cgroup,
-        uid: this.config.uid,
-        gid: this.config.gid,
       });
     } catch (error) {
       await cgroup?.destroy();
@@ -65,7 +65,7 @@ export class SandboxProcessManager {
       this.#sandboxes.delete(id);
       this.delegate?.sandboxExited(id);
     });
-    this.logger.debug({ runnerId: id, initPid: sandbox.initPid }, 'sandbox ready');
+    this.logger.debug({ runnerId: id }, 'sandbox ready');
     this.delegate?.sandboxReady(id);
     return sandbox;
   }

@@ -1,24 +1,19 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { existsSync, lstatSync } from 'node:fs';
-import { readFile } from 'node:fs/promises';
-import type { Readable } from 'node:stream';
 import { WORKSPACE } from '../runner/workspace-files.js';
+import { AgentClient } from './agent/agent-client.js';
+import { AGENT_SANDBOX_PATH, agentCapabilityArguments } from './agent/standalone.js';
 import type { RunnerCgroup } from './cgroups.js';
 
 export interface SandboxOptions {
   bwrap: string;
+  /* The agent binary on the host, bind-mounted read-only into the sandbox. */
+  agent: string;
   /* Root file system directory of the image; undefined means the host's system directories. */
   rootfs: string | undefined;
   networkAccess: boolean;
   workspaceSizeMiB: number;
   cgroup: RunnerCgroup | undefined;
-  uid: number;
-  gid: number;
-}
-
-export interface SandboxExecOptions {
-  privileged: boolean;
-  env: Record<string, string>;
 }
 
 export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
@@ -35,9 +30,6 @@ const HOST_ETC_ENTRIES = [
 ];
 const HOST_SYSTEM_DIRS = ['usr', 'bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32', 'opt'];
 
-/* Capabilities a privileged command keeps: those of a default container, minus the risky ones. */
-const PRIVILEGED_CAPABILITIES = ['chown', 'dac_override', 'fowner', 'fsetid', 'kill', 'setgid', 'setuid', 'net_bind_service'];
-
 /*
  * Joins the cgroups listed first, then execs the rest: a process must be inside its runner's
  * cgroup before it can fork, or a fork bomb could escape the pids limit.
@@ -45,9 +37,12 @@ const PRIVILEGED_CAPABILITIES = ['chown', 'dac_override', 'fowner', 'fsetid', 'k
 const ENTER_CGROUPS_THEN_EXEC = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"';
 
 const READY_TIMEOUT_MS = 15_000;
+/* Output of a failing bwrap kept for the error message. */
+const STDERR_KEEP = 4096;
 
 function hostSystemArgs(): string[] {
-  const args: string[] = [];
+  // bwrap would create /etc with the daemon's umask; learners must be able to read passwd and friends.
+  const args: string[] = ['--perms', '0755', '--dir', '/etc'];
   for (const entry of HOST_SYSTEM_DIRS) {
     const hostPath = `/${entry}`;
     if (!existsSync(hostPath)) continue;
@@ -70,16 +65,18 @@ function bwrapArguments(options: SandboxOptions): string[] {
     '--proc', '/proc', '--dev', '/dev',
     '--perms', '1777', '--size', tmpfsBytes, '--tmpfs', WORKSPACE,
     '--perms', '1777', '--size', tmpfsBytes, '--tmpfs', '/tmp',
+    '--ro-bind', options.agent, AGENT_SANDBOX_PATH,
     '--chdir', WORKSPACE, '--clearenv', '--setenv', 'PATH', SANDBOX_PATH,
-    '--info-fd', '3',
-    '--', 'sleep', 'infinity',
+    ...agentCapabilityArguments(),
+    '--', AGENT_SANDBOX_PATH,
   ];
 }
 
 /*
- * A live bubblewrap sandbox: its namespaces, root file system, workspace and cgroup exist
- * before any workload. Every execution enters it, so files and background processes persist
- * between executions of one runner.
+ * A live bubblewrap sandbox: its namespaces, root file system, workspace and cgroup exist before
+ * any workload. Its first process is the agent, which does file operations itself and starts
+ * every execution, so executions inherit the sandbox and its cgroup, and files and background
+ * processes persist between executions of one runner.
  */
 export class Sandbox {
   #exited = false;
@@ -87,13 +84,12 @@ export class Sandbox {
 
   private constructor(
     private readonly bwrapProcess: ChildProcess,
-    /* Host pid of the sandbox's first process; its namespaces, root and cwd are the sandbox's. */
-    readonly initPid: number,
-    private readonly options: SandboxOptions,
+    readonly agent: AgentClient,
+    private readonly cgroup: RunnerCgroup | undefined,
   ) {
     bwrapProcess.once('exit', () => {
       this.#exited = true;
-      for (const listener of this.#exitListeners) listener();
+      for (const listener of this.#exitListeners.splice(0)) listener();
     });
   }
 
@@ -102,20 +98,34 @@ export class Sandbox {
     const child = spawn(
       '/bin/sh',
       ['-c', ENTER_CGROUPS_THEN_EXEC, 'poseidon-enter', String(procsFiles.length), ...procsFiles, options.bwrap, ...bwrapArguments(options)],
-      { stdio: ['ignore', 'ignore', 'pipe', 'pipe'], env: { PATH: SANDBOX_PATH } },
+      { stdio: ['pipe', 'pipe', 'pipe'], env: { PATH: SANDBOX_PATH } },
     );
     let stderr = '';
     child.stderr?.setEncoding('utf8').on('data', (text: string) => {
-      if (stderr.length < 4096) stderr += text;
+      if (stderr.length < STDERR_KEEP) stderr += text;
     });
-    try {
-      const info = await readInfo(child, () => stderr);
-      const initPid = await waitForFirstChild(info, child);
-      return new Sandbox(child, initPid, options);
-    } catch (error) {
+    const exited = new Promise<string>((resolve) => {
+      child.once('error', (error) => resolve(`cannot start bubblewrap: ${error.message}`));
+      child.once('exit', (code, signal) => resolve(`bubblewrap exited (${signal ?? code}) before the sandbox was ready`));
+    });
+    const { stdin, stdout } = child;
+    if (!stdin || !stdout) throw new Error('bubblewrap has no stdio pipes');
+    const agent = new AgentClient(stdin, stdout);
+    let timer: NodeJS.Timeout | undefined;
+    const failure = await Promise.race([
+      agent.ready.then(() => undefined),
+      exited,
+      new Promise<string>((resolve) => {
+        timer = setTimeout(() => resolve('the sandbox did not become ready in time'), READY_TIMEOUT_MS);
+      }),
+    ]).catch((error: unknown) => `the sandbox agent failed: ${String(error)}`);
+    clearTimeout(timer);
+    if (failure !== undefined) {
       child.kill('SIGKILL');
-      throw error;
+      await new Promise((resolve) => setImmediate(resolve));
+      throw new Error(`${failure}: ${stderr.trim() || 'no message'}`);
     }
+    return new Sandbox(child, agent, options.cgroup);
   }
 
   get alive(): boolean {
@@ -127,23 +137,6 @@ export class Sandbox {
     else this.#exitListeners.push(listener);
   }
 
-  /* Starts argv inside the sandbox, in a process group of its own so its whole tree can be killed. */
-  exec(argv: string[], options: SandboxExecOptions): ChildProcess {
-    const procsFiles = this.options.cgroup?.procsFiles ?? [];
-    const identity = options.privileged
-      ? [`--bounding-set=-all,${PRIVILEGED_CAPABILITIES.map((cap) => `+${cap}`).join(',')}`]
-      : [`--reuid=${this.options.uid}`, `--regid=${this.options.gid}`, '--clear-groups', '--bounding-set=-all'];
-    return spawn(
-      '/bin/sh',
-      [
-        '-c', ENTER_CGROUPS_THEN_EXEC, 'poseidon-enter', String(procsFiles.length), ...procsFiles,
-        'nsenter', `--target=${this.initPid}`, '--mount', '--pid', '--ipc', '--uts', '--net', '--root', '--wd', '--',
-        'setpriv', ...identity, '--inh-caps=-all', '--no-new-privs', '--', ...argv,
-      ],
-      { stdio: ['pipe', 'pipe', 'pipe'], env: options.env, detached: true },
-    );
-  }
-
   /* Ends every process of the sandbox and removes its cgroup. */
   async destroy(): Promise<void> {
     if (!this.#exited) {
@@ -152,57 +145,6 @@ export class Sandbox {
       this.bwrapProcess.kill('SIGKILL');
       await exited;
     }
-    await this.options.cgroup?.destroy();
+    await this.cgroup?.destroy();
   }
-}
-
-interface BwrapInfo {
-  'child-pid': number;
-}
-
-function readInfo(child: ChildProcess, stderr: () => string): Promise<BwrapInfo> {
-  const infoStream = child.stdio[3] as Readable | null;
-  return new Promise((resolve, reject) => {
-    let text = '';
-    const timer = setTimeout(() => fail(new Error('bubblewrap did not start in time')), READY_TIMEOUT_MS);
-    const fail = (error: Error): void => {
-      clearTimeout(timer);
-      reject(error);
-    };
-    child.once('error', (error) => fail(new Error(`cannot start bubblewrap: ${error.message}`)));
-    child.once('exit', (code, signal) =>
-      fail(new Error(`bubblewrap exited (${signal ?? code}) before the sandbox was ready: ${stderr().trim() || 'no message'}`)),
-    );
-    infoStream?.setEncoding('utf8');
-    infoStream?.on('data', (chunk: string) => {
-      text += chunk;
-      try {
-        const info = JSON.parse(text) as BwrapInfo;
-        if (typeof info['child-pid'] === 'number') {
-          clearTimeout(timer);
-          infoStream.destroy();
-          resolve(info);
-        }
-      } catch {
-        // Incomplete JSON: wait for the rest.
-      }
-    });
-  });
-}
-
-/*
- * bwrap forks the sleeping command only after the root file system and mounts are set up,
- * so its appearance under bwrap's pid-1 reaper means the sandbox is ready.
- */
-async function waitForFirstChild(info: BwrapInfo, child: ChildProcess): Promise<number> {
-  const reaper = info['child-pid'];
-  const deadline = Date.now() + READY_TIMEOUT_MS;
-  while (Date.now() < deadline) {
-    if (child.exitCode !== null || child.signalCode !== null) throw new Error('bubblewrap exited while starting');
-    const children = await readFile(`/proc/${reaper}/task/${reaper}/children`, 'utf8').catch(() => '');
-    const first = Number(children.trim().split(' ')[0]);
-    if (first > 0) return first;
-    await new Promise((resolve) => setTimeout(resolve, 2));
-  }
-  throw new Error('bubblewrap sandbox did not become ready in time');
 }
