@@ -1,0 +1,102 @@
+import { rawBwrapBatch } from '../lib/baselines.js';
+import { environmentSpec } from '../lib/client.js';
+import { until, type BenchContext, type CaseResult } from '../lib/context.js';
+import { nowMs, round, sleep, summarize } from '../lib/stats.js';
+import { memAvailableMb, rssMb } from '../lib/system.js';
+import { ENV, ErrorLog } from './common.js';
+
+/* Prewarmed pools: what idle runners cost in memory, and how fast an empty pool fills. */
+
+/* The daemon's default runners.refillconcurrency: the raw baseline starts sandboxes as many at a time. */
+const REFILL_CONCURRENCY = 8;
+
+export async function idleRunners(context: BenchContext): Promise<CaseResult> {
+  const { client, pid } = await context.local();
+  // Nominal sizes name the JSON keys; --quick uses tiny pools under the same keys (see `sizes`).
+  const nominal = [10, 100, 1000] as const;
+  const actual = context.quick ? [2, 3, 4] : [...nominal];
+  const waitBudgetMs = context.quick ? 20_000 : 100_000;
+  const errors = new ErrorLog();
+  await client.deleteEnvironment(ENV.idle);
+  await sleep(context.quick ? 200 : 1500);
+  const memBefore = memAvailableMb();
+  const rssBefore = pid === undefined ? undefined : rssMb(pid);
+  const result: CaseResult = { n: 0, errors: 0, sizes: actual, rss_mb_before: round(rssBefore ?? 0, 1) };
+  const caseDeadline = Date.now() + waitBudgetMs;
+  try {
+    for (const [index, size] of actual.entries()) {
+      const key = nominal[index] ?? size;
+      const start = nowMs();
+      await client.putEnvironment(environmentSpec(ENV.idle, size));
+      let idle = 0;
+      // The large pool may not fill on a slow host: bounded wait, and the figure says what was reached.
+      const full = await until(async () => {
+        idle = (await client.poolOf(ENV.idle))?.idleRunners ?? 0;
+        return idle >= size;
+      }, caseDeadline, 250);
+      const fillMs = nowMs() - start;
+      // Let freshly started sandboxes settle (page faults, lazy allocations) before reading memory.
+      await sleep(context.quick ? 200 : 1500);
+      const rss = pid === undefined ? undefined : rssMb(pid);
+      const hostDelta = memBefore - memAvailableMb();
+      result[`rss_mb_at_${key}`] = round(rss ?? 0, 1);
+      result[`host_mb_per_runner_at_${key}`] = idle > 0 ? round(hostDelta / idle, 2) : 0;
+      result[`reached_at_${key}`] = idle;
+      result[`fill_ms_at_${key}`] = round(fillMs, 0);
+      result.n = idle;
+      if (!full) errors.add(new Error(`pool of ${size} reached only ${idle} idle runners within the wait budget`));
+    }
+  } finally {
+    const start = nowMs();
+    await client.deleteEnvironment(ENV.idle).catch((error: unknown) => errors.add(error));
+    result.teardown_ms = round(nowMs() - start, 0);
+  }
+  result.errors = errors.count;
+  if (errors.samples.length > 0) result.error_samples = errors.samples;
+  return result;
+}
+
+export async function poolRefill100(context: BenchContext): Promise<CaseResult> {
+  const { client } = await context.local();
+  const size = context.quick ? 5 : 100;
+  const n = context.n(3);
+  const errors = new ErrorLog();
+  const samples: number[] = [];
+  const idleCount = async (): Promise<number> => (await client.poolOf(ENV.refill))?.idleRunners ?? 0;
+  try {
+    await client.putEnvironment(environmentSpec(ENV.refill, 0));
+    const caseDeadline = Date.now() + 90_000;
+    for (let i = 0; i < n && Date.now() < caseDeadline; i++) {
+      // Empty the pool and let the destruction finish, so the refill does not compete with it.
+      await client.putEnvironment(environmentSpec(ENV.refill, 0));
+      await until(async () => (await idleCount()) === 0, Date.now() + 10_000);
+      await sleep(context.quick ? 100 : 1000);
+      const start = nowMs();
+      // Only the pool size changes, so the daemon resizes the existing environment's pool.
+      await client.putEnvironment(environmentSpec(ENV.refill, size));
+      const full = await until(async () => (await idleCount()) >= size, Date.now() + 30_000, 10);
+      const elapsed = nowMs() - start;
+      if (full) samples.push(elapsed);
+      else errors.add(new Error(`pool reached only ${await idleCount()} of ${size} in 30 s`));
+    }
+  } finally {
+    await client.deleteEnvironment(ENV.refill).catch((error: unknown) => errors.add(error));
+  }
+  await sleep(context.quick ? 100 : 1000);
+  const baselineMs = await context.baseline(`bwrap_batch_${size}`, async () => {
+    const runs: number[] = [];
+    for (let i = 0; i < (context.quick ? 1 : 3); i++) runs.push(await rawBwrapBatch(size, REFILL_CONCURRENCY));
+    return { what: `${size} raw bwrap spawns, ${REFILL_CONCURRENCY} at a time`, ...summarize(runs) };
+  });
+  const summary = summarize(samples);
+  return {
+    ...summary,
+    ops_per_s: round(size / Math.max((summary.p50_ms || 1) / 1000, 1e-9), 1),
+    errors: errors.count,
+    pool_size: size,
+    baseline: baselineMs.what,
+    baseline_p50_ms: baselineMs.p50_ms,
+    ratio_p50: baselineMs.p50_ms > 0 ? round(summary.p50_ms / baselineMs.p50_ms, 2) : 0,
+    ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
+  };
+}

@@ -1,0 +1,121 @@
+import { pipeRead, streamCommand } from '../lib/baselines.js';
+import { environmentSpec, type ExecutionOutcome } from '../lib/client.js';
+import { fillPool, type BenchContext, type CaseResult } from '../lib/context.js';
+import { nowMs, round } from '../lib/stats.js';
+import { ENV, ErrorLog, latencyResult } from './common.js';
+
+/* WebSocket stdout streaming: one big stream, then many at once; every byte and every exit counted. */
+
+const MB = 1_000_000;
+
+export async function streamSingle(context: BenchContext): Promise<CaseResult> {
+  const { client } = await context.local();
+  const bytes = context.quick ? 1 * MB : 100 * MB;
+  const n = context.n(3);
+  await fillPool(client, environmentSpec(ENV.main, context.quick ? 3 : 30), 60_000);
+  const runnerId = await client.claim(ENV.main);
+  const errors = new ErrorLog();
+  const samples: number[] = [];
+  let lostBytes = 0;
+  let timed = 0;
+  try {
+    await client.run(runnerId, streamCommand(MB), { guardMs: 30_000 }).catch((error: unknown) => errors.add(error));
+    errors.count = 0;
+    const deadline = Date.now() + 60_000;
+    for (let i = 0; i < n && Date.now() < deadline; i++) {
+      const start = nowMs();
+      try {
+        const outcome = await client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 });
+        const elapsed = nowMs() - start;
+        lostBytes += Math.max(0, bytes - outcome.stdoutBytes);
+        if (outcome.stdoutBytes !== bytes || outcome.exitCode !== 0) {
+          throw new Error(`received ${outcome.stdoutBytes} of ${bytes} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`);
+        }
+        samples.push(elapsed);
+        timed += elapsed;
+      } catch (error) {
+        errors.add(error);
+      }
+    }
+  } finally {
+    await client.returnRunner(runnerId).catch(() => undefined);
+  }
+  const baseline = await context.baseline(`pipe_read_${bytes}`, () => pipeRead(context.quick ? 1 : 3, bytes));
+  const result = latencyResult(samples, errors.count, timed, baseline);
+  return {
+    ...result,
+    mb_per_s: round(bytes / MB / (Math.max(result.p50_ms ?? 0, 0.001) / 1000), 1),
+    bytes,
+    lost_bytes: lostBytes,
+    baseline_mb_per_s: baseline.mb_per_s ?? 0,
+    ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
+  };
+}
+
+export async function streamConcurrent(context: BenchContext): Promise<CaseResult> {
+  const { client } = await context.local();
+  const streams = context.quick ? 5 : 50;
+  const bytes = context.quick ? 64 * 1024 : 2 * MB;
+  const n = context.n(3);
+  // One runner per stream, as 50 learners would each run their own code.
+  const spec = environmentSpec(ENV.concurrent, streams);
+  const reached = await fillPool(client, spec, 60_000);
+  if (reached < streams) throw new Error(`pool for concurrent streams reached only ${reached} of ${streams}`);
+  const runners = await Promise.all(Array.from({ length: streams }, () => client.claim(ENV.concurrent)));
+  const errors = new ErrorLog();
+  const samples: number[] = [];
+  let lostBytes = 0;
+  let lostExits = 0;
+  let timed = 0;
+  try {
+    const round_ = async (size: number): Promise<{ outcomes: Array<ExecutionOutcome | undefined>; elapsed: number }> => {
+      const start = nowMs();
+      const outcomes = await Promise.all(
+        runners.map((runnerId) =>
+          client.run(runnerId, streamCommand(size), { guardMs: 60_000 }).catch((error: unknown) => {
+            errors.add(error);
+            return undefined;
+          }),
+        ),
+      );
+      return { outcomes, elapsed: nowMs() - start };
+    };
+    await round_(4096);
+    errors.count = 0;
+    const deadline = Date.now() + 60_000;
+    for (let i = 0; i < n && Date.now() < deadline; i++) {
+      const { outcomes, elapsed } = await round_(bytes);
+      let complete = true;
+      for (const outcome of outcomes) {
+        if (outcome === undefined || outcome.exitCode === undefined) {
+          lostExits += 1;
+          complete = false;
+        }
+        const received = outcome?.stdoutBytes ?? 0;
+        if (received !== bytes) complete = false;
+        lostBytes += Math.max(0, bytes - received);
+      }
+      if (complete) {
+        samples.push(elapsed);
+        timed += elapsed;
+      } else {
+        errors.count += 1;
+      }
+    }
+  } finally {
+    await Promise.all(runners.map((runnerId) => client.returnRunner(runnerId).catch(() => undefined)));
+    await client.deleteEnvironment(ENV.concurrent).catch(() => undefined);
+  }
+  const baseline = await context.baseline(`pipe_read_${streams}x${bytes}`, () => pipeRead(context.quick ? 1 : 3, bytes, streams));
+  const result = latencyResult(samples, errors.count, timed, baseline);
+  return {
+    ...result,
+    mb_per_s: round((bytes * streams) / MB / (Math.max(result.p50_ms ?? 0, 0.001) / 1000), 1),
+    streams,
+    bytes_per_stream: bytes,
+    lost_bytes: lostBytes,
+    lost_exits: lostExits,
+    baseline_mb_per_s: baseline.mb_per_s ?? 0,
+    ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
+  };
+}

@@ -1,0 +1,105 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { cpus, release, totalmem } from 'node:os';
+import { processesMatching, REPO_ROOT } from '../../test/support/daemon.js';
+import { sleep } from './stats.js';
+
+/* Host facts and process memory, read from /proc so the figures match what the kernel accounts. */
+
+export function machineDescription(): string {
+  const list = cpus();
+  const model = list[0]?.model.trim() ?? 'unknown cpu';
+  const gib = (totalmem() / 1024 ** 3).toFixed(1);
+  return `${model}, ${list.length} cores, ${gib} GiB RAM, Linux ${release()}`;
+}
+
+function statusField(pid: number, field: string): number | undefined {
+  try {
+    const line = readFileSync(`/proc/${pid}/status`, 'utf8')
+      .split('\n')
+      .find((entry) => entry.startsWith(`${field}:`));
+    const kib = line === undefined ? undefined : Number(/(\d+)/.exec(line)?.[1]);
+    return kib === undefined || Number.isNaN(kib) ? undefined : kib / 1024;
+  } catch {
+    return undefined;
+  }
+}
+
+export function rssMb(pid: number): number | undefined {
+  return statusField(pid, 'VmRSS');
+}
+
+export function memAvailableMb(): number {
+  const line = readFileSync('/proc/meminfo', 'utf8')
+    .split('\n')
+    .find((entry) => entry.startsWith('MemAvailable:'));
+  return Number(/(\d+)/.exec(line ?? '')?.[1] ?? 0) / 1024;
+}
+
+/* The daemon's node process, found by its unique config path (the harness does not expose its pid). */
+export function daemonPid(configPath: string): number | undefined {
+  return processesMatching(configPath).find((pid) => {
+    try {
+      const argv0 = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
+      return argv0 === process.execPath || argv0.endsWith('/node') || argv0 === 'node';
+    } catch {
+      return false;
+    }
+  });
+}
+
+export interface FakeNomadProcess {
+  port: number;
+  origin: string;
+  setLatency(ms: number): Promise<void>;
+  stop(): Promise<void>;
+}
+
+/*
+ * The fake Nomad runs as its own process so that its work (job bookkeeping, spec validation, event
+ * stream) neither steals the bench client's event loop nor distorts the claim latencies it measures.
+ */
+export async function startFakeNomadProcess(port: number): Promise<FakeNomadProcess> {
+  const child: ChildProcess = spawn(
+    process.execPath,
+    ['--import', 'tsx', 'test/fake-nomad/main.ts', '--port', String(port), '--heartbeat-ms', '1000'],
+    { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
+  );
+  let output = '';
+  child.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  child.stderr?.on('data', (chunk: Buffer) => (output += chunk.toString()));
+  const exited = new Promise<void>((resolve) => child.once('exit', () => resolve()));
+  const origin = `http://127.0.0.1:${port}`;
+  const stop = async (): Promise<void> => {
+    if (child.exitCode !== null || child.signalCode !== null) return;
+    child.kill('SIGTERM');
+    const done = await Promise.race([exited.then(() => true), sleep(3000).then(() => false)]);
+    if (!done) {
+      child.kill('SIGKILL');
+      await exited;
+    }
+  };
+  const deadline = Date.now() + 20_000;
+  while (!output.includes('listening')) {
+    if (child.exitCode !== null) throw new Error(`fake Nomad exited during start-up:\n${output}`);
+    if (Date.now() > deadline) {
+      await stop();
+      throw new Error(`fake Nomad did not start within 20 s:\n${output}`);
+    }
+    await sleep(50);
+  }
+  return {
+    port,
+    origin,
+    setLatency: async (ms) => {
+      const response = await fetch(`${origin}/__control/latency`, {
+        method: 'PUT',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ ms }),
+      });
+      if (!response.ok) throw new Error(`fake Nomad latency control answered ${response.status}`);
+      await response.arrayBuffer();
+    },
+    stop,
+  };
+}
