@@ -12,26 +12,31 @@ import { BenchContext, type CaseResult, type JsonValue } from './lib/context.js'
 import { machineDescription } from './lib/system.js';
 
 /*
- * npm run bench [-- --case NAME[,NAME]] [--n N] [--duration S] [--json PATH] [--quick]
+ * npm run bench [-- --case NAME[,NAME]] [--n N] [--duration S] [--json PATH] [--quick] [--profile DIR]
  * Starts the real daemon, runs each case with warm-up against baselines measured in the same run,
  * prints a table and writes bench/results/latest.json.
  */
 
+/*
+ * Run order: the memory case comes before the streaming cases, whose 100 MB of buffers would
+ * otherwise stay in the daemon's RSS and be charged to idle runners.
+ */
 const CASES: Record<string, CaseRunner> = {
   claim_copy_return: claimCopyReturn,
   execute_true: executeTrue,
+  idle_runners: idleRunners,
+  pool_refill_100: poolRefill100,
   throughput,
   stream_single: streamSingle,
   stream_concurrent: streamConcurrent,
-  idle_runners: idleRunners,
-  pool_refill_100: poolRefill100,
   nomad_claim: nomadClaim,
 };
 
-const USAGE = `usage: npm run bench -- [--case NAME[,NAME…]]… [--n N] [--duration S] [--json PATH] [--quick]
+const USAGE = `usage: npm run bench -- [--case NAME[,NAME…]]… [--n N] [--duration S] [--json PATH] [--quick] [--profile DIR]
+--profile DIR: the local daemon writes a V8 CPU profile into DIR (summarise it with bench/profile-summary.ts)
 cases: ${Object.keys(CASES).join(', ')}`;
 
-function parseOptions(): { cases: string[]; n: number | undefined; durationS: number; json: string; quick: boolean } {
+function parseOptions(): { cases: string[]; n: number | undefined; durationS: number; json: string; quick: boolean; profileDir: string | undefined } {
   const { values } = parseArgs({
     options: {
       case: { type: 'string', multiple: true },
@@ -39,6 +44,7 @@ function parseOptions(): { cases: string[]; n: number | undefined; durationS: nu
       duration: { type: 'string', default: '20' },
       json: { type: 'string', default: 'bench/results/latest.json' },
       quick: { type: 'boolean', default: false },
+      profile: { type: 'string' },
       help: { type: 'boolean', short: 'h', default: false },
     },
   });
@@ -60,6 +66,7 @@ function parseOptions(): { cases: string[]; n: number | undefined; durationS: nu
     durationS,
     json: resolve(REPO_ROOT, values.json),
     quick: values.quick,
+    profileDir: values.profile === undefined ? undefined : resolve(REPO_ROOT, values.profile),
   };
 }
 
@@ -74,10 +81,11 @@ const COLUMNS = ['case', 'n', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'ops/s', '
 /* Per-case figures that matter more than latency (bandwidth, losses, memory), shown in the last column. */
 function extras(name: string, result: CaseResult): string {
   const keys: Record<string, string[]> = {
-    throughput: ['clients', 'overload_errors', 'pool_min_idle', 'baseline_ops_per_s'],
+    claim_copy_return: ['claim_copy_p50_ms', 'claim_p50_ms', 'copy_p50_ms', 'return_p50_ms'],
+    throughput: ['clients', 'overload_errors', 'pool_min_idle', 'baseline_ops_per_s', 'claim_p50_ms', 'copy_p50_ms', 'execute_p50_ms', 'return_p50_ms'],
     stream_single: ['mb_per_s', 'baseline_mb_per_s'],
     stream_concurrent: ['mb_per_s', 'baseline_mb_per_s', 'lost_bytes', 'lost_exits'],
-    idle_runners: ['rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],
+    idle_runners: ['rss_mb_before', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],
     nomad_claim: ['refill_ms', 'refill_after_claims_ms', 'pool_size'],
   };
   return (keys[name] ?? [])
@@ -110,7 +118,7 @@ function renderTable(results: Record<string, CaseResult>, baselines: Record<stri
 
 async function main(): Promise<void> {
   const options = parseOptions();
-  const context = new BenchContext({ n: options.n, durationS: options.durationS, quick: options.quick });
+  const context = new BenchContext({ n: options.n, durationS: options.durationS, quick: options.quick, profileDir: options.profileDir });
   let interrupted = false;
   const onSignal = (signal: NodeJS.Signals): void => {
     if (interrupted) return;

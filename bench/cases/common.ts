@@ -2,7 +2,7 @@ import { cpus } from 'node:os';
 import { fastifyNoop, rawBwrapParallel, rawBwrapSpawn, type Baseline } from '../lib/baselines.js';
 import type { FileCopy } from '../lib/client.js';
 import type { BenchContext, CaseResult } from '../lib/context.js';
-import { round, summarize } from '../lib/stats.js';
+import { nowMs, percentile, round, summarize } from '../lib/stats.js';
 
 export type CaseRunner = (context: BenchContext) => Promise<CaseResult>;
 
@@ -60,5 +60,39 @@ export class ErrorLog {
     this.count += 1;
     const text = describeError(error).slice(0, 200);
     if (this.samples.length < 5 && !this.samples.includes(text)) this.samples.push(text);
+  }
+}
+
+/* Per-request durations inside a composite operation, so a slow case shows which request is slow. */
+export class StepTimes {
+  readonly #samples = new Map<string, number[]>();
+
+  async time<T>(step: string, work: () => Promise<T>): Promise<T> {
+    const start = nowMs();
+    const value = await work();
+    const list = this.#samples.get(step) ?? [];
+    list.push(nowMs() - start);
+    this.#samples.set(step, list);
+    return value;
+  }
+
+  clear(): void {
+    this.#samples.clear();
+  }
+
+  p50(step: string): number {
+    return round(percentile([...(this.#samples.get(step) ?? [])].sort((a, b) => a - b), 50));
+  }
+
+  /* p50 of the sum of several steps per iteration; steps are recorded in the same order each time. */
+  sumP50(steps: string[]): number {
+    const lists = steps.map((step) => this.#samples.get(step) ?? []);
+    const count = Math.min(...lists.map((list) => list.length));
+    const sums = Array.from({ length: count }, (_, index) => lists.reduce((total, list) => total + (list[index] ?? 0), 0));
+    return round(percentile(sums.sort((a, b) => a - b), 50));
+  }
+
+  p50s(): Record<string, number> {
+    return Object.fromEntries([...this.#samples.keys()].map((step) => [`${step}_p50_ms`, this.p50(step)]));
   }
 }

@@ -26,6 +26,8 @@ export interface RunOptions {
   n: number | undefined;
   durationS: number;
   quick: boolean;
+  /* When set, the local daemon runs with --cpu-prof and writes its profile here on exit. */
+  profileDir?: string | undefined;
 }
 
 export interface RunningDaemon {
@@ -88,8 +90,8 @@ export class BenchContext {
     return Object.fromEntries(entries);
   }
 
-  async startDaemon(name: string, config: ConfigTree): Promise<RunningDaemon> {
-    const daemon = await startDaemon({ config, startTimeoutMs: 30_000 });
+  async startDaemon(name: string, config: ConfigTree, env: Record<string, string> = {}): Promise<RunningDaemon> {
+    const daemon = await startDaemon({ config, env, startTimeoutMs: 30_000 });
     const client = new BenchClient(daemon.origin);
     this.onCleanup(name, async () => {
       await client.close().catch(() => undefined);
@@ -100,7 +102,8 @@ export class BenchContext {
 
   /* The local-backend daemon with built-in defaults, as an operator would run it. */
   local(): Promise<RunningDaemon> {
-    this.#local ??= this.startDaemon('local daemon', {});
+    const profile = this.options.profileDir;
+    this.#local ??= this.startDaemon('local daemon', {}, profile === undefined ? {} : { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${profile}` });
     return this.#local;
   }
 }
