@@ -118,6 +118,7 @@ function renderTable(results: Record<string, CaseResult>, baselines: Record<stri
 
 async function main(): Promise<void> {
   const options = parseOptions();
+  if (options.profileDir !== undefined) mkdirSync(options.profileDir, { recursive: true });
   const context = new BenchContext({ n: options.n, durationS: options.durationS, quick: options.quick, profileDir: options.profileDir });
   let interrupted = false;
   const onSignal = (signal: NodeJS.Signals): void => {

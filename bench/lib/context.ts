@@ -90,8 +90,8 @@ export class BenchContext {
     return Object.fromEntries(entries);
   }
 
-  async startDaemon(name: string, config: ConfigTree, env: Record<string, string> = {}): Promise<RunningDaemon> {
-    const daemon = await startDaemon({ config, env, startTimeoutMs: 30_000 });
+  async startDaemon(name: string, config: ConfigTree, extra: { env?: Record<string, string>; entry?: string } = {}): Promise<RunningDaemon> {
+    const daemon = await startDaemon({ config, ...extra, startTimeoutMs: 30_000 });
     const client = new BenchClient(daemon.origin);
     this.onCleanup(name, async () => {
       await client.close().catch(() => undefined);
@@ -103,7 +103,11 @@ export class BenchContext {
   /* The local-backend daemon with built-in defaults, as an operator would run it. */
   local(): Promise<RunningDaemon> {
     const profile = this.options.profileDir;
-    this.#local ??= this.startDaemon('local daemon', {}, profile === undefined ? {} : { NODE_OPTIONS: `--cpu-prof --cpu-prof-dir=${profile}` });
+    this.#local ??= this.startDaemon(
+      'local daemon',
+      {},
+      profile === undefined ? {} : { entry: 'bench/lib/profiled-cli.ts', env: { BENCH_PROFILE_DIR: profile } },
+    );
     return this.#local;
   }
 }
