@@ -1,9 +1,9 @@
 import { type ChildProcess, spawn } from 'node:child_process';
-import { existsSync, lstatSync } from 'node:fs';
 import { WORKSPACE } from '../runner/workspace-files.js';
 import { AgentClient } from './agent/agent-client.js';
 import { AGENT_SANDBOX_PATH, agentCapabilityArguments } from './agent/standalone.js';
 import type { RunnerCgroup } from './cgroups.js';
+import { hostSystemArguments } from './host-root.js';
 
 export interface SandboxOptions {
   bwrap: string;
@@ -19,18 +19,6 @@ export interface SandboxOptions {
 export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
 /*
- * Only these host files are visible in a sandbox built from the host's system: enough for
- * programs and name resolution, nothing that holds secrets (no shadow, no daemon config).
- */
-const HOST_ETC_ENTRIES = [
-  'alternatives', 'ca-certificates', 'ca-certificates.conf', 'ssl', 'ld.so.cache', 'ld.so.conf', 'ld.so.conf.d',
-  'localtime', 'timezone', 'passwd', 'group', 'nsswitch.conf', 'hosts', 'resolv.conf', 'host.conf', 'mime.types',
-  'java-17-openjdk', 'java-21-openjdk', 'python3', 'python3.11', 'fonts', 'profile', 'bash.bashrc', 'environment',
-  'locale.alias', 'locale.gen', 'protocols', 'services', 'magic', 'inputrc', 'ssh/ssh_config',
-];
-const HOST_SYSTEM_DIRS = ['usr', 'bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32', 'opt'];
-
-/*
  * Joins the cgroups listed first, then execs the rest: a process must be inside its runner's
  * cgroup before it can fork, or a fork bomb could escape the pids limit.
  */
@@ -40,28 +28,13 @@ const READY_TIMEOUT_MS = 15_000;
 /* Output of a failing bwrap kept for the error message. */
 const STDERR_KEEP = 4096;
 
-function hostSystemArgs(): string[] {
-  // bwrap would create /etc with the daemon's umask; learners must be able to read passwd and friends.
-  const args: string[] = ['--perms', '0755', '--dir', '/etc'];
-  for (const entry of HOST_SYSTEM_DIRS) {
-    const hostPath = `/${entry}`;
-    if (!existsSync(hostPath)) continue;
-    const stat = lstatSync(hostPath);
-    // Merged-/usr hosts link /bin to usr/bin; the sandbox gets the same link.
-    if (stat.isSymbolicLink()) args.push('--symlink', `usr/${entry}`, hostPath);
-    else args.push('--ro-bind', hostPath, hostPath);
-  }
-  for (const entry of HOST_ETC_ENTRIES) args.push('--ro-bind-try', `/etc/${entry}`, `/etc/${entry}`);
-  return args;
-}
-
 function bwrapArguments(options: SandboxOptions): string[] {
   const tmpfsBytes = String(options.workspaceSizeMiB * 1024 * 1024);
   return [
     '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-cgroup-try',
     ...(options.networkAccess ? [] : ['--unshare-net']),
     '--die-with-parent', '--new-session', '--hostname', 'runner',
-    ...(options.rootfs ? ['--ro-bind', options.rootfs, '/'] : hostSystemArgs()),
+    ...(options.rootfs ? ['--ro-bind', options.rootfs, '/'] : hostSystemArguments()),
     '--proc', '/proc', '--dev', '/dev',
     '--perms', '1777', '--size', tmpfsBytes, '--tmpfs', WORKSPACE,
     '--perms', '1777', '--size', tmpfsBytes, '--tmpfs', '/tmp',

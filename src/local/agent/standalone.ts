@@ -1,7 +1,8 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
-import { existsSync, lstatSync, statSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { hostSystemArguments } from '../host-root.js';
 import { AgentClient } from './agent-client.js';
 
 /*
@@ -51,21 +52,10 @@ export interface AgentSandbox {
   stop(): Promise<void>;
 }
 
-const HOST_SYSTEM_DIRS = ['usr', 'bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32'];
-
 /* A sandbox like the daemon's (host /usr read-only, private /workspace and /tmp), running the agent. */
 export async function startAgentSandbox(extraArguments: string[] = []): Promise<AgentSandbox> {
   const agent = ensureAgentBuilt();
-  const system: string[] = [];
-  for (const entry of HOST_SYSTEM_DIRS) {
-    const hostPath = `/${entry}`;
-    if (!existsSync(hostPath)) continue;
-    if (lstatSync(hostPath).isSymbolicLink()) system.push('--symlink', `usr/${entry}`, hostPath);
-    else system.push('--ro-bind', hostPath, hostPath);
-  }
-  // bwrap creates missing parents with the caller's umask: a strict one would hide /etc from the learner.
-  system.push('--perms', '0755', '--dir', '/etc');
-  for (const entry of ['passwd', 'group', 'nsswitch.conf']) system.push('--ro-bind-try', `/etc/${entry}`, `/etc/${entry}`);
+  const system = hostSystemArguments();
   const child = spawn(
     'bwrap',
     [
