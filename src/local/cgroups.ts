@@ -7,8 +7,11 @@ import type { CgroupMode } from '../config/schema.js';
 export interface ResourceLimits {
   /* Bytes; 0 means unlimited. */
   memoryBytes: number;
-  /* Share of one CPU (1 = one core); 0 means unlimited. */
-  cpus: number;
+  /*
+   * Relative CPU weight, as Nomad's cpu MHz become Docker cpu_shares: a soft share that lets an
+   * idle host's CPU be used, but divides it proportionally under contention. 0 means default.
+   */
+  cpuShares: number;
   pids: number;
 }
 
@@ -27,7 +30,15 @@ export interface CgroupManager {
 }
 
 const CGROUP_ROOT = '/sys/fs/cgroup';
-const CPU_PERIOD_US = 100_000;
+/* The kernel's bounds for v1 cpu.shares, and runc's mapping of them onto v2 cpu.weight. */
+const MIN_SHARES = 2;
+const MAX_SHARES = 262_144;
+function sharesToWeight(shares: number): number {
+  return Math.round(1 + ((shares - MIN_SHARES) * 9999) / (MAX_SHARES - MIN_SHARES));
+}
+function clampShares(shares: number): number {
+  return Math.min(MAX_SHARES, Math.max(MIN_SHARES, Math.round(shares)));
+}
 
 export async function createCgroupManager(mode: CgroupMode, parent: string, logger: Logger): Promise<CgroupManager> {
   const version = mode === 'auto' ? detectVersion() : mode;
@@ -112,10 +123,7 @@ class CgroupV1Manager implements CgroupManager {
         await writeFile(path.join(memory, 'memory.memsw.limit_in_bytes'), String(limits.memoryBytes)).catch(() => undefined);
       }
       await writeFile(path.join(pids, 'pids.max'), String(limits.pids));
-      if (cpu && limits.cpus > 0) {
-        await writeFile(path.join(cpu, 'cpu.cfs_period_us'), String(CPU_PERIOD_US));
-        await writeFile(path.join(cpu, 'cpu.cfs_quota_us'), String(Math.max(1000, Math.round(limits.cpus * CPU_PERIOD_US))));
-      }
+      if (cpu && limits.cpuShares > 0) await writeFile(path.join(cpu, 'cpu.shares'), String(clampShares(limits.cpuShares)));
     } catch (error) {
       await emptyAndRemove(directories);
       throw error;
@@ -153,9 +161,7 @@ class CgroupV2Manager implements CgroupManager {
         await writeFile(path.join(directory, 'memory.swap.max'), '0').catch(() => undefined);
       }
       await writeFile(path.join(directory, 'pids.max'), String(limits.pids));
-      if (limits.cpus > 0) {
-        await writeFile(path.join(directory, 'cpu.max'), `${Math.max(1000, Math.round(limits.cpus * CPU_PERIOD_US))} ${CPU_PERIOD_US}`);
-      }
+      if (limits.cpuShares > 0) await writeFile(path.join(directory, 'cpu.weight'), String(sharesToWeight(clampShares(limits.cpuShares))));
     } catch (error) {
       await emptyAndRemove([directory]);
       throw error;

@@ -11,8 +11,6 @@ export interface SandboxDelegate {
 }
 
 const MEGABYTE = 1024 * 1024;
-/* Poseidon's cpuLimit is in MHz; one core is counted as 1000 MHz here. */
-const MHZ_PER_CORE = 1000;
 
 /*
  * Starts and tracks live sandboxes (after Nex's process manager): each is prepared before any
@@ -43,7 +41,8 @@ export class SandboxProcessManager {
     if (this.#lameDuck) throw new Error('the sandbox manager is shutting down');
     const cgroup = await this.cgroups.create(id, {
       memoryBytes: spec.memoryLimit * MEGABYTE,
-      cpus: spec.cpuLimit / MHZ_PER_CORE,
+      // Poseidon's cpuLimit (MHz) becomes Nomad's CPU, i.e. Docker cpu_shares; the same share here.
+      cpuShares: spec.cpuLimit,
       pids: this.config.pidslimit,
     });
     let sandbox: Sandbox;
