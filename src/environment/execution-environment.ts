@@ -22,8 +22,8 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   readonly #idle = new Map<string, R>();
   readonly #used = new Map<string, R>();
   #creating = 0;
-  /* Builds under way; deleting waits for them so that no sandbox outlives its environment. */
-  readonly #builds = new Set<Promise<void>>();
+  /* Builds and teardowns under way; deleting waits for them so that no sandbox outlives its environment. */
+  readonly #pending = new Set<Promise<void>>();
   #failureStreak = 0;
   #retryTimer: NodeJS.Timeout | undefined;
   #deleted = false;
@@ -82,7 +82,13 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   async remove(runner: R, reason: string): Promise<void> {
     const known = this.#used.delete(runner.id) || this.#idle.delete(runner.id);
     if (known) this.refill();
-    await runner.destroy(reason);
+    const teardown = runner.destroy(reason);
+    this.#pending.add(teardown);
+    try {
+      await teardown;
+    } finally {
+      this.#pending.delete(teardown);
+    }
   }
 
   /* Forgets a runner that its backend already lost (it must not be destroyed again). */
@@ -111,8 +117,8 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     ) {
       this.#creating += 1;
       const build = this.#createOne();
-      this.#builds.add(build);
-      void build.finally(() => this.#builds.delete(build));
+      this.#pending.add(build);
+      void build.finally(() => this.#pending.delete(build));
     }
   }
 
@@ -173,7 +179,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     const runners = [...this.#idle.values(), ...this.#used.values()];
     this.#idle.clear();
     this.#used.clear();
-    await Promise.allSettled([...runners.map((runner) => runner.destroy(reason)), ...this.#builds]);
+    await Promise.allSettled([...runners.map((runner) => runner.destroy(reason)), ...this.#pending]);
     this.#logger.info({ destroyedRunners: runners.length, reason }, 'environment runners destroyed');
   }
 }

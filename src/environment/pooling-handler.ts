@@ -61,7 +61,12 @@ export abstract class PoolingAccessorHandler<R extends ManagedRunner> extends Ac
   protected async returnOwn(runner: Runner): Promise<void> {
     const environment = this.environmentsById.get(runner.environmentId);
     const managed = environment?.runner(runner.id);
-    if (environment && managed) await environment.remove(managed, 'returned');
+    if (!environment || !managed) return;
+    // The runner is gone for every caller as soon as it left the pool; tearing its sandbox or job
+    // down takes tens of milliseconds and need not hold up the client.
+    environment.remove(managed, 'returned').catch((error: unknown) => {
+      this.logger.error({ err: error, runnerId: runner.id, environmentId: runner.environmentId }, 'destroying a returned runner failed');
+    });
   }
 
   protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {

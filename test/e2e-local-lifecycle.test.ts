@@ -1,0 +1,103 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import { randomUUID } from 'node:crypto';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { test } from 'node:test';
+import WebSocket from 'ws';
+import { CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
+import { processesMatching, REPO_ROOT, startDaemon } from './support/daemon.js';
+import { sleep, waitFor } from './support/wait.js';
+
+const idleRunners = async (client: CodeOceanClient, id: number): Promise<number> => {
+  const response = await client.statistics();
+  const stats = (response.body as Record<string, { idleRunners: number }>)[String(id)];
+  return stats?.idleRunners ?? -1;
+};
+
+test('environments are stored on disk and come back, with full pools, after a restart', async (t) => {
+  const stateDir = await mkdtemp(path.join(tmpdir(), 'poseidon-state-'));
+  t.after(() => rm(stateDir, { recursive: true, force: true }));
+  const config = { local: { statedir: stateDir } };
+
+  const first = await startDaemon({ config });
+  try {
+    const client = new CodeOceanClient(first.baseUrl, first.token);
+    assert.equal((await client.putEnvironment(environmentSpec(61, { prewarmingPoolSize: 2, memoryLimit: 96 }))).status, 201);
+    assert.equal((await client.putEnvironment(environmentSpec(62))).status, 201);
+    assert.equal((await client.deleteEnvironment(62)).status, 204);
+  } finally {
+    await first.stop();
+  }
+
+  const second = await startDaemon({ config });
+  try {
+    const client = new CodeOceanClient(second.baseUrl, second.token);
+    const environment = await client.getEnvironment(61);
+    assert.equal(environment.status, 200);
+    assert.deepEqual(environment.body, environmentSpec(61, { prewarmingPoolSize: 2, memoryLimit: 96 }));
+    assert.equal((await client.getEnvironment(62)).status, 404, 'a deleted environment stays deleted');
+    await waitFor(() => idleRunners(client, 61), (idle) => idle === 2, 'the reloaded pool to fill');
+    const runnerId = await client.claim(61);
+    const result = await client.run(runnerId, 'echo back');
+    assert.equal(result.stdout, 'back\n');
+  } finally {
+    await second.stop();
+  }
+});
+
+test('files and background processes persist between executions; a client that leaves kills its execution', async (t) => {
+  const daemon = await startDaemon();
+  t.after(() => daemon.stop());
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  await client.putEnvironment(environmentSpec(63, { prewarmingPoolSize: 1 }));
+  const runnerId = await client.claim(63);
+
+  const background = await client.run(runnerId, 'sleep 300 >/dev/null 2>&1 & echo $! > sleeper.pid; echo started');
+  assert.equal(background.exitCode, 0);
+  const check = await client.run(runnerId, 'kill -0 "$(cat sleeper.pid)" && echo alive');
+  assert.equal(check.stdout, 'alive\n', 'a background process of an earlier execution is still running');
+
+  const marker = `left-${randomUUID()}`;
+  const url = await client.websocketUrl(runnerId, `sleep 300 # ${marker}`, 0);
+  const socket = new WebSocket(url, { headers: client.defaultHeaders() });
+  await new Promise<void>((resolve, reject) => {
+    socket.once('message', () => resolve());
+    socket.once('error', reject);
+  });
+  await waitFor(async () => processesMatching(marker).length, (count) => count > 0, 'the execution to run');
+  socket.close();
+  await waitFor(async () => processesMatching(marker).length, (count) => count === 0, 'the execution to be killed');
+});
+
+test('a pool that cannot be filled: health 503, claims 500 NOMAD_OVERLOAD, the daemon keeps serving', async (t) => {
+  const missingRoot = path.join(tmpdir(), `no-such-rootfs-${randomUUID()}`);
+  const daemon = await startDaemon({ config: { local: { images: { 'broken:image': missingRoot } } } });
+  t.after(() => daemon.stop());
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  assert.equal((await client.putEnvironment(environmentSpec(64, { image: 'broken:image', prewarmingPoolSize: 2 }))).status, 201);
+  await sleep(500);
+  const health = await client.health();
+  assert.equal(health.status, 503);
+  assert.match((health.body as { message: string }).message, /64/);
+  const claim = await client.claimRunner(64);
+  assert.equal(claim.status, 500);
+  assert.equal((claim.body as { errorCode: string }).errorCode, 'NOMAD_OVERLOAD');
+  assert.equal((await client.deleteEnvironment(64)).status, 204);
+  assert.equal((await client.health()).status, 204);
+});
+
+test('a wrong configuration stops the start with a message naming the key', async (t) => {
+  const directory = await mkdtemp(path.join(tmpdir(), 'poseidon-badconfig-'));
+  t.after(() => rm(directory, { recursive: true, force: true }));
+  const file = path.join(directory, 'config.yaml');
+  await writeFile(file, 'server:\n  port: 99999\nlocal:\n  cgroups: sometimes\n');
+  const run = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli.ts', '--config', file], { cwd: REPO_ROOT, encoding: 'utf8', timeout: 30_000 });
+  assert.equal(run.status, 1);
+  assert.match(run.stderr, /server\.port/);
+  assert.match(run.stderr, /local\.cgroups/);
+  const help = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli.ts', '--help'], { cwd: REPO_ROOT, encoding: 'utf8', timeout: 30_000 });
+  assert.equal(help.status, 0);
+  assert.match(help.stdout, /--config FILE/);
+});
