@@ -7,7 +7,7 @@ import path from 'node:path';
 import { test } from 'node:test';
 import WebSocket from 'ws';
 import { CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
-import { processesMatching, REPO_ROOT, startDaemon } from './support/daemon.js';
+import { freePort, processesMatching, REPO_ROOT, startDaemon } from './support/daemon.js';
 import { sleep, waitFor } from './support/wait.js';
 
 const idleRunners = async (client: CodeOceanClient, id: number): Promise<number> => {
@@ -100,4 +100,35 @@ test('a wrong configuration stops the start with a message naming the key', asyn
   const help = spawnSync(process.execPath, ['--import', 'tsx', 'src/cli.ts', '--help'], { cwd: REPO_ROOT, encoding: 'utf8', timeout: 30_000 });
   assert.equal(help.status, 0);
   assert.match(help.stdout, /--config FILE/);
+});
+
+test('with networkAccess, an exposed port is reachable at the reported mappedPorts address', async (t) => {
+  const daemon = await startDaemon();
+  t.after(() => daemon.stop());
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  const port = await freePort();
+  await client.putEnvironment(environmentSpec(65, { prewarmingPoolSize: 1, networkAccess: true, exposedPorts: [port] }));
+  let claim = await client.claimRunner(65);
+  for (let attempt = 0; claim.status !== 200 && attempt < 50; attempt += 1) {
+    await sleep(200);
+    claim = await client.claimRunner(65);
+  }
+  const { runnerId, mappedPorts } = claim.body as { runnerId: string; mappedPorts: Array<{ exposedPort: number; hostAddress: string }> };
+  assert.deepEqual(mappedPorts, [{ exposedPort: port, hostAddress: `127.0.0.1:${port}` }]);
+
+  await client.copySubmission(runnerId, { 'index.html': 'served from the runner\n' });
+  const started = await client.run(runnerId, `python3 -m http.server ${port} --bind 127.0.0.1 >/dev/null 2>&1 & echo started`);
+  assert.equal(started.exitCode, 0);
+  const body = await waitFor(
+    () => fetch(`http://${mappedPorts[0]?.hostAddress}/index.html`).then((response) => response.text(), () => ''),
+    (text) => text !== '',
+    'the runner to serve on its exposed port',
+  );
+  assert.equal(body, 'served from the runner\n');
+  assert.equal((await client.deleteRunner(runnerId)).status, 204);
+  await waitFor(
+    () => fetch(`http://${mappedPorts[0]?.hostAddress}/`).then(() => 'up', () => 'down'),
+    (state) => state === 'down',
+    'the server to end with its runner',
+  );
 });
