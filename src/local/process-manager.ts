@@ -2,7 +2,9 @@ import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { CgroupManager } from './cgroups.js';
+import { SPAWNER_BINARY } from './agent/standalone.js';
 import { Sandbox } from './sandbox.js';
+import { SpawnerClient } from './spawner-client.js';
 
 /* Told about sandboxes coming and going, so a pool can count them without polling. */
 export interface SandboxDelegate {
@@ -19,6 +21,8 @@ const MEGABYTE = 1024 * 1024;
 export class SandboxProcessManager {
   readonly #sandboxes = new Map<string, Sandbox>();
   #lameDuck = false;
+  /* Forks the sandboxes, so that the daemon does not fork itself for each one. */
+  readonly #spawner: SpawnerClient;
 
   constructor(
     private readonly config: LocalConfig,
@@ -26,7 +30,10 @@ export class SandboxProcessManager {
     private readonly logger: Logger,
     private readonly agentBinary: string,
     private readonly delegate?: SandboxDelegate,
-  ) {}
+    spawnerBinary: string = SPAWNER_BINARY,
+  ) {
+    this.#spawner = new SpawnerClient(spawnerBinary, (message) => this.logger.error(message));
+  }
 
   list(): string[] {
     return [...this.#sandboxes.keys()];
@@ -54,6 +61,7 @@ export class SandboxProcessManager {
         networkAccess: spec.networkAccess,
         workspaceSizeMiB: this.config.workspacesize,
         cgroup,
+        spawner: this.#spawner,
       });
     } catch (error) {
       await cgroup?.destroy();
@@ -81,5 +89,6 @@ export class SandboxProcessManager {
   async stop(): Promise<void> {
     this.enterLameDuck();
     await Promise.allSettled([...this.#sandboxes.values()].map((sandbox) => sandbox.destroy()));
+    await this.#spawner.close();
   }
 }

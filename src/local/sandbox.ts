@@ -1,9 +1,9 @@
-import { type ChildProcess, spawn } from 'node:child_process';
 import { WORKSPACE } from '../runner/workspace-files.js';
 import { AgentClient } from './agent/agent-client.js';
 import { AGENT_SANDBOX_PATH, agentCapabilityArguments } from './agent/standalone.js';
 import type { RunnerCgroup } from './cgroups.js';
 import { hostSystemArguments } from './host-root.js';
+import { describeExit, type SpawnedProcess, type SpawnerClient } from './spawner-client.js';
 
 export interface SandboxOptions {
   bwrap: string;
@@ -14,6 +14,8 @@ export interface SandboxOptions {
   networkAccess: boolean;
   workspaceSizeMiB: number;
   cgroup: RunnerCgroup | undefined;
+  /* Starts the sandbox's processes without forking the daemon. */
+  spawner: SpawnerClient;
 }
 
 export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
@@ -25,8 +27,6 @@ export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/
 const ENTER_CGROUPS_THEN_EXEC = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"';
 
 const READY_TIMEOUT_MS = 15_000;
-/* Output of a failing bwrap kept for the error message. */
-const STDERR_KEEP = 4096;
 
 function bwrapArguments(options: SandboxOptions): string[] {
   const tmpfsBytes = String(options.workspaceSizeMiB * 1024 * 1024);
@@ -56,37 +56,37 @@ export class Sandbox {
   readonly #exitListeners: Array<() => void> = [];
 
   private constructor(
-    private readonly bwrapProcess: ChildProcess,
+    private readonly bwrapProcess: SpawnedProcess,
     readonly agent: AgentClient,
     private readonly cgroup: RunnerCgroup | undefined,
   ) {
-    bwrapProcess.once('exit', () => {
+    void bwrapProcess.exited.then(() => {
       this.#exited = true;
       for (const listener of this.#exitListeners.splice(0)) listener();
     });
   }
 
+  /* The spawner forks and execs the sandbox, so the daemon (a large process) never forks itself. */
   static async start(options: SandboxOptions): Promise<Sandbox> {
     const procsFiles = options.cgroup?.procsFiles ?? [];
-    const child = spawn(
-      '/bin/sh',
-      ['-c', ENTER_CGROUPS_THEN_EXEC, 'poseidon-enter', String(procsFiles.length), ...procsFiles, options.bwrap, ...bwrapArguments(options)],
-      { stdio: ['pipe', 'pipe', 'pipe'], env: { PATH: SANDBOX_PATH } },
+    const child = options.spawner.spawn(
+      ['/bin/sh', '-c', ENTER_CGROUPS_THEN_EXEC, 'poseidon-enter', String(procsFiles.length), ...procsFiles, options.bwrap, ...bwrapArguments(options)],
+      { PATH: SANDBOX_PATH },
     );
-    let stderr = '';
-    child.stderr?.setEncoding('utf8').on('data', (text: string) => {
-      if (stderr.length < STDERR_KEEP) stderr += text;
-    });
-    const exited = new Promise<string>((resolve) => {
-      child.once('error', (error) => resolve(`cannot start bubblewrap: ${error.message}`));
-      child.once('exit', (code, signal) => resolve(`bubblewrap exited (${signal ?? code}) before the sandbox was ready`));
-    });
-    const { stdin, stdout } = child;
-    if (!stdin || !stdout) throw new Error('bubblewrap has no stdio pipes');
-    const agent = new AgentClient(stdin, stdout);
+    const exited = child.exited.then((exit) =>
+      exit.code === null && exit.signal === null
+        ? `cannot start bubblewrap: ${exit.stderr}`
+        : `bubblewrap exited (${describeExit(exit)}) before the sandbox was ready`,
+    );
+    let agent: AgentClient | undefined;
     let timer: NodeJS.Timeout | undefined;
     const failure = await Promise.race([
-      agent.ready.then(() => undefined),
+      child.connection.then((socket) => {
+        agent = new AgentClient(socket, socket);
+        // The handshake paused the socket; the client's listeners are in place now.
+        socket.resume();
+        return agent.ready;
+      }).then(() => undefined),
       exited,
       new Promise<string>((resolve) => {
         timer = setTimeout(() => resolve('the sandbox did not become ready in time'), READY_TIMEOUT_MS);
@@ -94,10 +94,13 @@ export class Sandbox {
     ]).catch((error: unknown) => `the sandbox agent failed: ${String(error)}`);
     clearTimeout(timer);
     if (failure !== undefined) {
-      child.kill('SIGKILL');
-      await new Promise((resolve) => setImmediate(resolve));
-      throw new Error(`${failure}: ${stderr.trim() || 'no message'}`);
+      child.kill();
+      // bwrap's message comes with its exit status; a stuck spawner must not hang the caller.
+      const exit = await Promise.race([child.exited, new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 2000).unref())]);
+      void child.connection.then((socket) => socket.destroy(), () => undefined);
+      throw new Error(`${failure}: ${exit?.stderr.trim() || 'no message'}`);
     }
+    if (!agent) throw new Error('the sandbox agent is missing');
     return new Sandbox(child, agent, options.cgroup);
   }
 
@@ -115,7 +118,7 @@ export class Sandbox {
     if (!this.#exited) {
       const exited = new Promise<void>((resolve) => this.onExit(resolve));
       // The sandbox's pid 1 dies with bwrap, and the kernel then kills everything in its pid namespace.
-      this.bwrapProcess.kill('SIGKILL');
+      this.bwrapProcess.kill();
       await exited;
     }
     await this.cgroup?.destroy();

@@ -12,6 +12,8 @@ import { AgentClient } from './agent-client.js';
 
 export const AGENT_SOURCE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../agent');
 export const AGENT_BINARY = path.join(AGENT_SOURCE_DIR, 'build/poseidon-agent');
+/* Forks the sandboxes for the daemon (agent/poseidon-spawner.c), built along with the agent. */
+export const SPAWNER_BINARY = path.join(AGENT_SOURCE_DIR, 'build/poseidon-spawner');
 /* Where the agent is bind-mounted in the sandbox; the mount point must exist in an image's root. */
 export const AGENT_SANDBOX_PATH = '/.poseidon/agent';
 
@@ -30,11 +32,17 @@ export function agentCapabilityArguments(): string[] {
   return ['--cap-drop', 'ALL', ...AGENT_CAPABILITIES.flatMap((capability) => ['--cap-add', capability])];
 }
 
-/* Builds the agent if it is missing or older than its source (needs gcc, make and libc6-dev). */
+function isStale(binary: string, sourceName: string): boolean {
+  const source = path.join(AGENT_SOURCE_DIR, sourceName);
+  return !existsSync(binary) || (existsSync(source) && statSync(source).mtimeMs > statSync(binary).mtimeMs);
+}
+
+/*
+ * Builds the agent and the spawner if missing or older than their sources (needs gcc, make and
+ * libc6-dev); returns the agent's path (the spawner's is SPAWNER_BINARY).
+ */
 export function ensureAgentBuilt(): string {
-  const source = path.join(AGENT_SOURCE_DIR, 'poseidon-agent.c');
-  const stale = !existsSync(AGENT_BINARY) || (existsSync(source) && statSync(source).mtimeMs > statSync(AGENT_BINARY).mtimeMs);
-  if (stale) {
+  if (isStale(AGENT_BINARY, 'poseidon-agent.c') || isStale(SPAWNER_BINARY, 'poseidon-spawner.c')) {
     try {
       execFileSync('make', ['-C', AGENT_SOURCE_DIR, '--no-print-directory'], { stdio: ['ignore', 'pipe', 'pipe'] });
     } catch (error) {

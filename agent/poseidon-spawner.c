@@ -1,0 +1,329 @@
+/*
+ * poseidon-spawner: starts sandboxes for the daemon, so the daemon never forks itself.
+ *
+ * Forking the daemon (a large Node process) costs milliseconds of its main thread per sandbox;
+ * this small process forks instead. The daemon starts it once, with the path of a unix socket the
+ * daemon listens on as its only argument, and talks to it over its stdin (requests) and stdout
+ * (events), in the agent's frame format: u32 LE length-of-rest | u8 type | u32 LE id | payload.
+ *
+ * REQUESTS (daemon -> spawner)
+ *   0x01 SPAWN  16-byte key | u32 argc | argc*str | u32 envc | envc*str("K=V")   (str = u32 len + bytes)
+ *               The child connects a fresh socket to the daemon's path, writes the key (so the
+ *               daemon can tell which spawn the connection belongs to), and execs argv with that
+ *               socket as fd 0 and 1 and a pipe to the spawner as fd 2.
+ *   0x02 KILL   (empty) SIGKILL to the child.
+ * EVENTS (spawner -> daemon)
+ *   0x81 STARTED  i32 pid
+ *   0x82 FAILED   message (no child was started)
+ *   0x83 EXITED   i32 wait status | the first STDERR_KEEP bytes the child wrote to fd 2
+ *
+ * When stdin reaches EOF (the daemon is gone) the spawner kills all its children and exits; the
+ * children also die with it (PR_SET_PDEATHSIG, and bubblewrap's --die-with-parent).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+enum { REQ_SPAWN = 0x01, REQ_KILL = 0x02, EV_STARTED = 0x81, EV_FAILED = 0x82, EV_EXITED = 0x83 };
+#define KEY_LEN 16
+#define STDERR_KEEP 4096
+#define MAX_FRAME (64u << 20)
+
+struct child {
+	uint32_t id;
+	pid_t pid;
+	int err_fd;
+	size_t err_len;
+	char err[STDERR_KEEP];
+};
+
+static struct child **children;
+static size_t nchildren;
+static struct sockaddr_un daemon_addr;
+
+static void write_all(const void *data, size_t len)
+{
+	const uint8_t *p = data;
+	while (len > 0) {
+		ssize_t w = write(1, p, len);
+		if (w < 0) {
+			if (errno == EINTR) continue;
+			_exit(1); /* the daemon is gone; our children die with us */
+		}
+		p += w; len -= (size_t)w;
+	}
+}
+
+static void put_u32(uint8_t *p, uint32_t v)
+{
+	p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
+}
+
+static uint32_t get_u32(const uint8_t *p)
+{
+	return p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static void send_event(uint8_t type, uint32_t id, const void *a, size_t alen, const void *b, size_t blen)
+{
+	uint8_t head[9];
+	put_u32(head, (uint32_t)(5 + alen + blen));
+	head[4] = type;
+	put_u32(head + 5, id);
+	write_all(head, sizeof head);
+	if (alen) write_all(a, alen);
+	if (blen) write_all(b, blen);
+}
+
+static void send_failed(uint32_t id, const char *what)
+{
+	char msg[256];
+	int n = snprintf(msg, sizeof msg, "poseidon-spawner: %s: %s", what, strerror(errno));
+	send_event(EV_FAILED, id, msg, n < 0 ? 0 : (size_t)n, NULL, 0);
+}
+
+static void kill_all_and_exit(int code)
+{
+	for (size_t i = 0; i < nchildren; i++) kill(children[i]->pid, SIGKILL);
+	_exit(code);
+}
+
+static void child_fail(const char *what)
+{
+	dprintf(2, "poseidon-spawner: %s: %s\n", what, strerror(errno));
+	_exit(126);
+}
+
+/* In the forked child: connect to the daemon, wire up fds 0-2 and exec. Never returns. */
+static void child_main(pid_t parent, const uint8_t *key, int err_w, char **argv, char **envp)
+{
+	sigset_t none;
+	sigemptyset(&none);
+	sigprocmask(SIG_SETMASK, &none, NULL);
+	signal(SIGPIPE, SIG_DFL);
+	if (dup2(err_w, 2) < 0) _exit(126);
+	/* Nobody may outlive the spawner: this survives exec (bwrap then sets its own). */
+	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) child_fail("prctl");
+	if (getppid() != parent) _exit(126);
+	int s = socket(AF_UNIX, SOCK_STREAM, 0);
+	if (s < 0) child_fail("socket");
+	if (connect(s, (struct sockaddr *)&daemon_addr, sizeof daemon_addr) < 0) child_fail("connect to the daemon");
+	for (size_t off = 0; off < KEY_LEN;) {
+		ssize_t w = write(s, key + off, KEY_LEN - off);
+		if (w < 0) {
+			if (errno == EINTR) continue;
+			child_fail("write to the daemon");
+		}
+		off += (size_t)w;
+	}
+	if (dup2(s, 0) < 0 || dup2(s, 1) < 0) child_fail("dup2");
+	if (s > 2) close(s);
+	execve(argv[0], argv, envp);
+	child_fail(argv[0]);
+}
+
+/* Reads a u32-counted list of u32-length strings into a NULL-terminated array (NULL on bad input). */
+static char **get_strings(const uint8_t **p, const uint8_t *end)
+{
+	if (end - *p < 4) return NULL;
+	uint32_t n = get_u32(*p);
+	*p += 4;
+	if (n > (uint32_t)(end - *p) / 4) return NULL;
+	char **list = calloc((size_t)n + 1, sizeof *list);
+	if (!list) return NULL;
+	for (uint32_t i = 0; i < n; i++) {
+		if (end - *p < 4) goto bad;
+		uint32_t len = get_u32(*p);
+		*p += 4;
+		if (len > (uint32_t)(end - *p)) goto bad;
+		list[i] = strndup((const char *)*p, len);
+		if (!list[i]) goto bad;
+		*p += len;
+	}
+	return list;
+bad:
+	for (uint32_t i = 0; i < n; i++) free(list[i]);
+	free(list);
+	return NULL;
+}
+
+static void free_strings(char **list)
+{
+	if (!list) return;
+	for (char **s = list; *s; s++) free(*s);
+	free(list);
+}
+
+static void handle_spawn(uint32_t id, const uint8_t *p, const uint8_t *end)
+{
+	char **argv = NULL, **envp = NULL;
+	int err[2] = { -1, -1 };
+	if (end - p < KEY_LEN) { errno = EINVAL; send_failed(id, "bad SPAWN request"); return; }
+	const uint8_t *key = p;
+	p += KEY_LEN;
+	argv = get_strings(&p, end);
+	envp = argv ? get_strings(&p, end) : NULL;
+	if (!argv || !envp || !argv[0]) { errno = EINVAL; send_failed(id, "bad SPAWN request"); goto out; }
+	struct child *c = calloc(1, sizeof *c);
+	struct child **grown = realloc(children, (nchildren + 1) * sizeof *children);
+	if (!c || !grown) { free(c); if (grown) children = grown; errno = ENOMEM; send_failed(id, "spawn"); goto out; }
+	children = grown;
+	if (pipe2(err, O_CLOEXEC) < 0) { free(c); send_failed(id, "pipe"); goto out; }
+	pid_t parent = getpid();
+	pid_t pid = fork();
+	if (pid < 0) { free(c); send_failed(id, "fork"); goto out; }
+	if (pid == 0) child_main(parent, key, err[1], argv, envp);
+	close(err[1]); err[1] = -1;
+	fcntl(err[0], F_SETFL, O_NONBLOCK);
+	c->id = id;
+	c->pid = pid;
+	c->err_fd = err[0]; err[0] = -1;
+	children[nchildren++] = c;
+	int32_t spid = pid;
+	uint8_t b[4];
+	put_u32(b, (uint32_t)spid);
+	send_event(EV_STARTED, id, b, 4, NULL, 0);
+out:
+	if (err[0] >= 0) close(err[0]);
+	if (err[1] >= 0) close(err[1]);
+	free_strings(argv);
+	free_strings(envp);
+}
+
+/* Keeps the first STDERR_KEEP bytes and drops the rest; EOF closes the pipe. */
+static void drain_stderr(struct child *c)
+{
+	char buf[4096];
+	while (c->err_fd >= 0) {
+		ssize_t n = read(c->err_fd, buf, sizeof buf);
+		if (n < 0 && errno == EINTR) continue;
+		if (n < 0 && errno == EAGAIN) return;
+		if (n <= 0) { close(c->err_fd); c->err_fd = -1; return; }
+		size_t room = STDERR_KEEP - c->err_len, take = (size_t)n < room ? (size_t)n : room;
+		memcpy(c->err + c->err_len, buf, take);
+		c->err_len += take;
+	}
+}
+
+static void reap_children(void)
+{
+	int status;
+	pid_t pid;
+	while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+		for (size_t i = 0; i < nchildren; i++) {
+			struct child *c = children[i];
+			if (c->pid != pid) continue;
+			drain_stderr(c);
+			if (c->err_fd >= 0) close(c->err_fd);
+			uint8_t b[4];
+			put_u32(b, (uint32_t)status);
+			send_event(EV_EXITED, c->id, b, 4, c->err, c->err_len);
+			children[i] = children[--nchildren];
+			free(c);
+			break;
+		}
+	}
+}
+
+static uint8_t *inbuf;
+static size_t inlen, incap;
+
+static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size_t len)
+{
+	if (type == REQ_SPAWN) {
+		handle_spawn(id, payload, payload + len);
+	} else if (type == REQ_KILL) {
+		for (size_t i = 0; i < nchildren; i++)
+			if (children[i]->id == id) kill(children[i]->pid, SIGKILL);
+	} else {
+		fprintf(stderr, "poseidon-spawner: unknown request type %u\n", type);
+		kill_all_and_exit(2);
+	}
+}
+
+static void read_requests(void)
+{
+	if (incap - inlen < 65536) {
+		size_t cap = incap ? incap * 2 : 262144;
+		uint8_t *p = realloc(inbuf, cap);
+		if (!p) kill_all_and_exit(3);
+		inbuf = p;
+		incap = cap;
+	}
+	ssize_t n = read(0, inbuf + inlen, incap - inlen);
+	if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
+	if (n <= 0) kill_all_and_exit(0); /* the daemon is gone: so are its sandboxes */
+	inlen += (size_t)n;
+	size_t off = 0;
+	while (inlen - off >= 4) {
+		const uint8_t *f = inbuf + off;
+		uint32_t rest = get_u32(f);
+		if (rest < 5 || rest > MAX_FRAME) { fprintf(stderr, "poseidon-spawner: bad frame length %u\n", rest); kill_all_and_exit(2); }
+		if (inlen - off - 4 < rest) break;
+		handle_frame(f[4], get_u32(f + 5), f + 9, rest - 5);
+		off += 4 + (size_t)rest;
+	}
+	memmove(inbuf, inbuf + off, inlen - off);
+	inlen -= off;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc != 2 || strlen(argv[1]) >= sizeof daemon_addr.sun_path) {
+		fprintf(stderr, "usage: poseidon-spawner SOCKET-PATH (shorter than %zu bytes)\n", sizeof daemon_addr.sun_path);
+		return 2;
+	}
+	daemon_addr.sun_family = AF_UNIX;
+	strcpy(daemon_addr.sun_path, argv[1]);
+	/* Without the daemon there is nobody to serve: die with it even if its pipe lingers. */
+	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
+	if (getppid() == 1) return 1;
+	signal(SIGPIPE, SIG_IGN);
+	sigset_t chld;
+	sigemptyset(&chld);
+	sigaddset(&chld, SIGCHLD);
+	sigprocmask(SIG_BLOCK, &chld, NULL);
+	int sigfd = signalfd(-1, &chld, SFD_NONBLOCK | SFD_CLOEXEC);
+	if (sigfd < 0) { perror("poseidon-spawner: signalfd"); return 1; }
+	fcntl(0, F_SETFL, fcntl(0, F_GETFL) & ~O_NONBLOCK);
+	fcntl(1, F_SETFL, fcntl(1, F_GETFL) & ~O_NONBLOCK);
+
+	struct pollfd *fds = NULL;
+	for (;;) {
+		size_t n = 2;
+		fds = realloc(fds, (2 + nchildren) * sizeof *fds);
+		if (!fds) kill_all_and_exit(3);
+		fds[0] = (struct pollfd){ 0, POLLIN, 0 };
+		fds[1] = (struct pollfd){ sigfd, POLLIN, 0 };
+		for (size_t i = 0; i < nchildren; i++)
+			if (children[i]->err_fd >= 0) fds[n++] = (struct pollfd){ children[i]->err_fd, POLLIN, 0 };
+		if (poll(fds, n, -1) < 0) {
+			if (errno == EINTR) continue;
+			perror("poseidon-spawner: poll");
+			kill_all_and_exit(1);
+		}
+		for (size_t i = 2; i < n; i++) {
+			if (!fds[i].revents) continue;
+			for (size_t j = 0; j < nchildren; j++)
+				if (children[j]->err_fd == fds[i].fd) { drain_stderr(children[j]); break; }
+		}
+		if (fds[1].revents) {
+			struct signalfd_siginfo info;
+			while (read(sigfd, &info, sizeof info) == sizeof info) {}
+			reap_children();
+		}
+		if (fds[0].revents) read_requests();
+	}
+}

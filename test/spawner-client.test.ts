@@ -1,0 +1,146 @@
+import assert from 'node:assert/strict';
+import { existsSync, readFileSync, statSync } from 'node:fs';
+import type net from 'node:net';
+import { after, before, describe, test } from 'node:test';
+import { AgentClient } from '../src/local/agent/agent-client.js';
+import { AGENT_BINARY, agentCapabilityArguments, AGENT_SANDBOX_PATH, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/agent/standalone.js';
+import { hostSystemArguments } from '../src/local/host-root.js';
+import { type SpawnedProcess, SpawnerClient } from '../src/local/spawner-client.js';
+
+/*
+ * The spawner (agent/poseidon-spawner.c) forks for the daemon: a spawned process talks over one
+ * unix socket as stdin and stdout, its stderr comes back with its exit status, and nothing it
+ * started outlives the spawner.
+ */
+
+async function readAll(socket: net.Socket): Promise<string> {
+  socket.resume();
+  let text = '';
+  for await (const chunk of socket) text += String(chunk);
+  return text;
+}
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return !readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]?.startsWith('Z');
+  } catch {
+    return false;
+  }
+}
+
+async function waitUntil(condition: () => boolean, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (!condition()) {
+    if (Date.now() > deadline) throw new Error('timed out');
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+describe('sandbox spawner', () => {
+  let spawner: SpawnerClient;
+  const deaths: string[] = [];
+
+  before(() => {
+    ensureAgentBuilt();
+    assert.ok(existsSync(SPAWNER_BINARY));
+    spawner = new SpawnerClient(SPAWNER_BINARY, (message) => deaths.push(message));
+  });
+
+  after(async () => {
+    await spawner.close();
+  });
+
+  test('the socket is stdin and stdout; stderr and the status come with the exit', async () => {
+    const child = spawner.spawn(['/bin/sh', '-c', 'read line; echo "got $line $FOO"; echo oops >&2; exit 3'], { FOO: 'bar', PATH: '/usr/bin:/bin' });
+    const socket = await child.connection;
+    const output = readAll(socket);
+    socket.write('hello\n');
+    assert.equal(await output, 'got hello bar\n');
+    const exit = await child.exited;
+    assert.deepEqual(exit, { code: 3, signal: null, stderr: 'oops\n' });
+    assert.ok(typeof child.pid === 'number' && child.pid > 0);
+  });
+
+  test('kill ends the process with SIGKILL', async () => {
+    const child = spawner.spawn(['/bin/sleep', '30'], {});
+    (await child.connection).destroy();
+    await waitUntil(() => child.pid !== undefined);
+    child.kill();
+    const exit = await child.exited;
+    assert.equal(exit.signal, 'SIGKILL');
+    assert.equal(alive(child.pid ?? 0), false);
+  });
+
+  test('a program that cannot be executed exits 126 with the reason on stderr', async () => {
+    const child = spawner.spawn(['/nonexistent/program'], {});
+    const exit = await child.exited;
+    assert.equal(exit.code, 126);
+    assert.match(exit.stderr, /nonexistent\/program: No such file/);
+    (await child.connection).destroy();
+  });
+
+  test('many spawns at once each get their own connection', async () => {
+    const children = Array.from({ length: 20 }, (_, index) => spawner.spawn(['/bin/sh', '-c', `echo ${index}`], {}));
+    const outputs = await Promise.all(children.map(async (child) => readAll(await child.connection)));
+    assert.deepEqual(outputs, children.map((_, index) => `${index}\n`));
+    await Promise.all(children.map((child) => child.exited));
+  });
+
+  test('a bwrap sandbox runs the agent over the socket', async () => {
+    const child = spawner.spawn(
+      [
+        '/usr/bin/env', 'bwrap', '--unshare-pid', '--unshare-net', '--die-with-parent', '--new-session',
+        ...hostSystemArguments(), '--proc', '/proc', '--dev', '/dev', '--perms', '1777', '--tmpfs', '/workspace',
+        '--ro-bind', AGENT_BINARY, AGENT_SANDBOX_PATH, '--chdir', '/workspace', '--clearenv', ...agentCapabilityArguments(),
+        '--', AGENT_SANDBOX_PATH,
+      ],
+      { PATH: '/usr/local/bin:/usr/bin:/bin' },
+    );
+    const socket = await child.connection;
+    const agent = new AgentClient(socket, socket);
+    socket.resume();
+    await agent.ready;
+    let stdout = '';
+    const execution = agent.exec(['/bin/sh', '-c', 'echo $$'], { env: {}, privileged: false }, { onStdout: (chunk) => (stdout += String(chunk)), onStderr: () => undefined });
+    assert.equal((await execution.result).exitCode, 0);
+    assert.match(stdout, /^[0-9]+\n$/); // a pid of the sandbox's own pid namespace
+    assert.ok(Number(stdout) < 10);
+    agent.close();
+    assert.equal((await child.exited).code, 0);
+  });
+
+  test('a dead spawner ends its processes and is restarted on the next spawn', async () => {
+    const first = spawner.spawn(['/bin/sleep', '30'], {});
+    (await first.connection).destroy();
+    await waitUntil(() => first.pid !== undefined);
+    const spawnerPid = Number(readFileSync(`/proc/${first.pid}/stat`, 'utf8').split(') ')[1]?.split(' ')[1]);
+    process.kill(spawnerPid, 'SIGKILL');
+    const exit = await first.exited;
+    assert.match(exit.stderr, /spawner exited/);
+    assert.equal(deaths.length, 1);
+    await waitUntil(() => !alive(first.pid ?? 0));
+    const second: SpawnedProcess = spawner.spawn(['/bin/sh', '-c', 'echo again'], {});
+    assert.equal(await readAll(await second.connection), 'again\n');
+    assert.equal((await second.exited).code, 0);
+  });
+
+  test('closing the client kills the spawner and everything it started', async () => {
+    const other = new SpawnerClient(SPAWNER_BINARY, (message) => deaths.push(message));
+    const child = other.spawn(['/bin/sleep', '30'], {});
+    (await child.connection).destroy();
+    await waitUntil(() => child.pid !== undefined);
+    await other.close();
+    await waitUntil(() => !alive(child.pid ?? 0));
+    assert.throws(() => other.spawn(['/bin/true'], {}), /closed/);
+  });
+
+  test('the socket directory is private', async () => {
+    const child = spawner.spawn(['/bin/true'], {});
+    (await child.connection).destroy();
+    await child.exited;
+    const directories = readFileSync('/proc/self/net/unix', 'utf8').match(/\/\S*poseidon-spawner-[^/\s]+/g) ?? [];
+    assert.ok(directories.length > 0);
+    for (const directory of directories) if (existsSync(directory)) assert.equal(statSync(directory).mode & 0o777, 0o700);
+  });
+});
