@@ -30,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -100,6 +101,8 @@ static void kill_all_and_exit(int code)
 	_exit(code);
 }
 
+#define SANDBOX_NICE 10
+
 static void child_fail(const char *what)
 {
 	dprintf(2, "poseidon-spawner: %s: %s\n", what, strerror(errno));
@@ -117,6 +120,11 @@ static void child_main(pid_t parent, const uint8_t *key, int err_w, char **argv,
 	/* Nobody may outlive the spawner: this survives exec (bwrap then sets its own). */
 	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) child_fail("prctl");
 	if (getppid() != parent) _exit(126);
+	/*
+	 * Sandboxes, and all learner code in them, run below the daemon's CPU priority: building
+	 * pools and running programs must not slow down the API that hands runners out.
+	 */
+	if (setpriority(PRIO_PROCESS, 0, SANDBOX_NICE) < 0) child_fail("setpriority");
 	int s = socket(AF_UNIX, SOCK_STREAM, 0);
 	if (s < 0) child_fail("socket");
 	if (connect(s, (struct sockaddr *)&daemon_addr, sizeof daemon_addr) < 0) child_fail("connect to the daemon");
