@@ -1,5 +1,6 @@
 import { Pool } from 'undici';
 import WebSocket from 'ws';
+import type { ExecutionEnvironmentSpec } from '../../src/dto/environment.js';
 
 /*
  * A lean CodeOcean-like client for the timed path: keep-alive connections from an undici Pool and
@@ -7,15 +8,8 @@ import WebSocket from 'ws';
  * used by the e2e tests.
  */
 
-export interface EnvironmentSpec {
-  id: number;
-  image: string;
-  prewarmingPoolSize: number;
-  cpuLimit: number;
-  memoryLimit: number;
-  networkAccess: boolean;
-  exposedPorts: number[];
-}
+/* The body of PUT /execution-environments/{id}: the daemon's own DTO, so the two cannot drift apart. */
+export type EnvironmentSpec = ExecutionEnvironmentSpec;
 
 export interface PoolStatistics {
   id: number;

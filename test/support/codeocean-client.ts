@@ -9,6 +9,7 @@ import {
   type Json,
   type WsMessage,
 } from './contract.js';
+import type { ExecutionEnvironmentSpec } from '../../src/dto/environment.js';
 
 /*
  * Mirrors CodeOcean's Runner::Strategy::Poseidon (see codeocean-contract.md): the same default
@@ -37,15 +38,8 @@ export interface RequestOptions {
   validate?: boolean;
 }
 
-export interface EnvironmentSpec {
-  id: number;
-  image: string;
-  prewarmingPoolSize: number;
-  cpuLimit: number;
-  memoryLimit: number;
-  networkAccess: boolean;
-  exposedPorts: number[];
-}
+/* The body of PUT /execution-environments/{id}: the daemon's own DTO, so the two cannot drift apart. */
+export type EnvironmentSpec = ExecutionEnvironmentSpec;
 
 export interface FileListEntry {
   name: string;
