@@ -4,7 +4,7 @@ import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { CgroupManager } from './cgroups.js';
 import { SPAWNER_BINARY } from './agent/standalone.js';
 import { Sandbox } from './sandbox.js';
-import { SpawnerClient } from './spawner-client.js';
+import { removeStaleSocketDirectories, SpawnerClient } from './spawner-client.js';
 
 /* Told about sandboxes coming and going, so a pool can count them without polling. */
 export interface SandboxDelegate {
@@ -33,6 +33,9 @@ export class SandboxProcessManager {
     spawnerBinary: string = SPAWNER_BINARY,
   ) {
     this.#spawner = new SpawnerClient(spawnerBinary, (message) => this.logger.error(message));
+    void removeStaleSocketDirectories().then((removed) => {
+      if (removed > 0) logger.info({ removed }, 'removed socket directories left by an earlier daemon');
+    });
   }
 
   list(): string[] {

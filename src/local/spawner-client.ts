@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
+import { readdir, rm } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -18,6 +19,32 @@ import { encodeFrame, type Frame, FrameParser } from './agent/frames.js';
  */
 
 const Request = { spawn: 0x01, kill: 0x02 } as const;
+const SOCKET_DIRECTORY_PREFIX = 'poseidon-spawner-';
+
+/*
+ * A daemon that was SIGKILLed could not remove its socket directory. One whose socket nobody
+ * listens on any more is such a leftover; a live daemon's socket answers and is left alone.
+ */
+export async function removeStaleSocketDirectories(parent: string = os.tmpdir()): Promise<number> {
+  const names = (await readdir(parent).catch(() => [] as string[])).filter((name) => name.startsWith(SOCKET_DIRECTORY_PREFIX));
+  let removed = 0;
+  for (const name of names) {
+    const directory = path.join(parent, name);
+    const listening = await new Promise<boolean>((resolve) => {
+      const probe = net.connect(path.join(directory, 'socket'));
+      probe.once('connect', () => {
+        probe.destroy();
+        resolve(true);
+      });
+      probe.once('error', (error: NodeJS.ErrnoException) => resolve(error.code !== 'ECONNREFUSED' && error.code !== 'ENOENT'));
+    });
+    if (!listening) {
+      await rm(directory, { recursive: true, force: true });
+      removed += 1;
+    }
+  }
+  return removed;
+}
 const Event = { started: 0x81, failed: 0x82, exited: 0x83 } as const;
 const KEY_LEN = 16;
 const CONNECTION_GRACE_MS = 50;
@@ -140,7 +167,7 @@ export class SpawnerClient {
   #ensureStarted(): ChildProcess {
     if (!this.#server) {
       // mkdtemp makes the directory 0700: only the daemon's user can connect.
-      this.#directory = mkdtempSync(path.join(os.tmpdir(), 'poseidon-spawner-'));
+      this.#directory = mkdtempSync(path.join(os.tmpdir(), SOCKET_DIRECTORY_PREFIX));
       this.#socketPath = path.join(this.#directory, 'socket');
       this.#server = net.createServer((socket) => this.#onConnection(socket));
       this.#server.on('error', (error) => this.onSpawnerDied(`the sandbox spawner's socket failed: ${error.message}`));
