@@ -68,6 +68,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "frame-reader.h"
+
 enum { REQ_EXEC = 1, REQ_STDIN, REQ_KILL, REQ_FILES, REQ_LIST, REQ_READ, REQ_PAUSE, REQ_RESUME };
 enum { EV_READY = 0x80, EV_STDOUT, EV_STDERR, EV_EXIT, EV_OUTPUT_CLOSED, EV_RESULT, EV_LISTING, EV_FILE_SIZE, EV_DATA };
 #define FLAG_PRIVILEGED 1u
@@ -866,52 +868,18 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 	}
 }
 
-static uint8_t *inbuf;
-static size_t inlen, incap;
+static struct frame_reader requests = { .chunk = CHUNK, .max_frame = MAX_FRAME };
 
-/* Reads what the daemon sent and handles every complete frame; partial frames wait for the rest. */
+/* Reads what the daemon sent and handles every complete frame. */
 static void read_requests(void)
 {
-	if (incap - inlen < CHUNK) {
-		size_t cap = incap ? incap * 2 : 4 * CHUNK;
-		uint8_t *p = realloc(inbuf, cap);
-		if (!p) kill_all_and_exit(3);
-		inbuf = p;
-		incap = cap;
+	int rc = frame_reader_read(&requests, 0, handle_frame);
+	if (rc == FRAMES_EOF) kill_all_and_exit(0); /* the daemon is gone: nobody may run unsupervised */
+	if (rc == FRAMES_BAD) {
+		fprintf(stderr, "poseidon-agent: bad frame length %u\n", requests.bad_length);
+		kill_all_and_exit(2);
 	}
-	ssize_t n = read(0, inbuf + inlen, incap - inlen);
-	if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
-	if (n <= 0) kill_all_and_exit(0); /* the daemon is gone: nobody may run unsupervised */
-	inlen += (size_t)n;
-	size_t off = 0;
-	while (inlen - off >= 4) {
-		const uint8_t *f = inbuf + off;
-		uint32_t rest = f[0] | (uint32_t)f[1] << 8 | (uint32_t)f[2] << 16 | (uint32_t)f[3] << 24;
-		if (rest < 5 || rest > MAX_FRAME) { fprintf(stderr, "poseidon-agent: bad frame length %u\n", rest); kill_all_and_exit(2); }
-		if (inlen - off - 4 < rest) {
-			/* Make room for the whole frame at once instead of doubling on every read. */
-			if (4 + (size_t)rest > incap) {
-				memmove(inbuf, f, inlen - off);
-				inlen -= off;
-				off = 0;
-				uint8_t *p = realloc(inbuf, 4 + (size_t)rest + CHUNK);
-				if (!p) kill_all_and_exit(3);
-				inbuf = p;
-				incap = 4 + (size_t)rest + CHUNK;
-			}
-			break;
-		}
-		uint32_t id = f[5] | (uint32_t)f[6] << 8 | (uint32_t)f[7] << 16 | (uint32_t)f[8] << 24;
-		handle_frame(f[4], id, f + 9, rest - 5);
-		off += 4 + (size_t)rest;
-	}
-	memmove(inbuf, inbuf + off, inlen - off);
-	inlen -= off;
-	/* The agent's memory counts against the runner's cgroup: give back what a big FILES needed. */
-	if (incap > 16 * CHUNK && inlen < CHUNK) {
-		uint8_t *p = realloc(inbuf, 4 * CHUNK);
-		if (p) { inbuf = p; incap = 4 * CHUNK; }
-	}
+	if (rc == FRAMES_NO_MEMORY) kill_all_and_exit(3);
 }
 
 int main(void)

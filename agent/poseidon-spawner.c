@@ -37,6 +37,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "frame-reader.h"
+
 enum { REQ_SPAWN = 0x01, REQ_KILL = 0x02, EV_STARTED = 0x81, EV_FAILED = 0x82, EV_EXITED = 0x83 };
 #define KEY_LEN 16
 #define STDERR_KEEP 4096
@@ -72,10 +74,6 @@ static void put_u32(uint8_t *p, uint32_t v)
 	p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
 }
 
-static uint32_t get_u32(const uint8_t *p)
-{
-	return p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
 
 static void send_event(uint8_t type, uint32_t id, const void *a, size_t alen, const void *b, size_t blen)
 {
@@ -146,14 +144,14 @@ static void child_main(pid_t parent, const uint8_t *key, int err_w, char **argv,
 static char **get_strings(const uint8_t **p, const uint8_t *end)
 {
 	if (end - *p < 4) return NULL;
-	uint32_t n = get_u32(*p);
+	uint32_t n = frame_u32(*p);
 	*p += 4;
 	if (n > (uint32_t)(end - *p) / 4) return NULL;
 	char **list = calloc((size_t)n + 1, sizeof *list);
 	if (!list) return NULL;
 	for (uint32_t i = 0; i < n; i++) {
 		if (end - *p < 4) goto bad;
-		uint32_t len = get_u32(*p);
+		uint32_t len = frame_u32(*p);
 		*p += 4;
 		if (len > (uint32_t)(end - *p)) goto bad;
 		list[i] = strndup((const char *)*p, len);
@@ -245,9 +243,6 @@ static void reap_children(void)
 	}
 }
 
-static uint8_t *inbuf;
-static size_t inlen, incap;
-
 static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size_t len)
 {
 	if (type == REQ_SPAWN) {
@@ -261,30 +256,17 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 	}
 }
 
+static struct frame_reader requests = { .chunk = 65536, .max_frame = MAX_FRAME };
+
 static void read_requests(void)
 {
-	if (incap - inlen < 65536) {
-		size_t cap = incap ? incap * 2 : 262144;
-		uint8_t *p = realloc(inbuf, cap);
-		if (!p) kill_all_and_exit(3);
-		inbuf = p;
-		incap = cap;
+	int rc = frame_reader_read(&requests, 0, handle_frame);
+	if (rc == FRAMES_EOF) kill_all_and_exit(0); /* the daemon is gone: so are its sandboxes */
+	if (rc == FRAMES_BAD) {
+		fprintf(stderr, "poseidon-spawner: bad frame length %u\n", requests.bad_length);
+		kill_all_and_exit(2);
 	}
-	ssize_t n = read(0, inbuf + inlen, incap - inlen);
-	if (n < 0 && (errno == EINTR || errno == EAGAIN)) return;
-	if (n <= 0) kill_all_and_exit(0); /* the daemon is gone: so are its sandboxes */
-	inlen += (size_t)n;
-	size_t off = 0;
-	while (inlen - off >= 4) {
-		const uint8_t *f = inbuf + off;
-		uint32_t rest = get_u32(f);
-		if (rest < 5 || rest > MAX_FRAME) { fprintf(stderr, "poseidon-spawner: bad frame length %u\n", rest); kill_all_and_exit(2); }
-		if (inlen - off - 4 < rest) break;
-		handle_frame(f[4], get_u32(f + 5), f + 9, rest - 5);
-		off += 4 + (size_t)rest;
-	}
-	memmove(inbuf, inbuf + off, inlen - off);
-	inlen -= off;
+	if (rc == FRAMES_NO_MEMORY) kill_all_and_exit(3);
 }
 
 int main(int argc, char **argv)

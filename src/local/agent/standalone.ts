@@ -32,9 +32,15 @@ export function agentCapabilityArguments(): string[] {
   return ['--cap-drop', 'ALL', ...AGENT_CAPABILITIES.flatMap((capability) => ['--cap-add', capability])];
 }
 
+/* Both binaries include the shared frame reader, so a change to it makes them stale too. */
+const SHARED_SOURCES = ['frame-reader.h'];
+
 function isStale(binary: string, sourceName: string): boolean {
-  const source = path.join(AGENT_SOURCE_DIR, sourceName);
-  return !existsSync(binary) || (existsSync(source) && statSync(source).mtimeMs > statSync(binary).mtimeMs);
+  if (!existsSync(binary)) return true;
+  const built = statSync(binary).mtimeMs;
+  return [sourceName, ...SHARED_SOURCES]
+    .map((name) => path.join(AGENT_SOURCE_DIR, name))
+    .some((source) => existsSync(source) && statSync(source).mtimeMs > built);
 }
 
 /*
