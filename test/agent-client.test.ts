@@ -306,6 +306,9 @@ describe('agent lifetime', () => {
       const result = execution.result.catch((error: Error) => error);
       await sandbox.stop();
       assert.equal(sandbox.child.exitCode !== null || sandbox.child.signalCode !== null, true);
+      // The kernel tears a pid namespace down asynchronously after its init died: allow it a moment.
+      const deadline = Date.now() + 3000;
+      while (hostProcessExists(sleepPid) && Date.now() < deadline) await new Promise((resolve) => setTimeout(resolve, 20));
       assert.equal(hostProcessExists(sleepPid), false, 'the execution died with the agent');
       assert.ok((await result) instanceof Error, 'the pending result rejects');
       await assert.rejects(sandbox.client.list('.', false), /agent/);
