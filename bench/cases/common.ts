@@ -32,7 +32,8 @@ export function httpBaseline(context: BenchContext): Promise<Baseline> {
 }
 
 /* The latency summary of `samples` plus its comparison with a baseline measured in the same run. */
-export function latencyResult(samples: number[], errors: number, elapsedMs: number, baseline?: Baseline): CaseResult {
+/* elapsedMs defaults to the time spent in the samples themselves (sequential cases). */
+export function latencyResult(samples: number[], errors: number, elapsedMs = samples.reduce((sum, sample) => sum + sample, 0), baseline?: Baseline): CaseResult {
   const summary = summarize(samples);
   const result: CaseResult = {
     ...summary,

@@ -1,6 +1,6 @@
 import { ApiError, environmentSpec } from '../lib/client.js';
 import { fillPool, until, type BenchContext, type CaseResult } from '../lib/context.js';
-import { nowMs, round, sleep } from '../lib/stats.js';
+import { nowMs, round, sleep, timeSequential } from '../lib/stats.js';
 import { bwrapParallelBaseline, bwrapSpawnBaseline, ENV, ErrorLog, latencyResult, StepTimes, submissionFiles } from './common.js';
 
 /* The request paths CodeOcean drives before and during every run, on the local backend. */
@@ -45,24 +45,15 @@ export async function claimCopyReturn(context: BenchContext): Promise<CaseResult
   for (let i = 0; i < (context.quick ? 1 : 5); i++) await once(-1 - i).catch((error: unknown) => errors.add(error));
   errors.count = 0;
   steps.clear();
-  const samples: number[] = [];
-  const deadline = Date.now() + 60_000;
-  let timed = 0;
-  for (let i = 0; i < n && Date.now() < deadline; i++) {
-    await keepPoolAboveLow(context, poolSize);
-    const start = nowMs();
-    try {
-      await once(i);
-      const elapsed = nowMs() - start;
-      samples.push(elapsed);
-      timed += elapsed;
-    } catch (error) {
-      errors.add(error);
-    }
-  }
+  const samples = await timeSequential(once, {
+    n,
+    deadline: Date.now() + 60_000,
+    onError: (error) => errors.add(error),
+    beforeEach: () => keepPoolAboveLow(context, poolSize),
+  });
   const baseline = await bwrapSpawnBaseline(context);
   return {
-    ...latencyResult(samples, errors.count, timed, baseline),
+    ...latencyResult(samples, errors.count, undefined, baseline),
     // The issue's target is on claim + copy; the return (sandbox teardown) is reported apart.
     claim_copy_p50_ms: steps.sumP50(['claim', 'copy']),
     ...steps.p50s(),
@@ -76,31 +67,19 @@ export async function executeTrue(context: BenchContext): Promise<CaseResult> {
   const n = context.n(200);
   const errors = new ErrorLog();
   const runnerId = await client.claim(ENV.main);
-  const samples: number[] = [];
-  let timed = 0;
+  let samples: number[];
   try {
     const once = async (): Promise<void> => {
       const outcome = await client.run(runnerId, 'true', { guardMs: 30_000 });
       if (outcome.exitCode !== 0) throw new Error(`true exited with ${String(outcome.exitCode)}`);
     };
     for (let i = 0; i < (context.quick ? 1 : 10); i++) await once().catch(() => undefined);
-    const deadline = Date.now() + 45_000;
-    for (let i = 0; i < n && Date.now() < deadline; i++) {
-      const start = nowMs();
-      try {
-        await once();
-        const elapsed = nowMs() - start;
-        samples.push(elapsed);
-        timed += elapsed;
-      } catch (error) {
-        errors.add(error);
-      }
-    }
+    samples = await timeSequential(once, { n, deadline: Date.now() + 45_000, onError: (error) => errors.add(error) });
   } finally {
     await client.returnRunner(runnerId).catch(() => undefined);
   }
   const baseline = await bwrapSpawnBaseline(context);
-  return { ...latencyResult(samples, errors.count, timed, baseline), ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}) };
+  return { ...latencyResult(samples, errors.count, undefined, baseline), ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}) };
 }
 
 export async function throughput(context: BenchContext): Promise<CaseResult> {

@@ -1,7 +1,7 @@
 import { environmentSpec } from '../lib/client.js';
 import { until, type BenchContext, type CaseResult } from '../lib/context.js';
 import { freePort } from '../../test/support/daemon.js';
-import { nowMs, round } from '../lib/stats.js';
+import { nowMs, round, timeSequential } from '../lib/stats.js';
 import { startFakeNomadProcess } from '../lib/system.js';
 import { ENV, ErrorLog, httpBaseline, latencyResult } from './common.js';
 
@@ -38,20 +38,12 @@ export async function nomadClaim(context: BenchContext): Promise<CaseResult> {
   for (let i = 0; i < warmups; i++) held.push(await client.claim(ENV.nomad));
   await until(async () => (await idle()) >= poolSize, Date.now() + 30_000, 20);
 
-  const samples: number[] = [];
-  let timed = 0;
-  const deadline = Date.now() + 30_000;
-  for (let i = 0; i < n && Date.now() < deadline; i++) {
-    const start = nowMs();
-    try {
+  const samples = await timeSequential(
+    async () => {
       held.push(await client.claim(ENV.nomad));
-      const elapsed = nowMs() - start;
-      samples.push(elapsed);
-      timed += elapsed;
-    } catch (error) {
-      errors.add(error);
-    }
-  }
+    },
+    { n, deadline: Date.now() + 30_000, onError: (error) => errors.add(error) },
+  );
   // The pool refills in the background after the claims; time until it is whole again.
   const refillAfterStart = nowMs();
   const refilledAfter = await until(async () => (await idle()) >= poolSize, Date.now() + 60_000, 20);
@@ -61,7 +53,7 @@ export async function nomadClaim(context: BenchContext): Promise<CaseResult> {
 
   const baseline = await httpBaseline(context);
   return {
-    ...latencyResult(samples, errors.count, timed, baseline),
+    ...latencyResult(samples, errors.count, undefined, baseline),
     nomad_latency_ms: NOMAD_LATENCY_MS,
     pool_size: poolSize,
     refill_ms: round(refillMs, 0),

@@ -1,7 +1,7 @@
 import { pipeRead, streamCommand } from '../lib/baselines.js';
 import { environmentSpec, type ExecutionOutcome } from '../lib/client.js';
 import { fillPool, type BenchContext, type CaseResult } from '../lib/context.js';
-import { nowMs, round } from '../lib/stats.js';
+import { nowMs, round, timeSequential } from '../lib/stats.js';
 import { ENV, ErrorLog, latencyResult } from './common.js';
 
 /* WebSocket stdout streaming: one big stream, then many at once; every byte and every exit counted. */
@@ -15,33 +15,24 @@ export async function streamSingle(context: BenchContext): Promise<CaseResult> {
   await fillPool(client, environmentSpec(ENV.main, context.quick ? 3 : 30), 60_000);
   const runnerId = await client.claim(ENV.main);
   const errors = new ErrorLog();
-  const samples: number[] = [];
+  let samples: number[];
   let lostBytes = 0;
-  let timed = 0;
   try {
     await client.run(runnerId, streamCommand(MB), { guardMs: 30_000 }).catch((error: unknown) => errors.add(error));
     errors.count = 0;
-    const deadline = Date.now() + 60_000;
-    for (let i = 0; i < n && Date.now() < deadline; i++) {
-      const start = nowMs();
-      try {
-        const outcome = await client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 });
-        const elapsed = nowMs() - start;
-        lostBytes += Math.max(0, bytes - outcome.stdoutBytes);
-        if (outcome.stdoutBytes !== bytes || outcome.exitCode !== 0) {
-          throw new Error(`received ${outcome.stdoutBytes} of ${bytes} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`);
-        }
-        samples.push(elapsed);
-        timed += elapsed;
-      } catch (error) {
-        errors.add(error);
+    const once = async (): Promise<void> => {
+      const outcome = await client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 });
+      lostBytes += Math.max(0, bytes - outcome.stdoutBytes);
+      if (outcome.stdoutBytes !== bytes || outcome.exitCode !== 0) {
+        throw new Error(`received ${outcome.stdoutBytes} of ${bytes} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`);
       }
-    }
+    };
+    samples = await timeSequential(once, { n, deadline: Date.now() + 60_000, onError: (error) => errors.add(error) });
   } finally {
     await client.returnRunner(runnerId).catch(() => undefined);
   }
   const baseline = await context.baseline(`pipe_read_${bytes}`, () => pipeRead(context.quick ? 1 : 3, bytes));
-  const result = latencyResult(samples, errors.count, timed, baseline);
+  const result = latencyResult(samples, errors.count, undefined, baseline);
   return {
     ...result,
     mb_per_s: round(bytes / MB / (Math.max(result.p50_ms ?? 0, 0.001) / 1000), 1),

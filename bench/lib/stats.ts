@@ -38,13 +38,28 @@ export function nowMs(): number {
   return Number(process.hrtime.bigint()) / 1e6;
 }
 
-/* Runs `once` sequentially `n` times (or until the deadline) and returns each duration. */
-export async function timeSequential(n: number, deadline: number, once: () => Promise<void>): Promise<number[]> {
+export interface SequentialOptions {
+  n: number;
+  /* Date.now() after which no new iteration starts. */
+  deadline: number;
+  /* A failed iteration is reported here and not timed. */
+  onError(error: unknown): void;
+  /* Untimed work before each iteration. */
+  beforeEach?(): Promise<void>;
+}
+
+/* Runs `once` up to n times in a row (or until the deadline) and returns the durations of those that succeeded. */
+export async function timeSequential(once: (iteration: number) => Promise<void>, options: SequentialOptions): Promise<number[]> {
   const samples: number[] = [];
-  for (let i = 0; i < n && Date.now() < deadline; i++) {
+  for (let i = 0; i < options.n && Date.now() < options.deadline; i++) {
+    await options.beforeEach?.();
     const start = nowMs();
-    await once();
-    samples.push(nowMs() - start);
+    try {
+      await once(i);
+      samples.push(nowMs() - start);
+    } catch (error) {
+      options.onError(error);
+    }
   }
   return samples;
 }
