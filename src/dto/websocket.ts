@@ -4,6 +4,3 @@ export type WebSocketMessage =
   | { type: 'timeout' }
   | { type: 'stdout' | 'stderr' | 'error'; data: string }
   | { type: 'exit'; data: number };
-
-/* CodeOcean maps exactly this text to "out of memory". */
-export const OOM_ERROR_TEXT = 'the allocation was OOM Killed';

@@ -149,19 +149,6 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     this.refill();
   }
 
-  idleCount(): number {
-    return this.#idle.size;
-  }
-
-  usedCount(): number {
-    return this.#used.size;
-  }
-
-  /* Idle share of the configured pool, for the health alert; 1 when no pool is wanted. */
-  fillRatio(): number {
-    return this.spec.prewarmingPoolSize === 0 ? 1 : this.#idle.size / this.spec.prewarmingPoolSize;
-  }
-
   statistics(): EnvironmentStatistics {
     return {
       id: this.spec.id,

@@ -43,10 +43,6 @@ export abstract class PoolingAccessorHandler<R extends ManagedRunner> extends Ac
     return [...this.environmentsById.values()].map((environment) => environment.statistics());
   }
 
-  ownEnvironmentPools(): Array<ExecutionEnvironment<R>> {
-    return [...this.environmentsById.values()];
-  }
-
   ownRunner(runnerId: string): R | undefined {
     const environmentId = environmentIdOfRunner(runnerId);
     if (environmentId === undefined) return undefined;
