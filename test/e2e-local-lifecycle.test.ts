@@ -132,3 +132,17 @@ test('with networkAccess, an exposed port is reachable at the reported mappedPor
     'the server to end with its runner',
   );
 });
+
+test('a runner whose sandbox dies on its own is gone (410) and its pool refills', async (t) => {
+  const daemon = await startDaemon();
+  t.after(() => daemon.stop());
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  await client.putEnvironment(environmentSpec(66, { prewarmingPoolSize: 1 }));
+  const runnerId = await client.claim(66);
+  // Privileged code may kill the sandbox's agent (its parent); the sandbox then ends with it.
+  const killed = await client.connect(await client.websocketUrl(runnerId, 'kill -9 $PPID', 10, true));
+  assert.deepEqual(killed.errors, ['the sandbox agent is gone'], 'the execution reports why it ended');
+  await waitFor(async () => (await client.listFiles(runnerId)).status, (status) => status === 410, 'the lost runner to answer 410');
+  await waitFor(() => idleRunners(client, 66), (idle) => idle === 1, 'the pool to refill');
+  assert.match(daemon.logs(), /sandbox ended unexpectedly/);
+});

@@ -4,7 +4,7 @@ import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentStore } from '../environment/environment-store.js';
 import type { RunnerFactory } from '../environment/execution-environment.js';
-import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import { environmentIdOfRunner, PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import { ensureAgentBuilt } from './agent/standalone.js';
 import type { CgroupManager } from './cgroups.js';
 import { LocalRunner } from './local-runner.js';
@@ -24,7 +24,16 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
   ) {
     super(logger.child({ backend: 'local' }), refillConcurrency);
     this.#store = new EnvironmentStore(config.statedir);
-    this.#processes = new SandboxProcessManager(config, cgroups, this.logger, ensureAgentBuilt());
+    this.#processes = new SandboxProcessManager(config, cgroups, this.logger, ensureAgentBuilt(), {
+      sandboxReady: (runnerId) => this.logger.info({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'runner ready'),
+      sandboxExited: (runnerId) => {
+        // A runner destroyed on purpose has left its pool already; only a lost one is still there.
+        const environmentId = environmentIdOfRunner(runnerId);
+        if (environmentId !== undefined && this.environmentsById.get(environmentId)?.forget(runnerId)) {
+          this.logger.warn({ runnerId, environmentId }, 'sandbox ended unexpectedly: runner removed');
+        }
+      },
+    });
   }
 
   /* The local backend takes every environment no earlier handler wanted. */
@@ -40,13 +49,7 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
         const ports = spec.networkAccess
           ? spec.exposedPorts.map((port) => ({ exposedPort: port, hostAddress: `${this.config.hostaddress}:${port}` }))
           : [];
-        const runner = new LocalRunner(id, spec.id, sandbox, ports, { uid: this.config.uid, gid: this.config.gid }, this.logger);
-        runner.onSandboxExit(() => {
-          this.logger.warn({ runnerId: id, environmentId: spec.id }, 'sandbox ended unexpectedly: runner removed');
-          this.environmentsById.get(spec.id)?.forget(id);
-        });
-        this.logger.info({ runnerId: id, environmentId: spec.id }, 'runner ready');
-        return runner;
+        return new LocalRunner(id, spec.id, sandbox, ports, { uid: this.config.uid, gid: this.config.gid }, this.logger);
       },
     };
   }

@@ -46,12 +46,6 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     return this.ports;
   }
 
-  onSandboxExit(listener: () => void): void {
-    this.sandbox.onExit(() => {
-      if (!this.#destroyed) listener();
-    });
-  }
-
   #identity(privileged: boolean): AgentIdentity {
     return privileged ? { privileged } : { privileged, uid: this.user.uid, gid: this.user.gid };
   }

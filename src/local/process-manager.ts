@@ -6,7 +6,7 @@ import { SPAWNER_BINARY } from './agent/standalone.js';
 import { Sandbox } from './sandbox.js';
 import { removeStaleSocketDirectories, SpawnerClient } from './spawner-client.js';
 
-/* Told about sandboxes coming and going, so a pool can count them without polling. */
+/* Told about sandboxes coming and going: a sandbox that ends on its own is a lost runner. */
 export interface SandboxDelegate {
   sandboxReady(id: string): void;
   sandboxExited(id: string): void;
@@ -29,7 +29,7 @@ export class SandboxProcessManager {
     private readonly cgroups: CgroupManager,
     private readonly logger: Logger,
     private readonly agentBinary: string,
-    private readonly delegate?: SandboxDelegate,
+    private readonly delegate: SandboxDelegate,
     spawnerBinary: string = SPAWNER_BINARY,
   ) {
     this.#spawner = new SpawnerClient(spawnerBinary, (message) => this.logger.error(message));
@@ -73,10 +73,10 @@ export class SandboxProcessManager {
     this.#sandboxes.set(id, sandbox);
     sandbox.onExit(() => {
       this.#sandboxes.delete(id);
-      this.delegate?.sandboxExited(id);
+      this.delegate.sandboxExited(id);
     });
     this.logger.debug({ runnerId: id }, 'sandbox ready');
-    this.delegate?.sandboxReady(id);
+    this.delegate.sandboxReady(id);
     return sandbox;
   }
 
