@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import { type EnvironmentStatistics, type ExecutionEnvironmentSpec, sameRunnerShape } from '../dto/environment.js';
 import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
@@ -7,6 +8,10 @@ import type { Runner } from '../runner/runner.js';
 import { ExecutionEnvironment, type RunnerFactory } from './execution-environment.js';
 
 /* Runner ids are `<environmentId>-<uuid>`, as in Poseidon, so the owner is found without a search. */
+export function newRunnerId(environmentId: number): string {
+  return `${environmentId}-${randomUUID()}`;
+}
+
 export function environmentIdOfRunner(runnerId: string): number | undefined {
   const prefix = runnerId.split('-', 1)[0];
   const id = Number(prefix);

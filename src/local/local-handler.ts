@@ -1,10 +1,9 @@
-import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentStore } from '../environment/environment-store.js';
 import type { RunnerFactory } from '../environment/execution-environment.js';
-import { environmentIdOfRunner, PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import { environmentIdOfRunner, newRunnerId, PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import { ensureAgentBuilt } from './agent/standalone.js';
 import type { CgroupManager } from './cgroups.js';
 import { LocalRunner } from './local-runner.js';
@@ -44,7 +43,7 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
   protected runnerFactory(): RunnerFactory<LocalRunner> {
     return {
       createRunner: async (spec: ExecutionEnvironmentSpec) => {
-        const id = `${spec.id}-${randomUUID()}`;
+        const id = newRunnerId(spec.id);
         const sandbox = await this.#processes.prepare(id, spec);
         const ports = spec.networkAccess
           ? spec.exposedPorts.map((port) => ({ exposedPort: port, hostAddress: `${this.config.hostaddress}:${port}` }))

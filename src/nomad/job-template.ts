@@ -38,10 +38,6 @@ export function templateJobId(environmentId: number): string {
   return `${templateJobPrefix}-${environmentId}`;
 }
 
-export function runnerJobId(environmentId: number, uuid: string): string {
-  return `${environmentId}-${uuid}`;
-}
-
 export function isTemplateJobId(jobId: string): boolean {
   const parts = jobId.split('-');
   return parts.length === 2 && parts[0] === templateJobPrefix && /^\d+$/.test(parts[1] ?? '');

@@ -1,10 +1,9 @@
-import { randomUUID } from 'node:crypto';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { NomadConfig } from '../config/schema.js';
 import { executionEnvironmentSchema, type ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { ExecutionEnvironment, type RunnerFactory } from '../environment/execution-environment.js';
-import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import { newRunnerId, PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import type { PutOutcome } from '../runner/accessor-handler.js';
 import { ApiError, BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
@@ -167,7 +166,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   async #createRunner(spec: ExecutionEnvironmentSpec): Promise<NomadRunner> {
     const template = this.#templates.get(spec.id);
     if (this.#closed || template === undefined) throw new BackendError(`environment ${spec.id} has no template job`);
-    const id = `${spec.id}-${randomUUID()}`;
+    const id = newRunnerId(spec.id);
     const job = deriveRunnerJob(template, id, this.config.namespace);
     // Waiting starts before the registration, so a running event cannot slip through in between.
     const ready = this.#awaitRunningAllocation(id, spec.id);
