@@ -108,7 +108,6 @@ export const configSchema = z
   .prefault({});
 
 export type Config = z.infer<typeof configSchema>;
-export type TlsConfig = z.infer<typeof tlsSchema>;
 export type NomadConfig = z.infer<typeof nomadSchema>;
 export type LocalConfig = z.infer<typeof localSchema>;
 export type CgroupMode = z.infer<typeof cgroupModeSchema>;

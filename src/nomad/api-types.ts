@@ -81,7 +81,6 @@ export const jobRegisterResponseSchema = z.looseObject({
   Warnings: z.string().nullish(),
   Index: z.number().int().nullish(),
 });
-export type JobRegisterResponse = z.infer<typeof jobRegisterResponseSchema>;
 
 export const jobDeregisterResponseSchema = z.looseObject({
   // Empty when the job did not exist (Nomad >= 1.6 answers 200 instead of 404 then).
@@ -89,7 +88,6 @@ export const jobDeregisterResponseSchema = z.looseObject({
   EvalCreateIndex: z.number().int().nullish(),
   JobModifyIndex: z.number().int().nullish(),
 });
-export type JobDeregisterResponse = z.infer<typeof jobDeregisterResponseSchema>;
 
 export const portMappingSchema = z.looseObject({
   Label: z.string(),
@@ -115,7 +113,6 @@ export const taskEventSchema = z.looseObject({
   Details: z.record(z.string(), z.string()).nullish(),
   DisplayMessage: z.string().nullish(),
 });
-export type TaskEvent = z.infer<typeof taskEventSchema>;
 
 export const taskStateSchema = z.looseObject({
   State: z.string(),
@@ -123,7 +120,6 @@ export const taskStateSchema = z.looseObject({
   Restarts: z.number().int().nullish(),
   Events: z.array(taskEventSchema).nullish(),
 });
-export type TaskState = z.infer<typeof taskStateSchema>;
 
 const allocationCommon = {
   ID: z.string(),

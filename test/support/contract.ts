@@ -150,12 +150,6 @@ const routeKey = (method: string, pathTemplate: string): string => `${method.toU
   }
 }
 
-export function documentedStatuses(method: HttpMethod, pathTemplate: string): number[] {
-  const spec = responseSpecs.get(routeKey(method, pathTemplate));
-  assert.ok(spec, `route ${routeKey(method, pathTemplate)} is not in the swagger`);
-  return [...spec.keys()].map(Number);
-}
-
 function describeErrors(validate: ValidateFunction): string {
   return ajv.errorsText(validate.errors, { separator: '; ' });
 }
