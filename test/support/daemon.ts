@@ -175,7 +175,8 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   const base: ConfigTree = {
     server: { address: '127.0.0.1', port },
     logger: { level: 'warn' },
-    local: { statedir: stateDir },
+    // Parallel checkouts on one host keep their runners' cgroups apart with TEST_CGROUP_PARENT.
+    local: { statedir: stateDir, cgroupparent: process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts' },
   };
   if (options.token !== undefined) {
     base.server = { ...(base.server as ConfigTree), token: options.token };
