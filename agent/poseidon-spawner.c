@@ -24,12 +24,18 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <grp.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -40,6 +46,15 @@
 #include "frame-reader.h"
 
 enum { REQ_SPAWN = 0x01, REQ_KILL = 0x02, EV_STARTED = 0x81, EV_FAILED = 0x82, EV_EXITED = 0x83 };
+enum { FLAG_USERNS = 1, FLAG_NETNS = 2, FLAG_AGENT = 4 };
+/* Where a spawned process finds the agent with FLAG_AGENT: bwrap runs /proc/self/fd/3. */
+#define AGENT_FD 3
+/* Data fds are moved out of the way before being put in place, so no target is clobbered. */
+#define FD_SCRATCH 100
+#define MAX_DATA_FDS 16
+/* Below the daemon's 0 and learner code's 0: the OOM killer ends the agent last. */
+#define SANDBOX_OOM_SCORE_ADJ "-999"
+
 #define KEY_LEN 16
 #define STDERR_KEEP 4096
 #define MAX_FRAME (64u << 20)
@@ -55,6 +70,16 @@ struct child {
 static struct child **children;
 static size_t nchildren;
 static struct sockaddr_un daemon_addr;
+static int agent_memfd = -1;
+
+struct spawn_request {
+	uint32_t flags, id_base, id_count;
+	char **procs, **argv, **envp;
+	uint32_t ndata;
+	uint32_t data_fd[MAX_DATA_FDS];
+	const uint8_t *data[MAX_DATA_FDS];
+	uint32_t data_len[MAX_DATA_FDS];
+};
 
 static void write_all(const void *data, size_t len)
 {
@@ -107,8 +132,104 @@ static void child_fail(const char *what)
 	_exit(126);
 }
 
-/* In the forked child: connect to the daemon, wire up fds 0-2 and exec. Never returns. */
-static void child_main(pid_t parent, const uint8_t *key, int err_w, char **argv, char **envp)
+static void write_file_or_fail(const char *path, const char *data, const char *what)
+{
+	int fd = open(path, O_WRONLY | O_CLOEXEC);
+	if (fd < 0) child_fail(what);
+	ssize_t n = write(fd, data, strlen(data));
+	if (n != (ssize_t)strlen(data)) child_fail(what);
+	close(fd);
+}
+
+/*
+ * Lowering the score needs CAP_SYS_RESOURCE, which some hosts withhold even from root (containers);
+ * there the agent keeps the daemon's score, and its small size alone makes it the killer's last pick.
+ */
+static void protect_from_oom_killer(void)
+{
+	int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+	if (fd < 0) return;
+	if (write(fd, SANDBOX_OOM_SCORE_ADJ, strlen(SANDBOX_OOM_SCORE_ADJ)) < 0 && errno != EACCES && errno != EPERM) child_fail("oom_score_adj");
+	close(fd);
+}
+
+/* A pipe holding data at fd target: bubblewrap reads such fds to EOF (--ro-bind-data, --seccomp). */
+static void place_data(uint32_t target, const uint8_t *data, uint32_t len)
+{
+	int p[2];
+	if (pipe2(p, O_CLOEXEC) < 0) child_fail("pipe");
+	/* A pipe holds 64 KiB by default; the blobs (a seccomp program, small files) must fit at once. */
+	if (len > 65536 && fcntl(p[1], F_SETPIPE_SZ, (int)len) < 0) child_fail("grow the data pipe");
+	for (uint32_t off = 0; off < len;) {
+		ssize_t w = write(p[1], data + off, len - off);
+		if (w < 0) {
+			if (errno == EINTR) continue;
+			child_fail("write a data pipe");
+		}
+		off += (uint32_t)w;
+	}
+	close(p[1]);
+	int moved = fcntl(p[0], F_DUPFD_CLOEXEC, FD_SCRATCH + (int)target);
+	if (moved < 0) child_fail("move a data pipe");
+	close(p[0]);
+	if (dup2(moved, (int)target) < 0) child_fail("dup2 a data pipe");
+	close(moved);
+}
+
+static void loopback_up(void)
+{
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0) child_fail("socket for loopback");
+	struct ifreq ifr;
+	memset(&ifr, 0, sizeof ifr);
+	strcpy(ifr.ifr_name, "lo");
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0) child_fail("read loopback flags");
+	ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0) child_fail("bring loopback up");
+	close(s);
+}
+
+/*
+ * Enters a new user namespace as its root. Mapping a range of other host ids needs CAP_SETUID in
+ * the parent namespace, which this process gives up by entering; a forked helper that stays
+ * outside writes the maps.
+ */
+static void enter_user_namespace(uint32_t base, uint32_t count)
+{
+	int go[2];
+	if (pipe2(go, O_CLOEXEC) < 0) child_fail("pipe");
+	pid_t self = getpid();
+	pid_t mapper = fork();
+	if (mapper < 0) child_fail("fork the id mapper");
+	if (mapper == 0) {
+		char c, path[64], map[64];
+		close(go[1]);
+		if (read(go[0], &c, 1) != 1) _exit(1);
+		snprintf(map, sizeof map, "0 %u %u\n", base, count);
+		snprintf(path, sizeof path, "/proc/%d/uid_map", (int)self);
+		write_file_or_fail(path, map, "write uid_map");
+		snprintf(path, sizeof path, "/proc/%d/gid_map", (int)self);
+		write_file_or_fail(path, map, "write gid_map");
+		_exit(0);
+	}
+	close(go[0]);
+	if (unshare(CLONE_NEWUSER) < 0) child_fail("unshare the user namespace");
+	if (write(go[1], "x", 1) != 1) child_fail("signal the id mapper");
+	close(go[1]);
+	int status;
+	while (waitpid(mapper, &status, 0) < 0)
+		if (errno != EINTR) child_fail("wait for the id mapper");
+	if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) { errno = EPERM; child_fail("map the user namespace's ids"); }
+	/* Our ids are still the host's root, unmapped here; become the namespace's root. */
+	if (setresgid(0, 0, 0) < 0) child_fail("setresgid");
+	if (setgroups(0, NULL) < 0) child_fail("setgroups");
+	if (setresuid(0, 0, 0) < 0) child_fail("setresuid");
+	/* Nothing in the sandbox may make a user namespace of its own (seccomp forbids it as well). */
+	write_file_or_fail("/proc/sys/user/max_user_namespaces", "0", "forbid nested user namespaces");
+}
+
+/* In the forked child: build the process's namespaces and fds, then exec. Never returns. */
+static void child_main(pid_t parent, const uint8_t *key, int err_w, struct spawn_request *rq)
 {
 	sigset_t none;
 	sigemptyset(&none);
@@ -118,11 +239,16 @@ static void child_main(pid_t parent, const uint8_t *key, int err_w, char **argv,
 	/* Nobody may outlive the spawner: this survives exec (bwrap then sets its own). */
 	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) child_fail("prctl");
 	if (getppid() != parent) _exit(126);
+	/* Into the runner's cgroups before anything can fork, or a fork bomb could escape the pids limit. */
+	char pid_text[16];
+	snprintf(pid_text, sizeof pid_text, "%d", (int)getpid());
+	for (char **procs = rq->procs; *procs; procs++) write_file_or_fail(*procs, pid_text, *procs);
 	/*
 	 * Sandboxes, and all learner code in them, run below the daemon's CPU priority: building
 	 * pools and running programs must not slow down the API that hands runners out.
 	 */
 	if (setpriority(PRIO_PROCESS, 0, SANDBOX_NICE) < 0) child_fail("setpriority");
+	if (rq->flags & FLAG_AGENT) protect_from_oom_killer();
 	int s = socket(AF_UNIX, SOCK_STREAM, 0);
 	if (s < 0) child_fail("socket");
 	if (connect(s, (struct sockaddr *)&daemon_addr, sizeof daemon_addr) < 0) child_fail("connect to the daemon");
@@ -136,8 +262,18 @@ static void child_main(pid_t parent, const uint8_t *key, int err_w, char **argv,
 	}
 	if (dup2(s, 0) < 0 || dup2(s, 1) < 0) child_fail("dup2");
 	if (s > 2) close(s);
-	execve(argv[0], argv, envp);
-	child_fail(argv[0]);
+	if (rq->flags & FLAG_AGENT) {
+		if (agent_memfd < 0) { errno = ENOENT; child_fail("the spawner was started without an agent"); }
+		if (dup2(agent_memfd, AGENT_FD) < 0) child_fail("dup2 the agent");
+	}
+	for (uint32_t i = 0; i < rq->ndata; i++) place_data(rq->data_fd[i], rq->data[i], rq->data_len[i]);
+	if (rq->flags & FLAG_NETNS) {
+		if (unshare(CLONE_NEWNET) < 0) child_fail("unshare the network namespace");
+		loopback_up();
+	}
+	if (rq->flags & FLAG_USERNS) enter_user_namespace(rq->id_base, rq->id_count);
+	execve(rq->argv[0], rq->argv, rq->envp);
+	child_fail(rq->argv[0]);
 }
 
 /* Reads a u32-counted list of u32-length strings into a NULL-terminated array (NULL on bad input). */
@@ -172,16 +308,43 @@ static void free_strings(char **list)
 	free(list);
 }
 
+static int parse_spawn(struct spawn_request *rq, const uint8_t *p, const uint8_t *end)
+{
+	if (end - p < 12) return -1;
+	rq->flags = frame_u32(p);
+	rq->id_base = frame_u32(p + 4);
+	rq->id_count = frame_u32(p + 8);
+	p += 12;
+	if (!(rq->procs = get_strings(&p, end))) return -1;
+	if (!(rq->argv = get_strings(&p, end)) || !rq->argv[0]) return -1;
+	if (!(rq->envp = get_strings(&p, end))) return -1;
+	if (end - p < 4) return -1;
+	rq->ndata = frame_u32(p);
+	p += 4;
+	if (rq->ndata > MAX_DATA_FDS) return -1;
+	for (uint32_t i = 0; i < rq->ndata; i++) {
+		if (end - p < 8) return -1;
+		rq->data_fd[i] = frame_u32(p);
+		rq->data_len[i] = frame_u32(p + 4);
+		p += 8;
+		/* fds 0-3 are the connection, stderr and the agent */
+		if (rq->data_fd[i] <= AGENT_FD || rq->data_fd[i] >= FD_SCRATCH || rq->data_len[i] > (uint32_t)(end - p)) return -1;
+		rq->data[i] = p;
+		p += rq->data_len[i];
+	}
+	if (p != end) return -1;
+	if ((rq->flags & FLAG_USERNS) && (rq->id_count == 0 || rq->id_base == 0 || rq->id_base > UINT32_MAX - rq->id_count)) return -1;
+	return 0;
+}
+
 static void handle_spawn(uint32_t id, const uint8_t *p, const uint8_t *end)
 {
-	char **argv = NULL, **envp = NULL;
+	struct spawn_request rq = { 0 };
 	int err[2] = { -1, -1 };
 	if (end - p < KEY_LEN) { errno = EINVAL; send_failed(id, "bad SPAWN request"); return; }
 	const uint8_t *key = p;
 	p += KEY_LEN;
-	argv = get_strings(&p, end);
-	envp = argv ? get_strings(&p, end) : NULL;
-	if (!argv || !envp || !argv[0]) { errno = EINVAL; send_failed(id, "bad SPAWN request"); goto out; }
+	if (parse_spawn(&rq, p, end) < 0) { errno = EINVAL; send_failed(id, "bad SPAWN request"); goto out; }
 	struct child *c = calloc(1, sizeof *c);
 	struct child **grown = realloc(children, (nchildren + 1) * sizeof *children);
 	if (!c || !grown) { free(c); if (grown) children = grown; errno = ENOMEM; send_failed(id, "spawn"); goto out; }
@@ -190,7 +353,7 @@ static void handle_spawn(uint32_t id, const uint8_t *p, const uint8_t *end)
 	pid_t parent = getpid();
 	pid_t pid = fork();
 	if (pid < 0) { free(c); send_failed(id, "fork"); goto out; }
-	if (pid == 0) child_main(parent, key, err[1], argv, envp);
+	if (pid == 0) child_main(parent, key, err[1], &rq);
 	close(err[1]); err[1] = -1;
 	fcntl(err[0], F_SETFL, O_NONBLOCK);
 	c->id = id;
@@ -204,8 +367,9 @@ static void handle_spawn(uint32_t id, const uint8_t *p, const uint8_t *end)
 out:
 	if (err[0] >= 0) close(err[0]);
 	if (err[1] >= 0) close(err[1]);
-	free_strings(argv);
-	free_strings(envp);
+	free_strings(rq.procs);
+	free_strings(rq.argv);
+	free_strings(rq.envp);
 }
 
 /* Keeps the first STDERR_KEEP bytes and drops the rest; EOF closes the pipe. */
@@ -269,14 +433,37 @@ static void read_requests(void)
 	if (rc == FRAMES_NO_MEMORY) kill_all_and_exit(3);
 }
 
+/*
+ * The agent, copied once into a sealed memfd: sandboxes exec it from there, so no host path of it
+ * is mounted into a sandbox (and shows in its mountinfo), and no image needs a mount point for it.
+ */
+static int load_agent(const char *path)
+{
+	int in = open(path, O_RDONLY | O_CLOEXEC);
+	struct stat st;
+	if (in < 0 || fstat(in, &st) < 0) { fprintf(stderr, "poseidon-spawner: %s: %s\n", path, strerror(errno)); return -1; }
+	int fd = memfd_create("poseidon-agent", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+	if (fd < 0) { perror("poseidon-spawner: memfd_create"); return -1; }
+	char buf[65536];
+	ssize_t n;
+	while ((n = read(in, buf, sizeof buf)) > 0)
+		if (write(fd, buf, (size_t)n) != n) { perror("poseidon-spawner: copy the agent"); return -1; }
+	if (n < 0) { perror("poseidon-spawner: read the agent"); return -1; }
+	close(in);
+	fchmod(fd, 0555);
+	if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) { perror("poseidon-spawner: seal the agent"); return -1; }
+	return fd;
+}
+
 int main(int argc, char **argv)
 {
-	if (argc != 2 || strlen(argv[1]) >= sizeof daemon_addr.sun_path) {
-		fprintf(stderr, "usage: poseidon-spawner SOCKET-PATH (shorter than %zu bytes)\n", sizeof daemon_addr.sun_path);
+	if ((argc != 2 && argc != 3) || strlen(argv[1]) >= sizeof daemon_addr.sun_path) {
+		fprintf(stderr, "usage: poseidon-spawner SOCKET-PATH (shorter than %zu bytes) [AGENT-PATH]\n", sizeof daemon_addr.sun_path);
 		return 2;
 	}
 	daemon_addr.sun_family = AF_UNIX;
 	strcpy(daemon_addr.sun_path, argv[1]);
+	if (argc == 3 && (agent_memfd = load_agent(argv[2])) < 0) return 1;
 	/* Without the daemon there is nobody to serve: die with it even if its pipe lingers. */
 	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 	if (getppid() == 1) return 1;

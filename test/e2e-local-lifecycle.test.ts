@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
 import { randomUUID } from 'node:crypto';
+import { readFileSync } from 'node:fs';
 import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -139,8 +140,14 @@ test('a runner whose sandbox dies on its own is gone (410) and its pool refills'
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   await client.putEnvironment(environmentSpec(66, { prewarmingPoolSize: 1 }));
   const runnerId = await client.claim(66);
-  // Privileged code may kill the sandbox's agent (its parent); the sandbox then ends with it.
-  const killed = await client.connect(await client.websocketUrl(runnerId, 'kill -9 $PPID', 10, true));
+  // The agent is the sandbox's pid 1, which nothing inside can kill: end it from the host, as a
+  // crash or the host's OOM killer would.
+  const marker = `lost-${randomUUID()}`;
+  const running = client.connect(await client.websocketUrl(runnerId, `exec sh -c 'sleep 30; true' ${marker}`, 60, true));
+  await waitFor(async () => processesMatching(marker).length, (count) => count === 1, 'the execution to run');
+  const agentPid = Number(/^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${processesMatching(marker)[0]}/status`, 'utf8'))?.[1]);
+  process.kill(agentPid, 'SIGKILL');
+  const killed = await running;
   assert.deepEqual(killed.errors, ['the sandbox agent is gone'], 'the execution reports why it ended');
   await waitFor(async () => (await client.listFiles(runnerId)).status, (status) => status === 410, 'the lost runner to answer 410');
   await waitFor(() => idleRunners(client, 66), (idle) => idle === 1, 'the pool to refill');

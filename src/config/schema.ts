@@ -82,9 +82,16 @@ const localSchema = z
     bwrap: z.string().min(1).default('bwrap'),
     /* Maps an environment's `image` to a root file system directory; unknown images use the host's system directories read-only. */
     images: z.record(z.string().min(1), z.string().min(1)).default({}),
-    /* The unprivileged user every non-privileged command runs as. */
-    uid: z.number().int().min(1).default(65534),
-    gid: z.number().int().min(1).default(65534),
+    /* The learner user every non-privileged command runs as, inside the runner's user namespace. */
+    uid: z.number().int().min(1).max(65535).default(1000),
+    gid: z.number().int().min(1).max(65535).default(1000),
+    /*
+     * Host ids for runners' user namespaces: runner n gets ids idmapbase + n*65536 .. + 65535, and
+     * idmapslots runners can live at once. The default lies in systemd's range for container ids;
+     * no host account may use an id in it (checked at start).
+     */
+    idmapbase: z.number().int().min(65536).default(0x6000_0000),
+    idmapslots: z.number().int().min(1).max(65535).default(4096),
     /* Size of each runner's private workspace and /tmp (tmpfs, charged to the runner's memory). */
     workspacesize: z.number().int().positive().default(256),
     /* Fork-bomb guard: most processes one runner may have. */

@@ -2,11 +2,12 @@ import { existsSync, lstatSync } from 'node:fs';
 
 /*
  * Only these host files are visible in a sandbox built from the host's system: enough for
- * programs and name resolution, nothing that holds secrets (no shadow, no daemon config).
+ * programs and name resolution, nothing that holds secrets (no shadow, no daemon config). The
+ * sandbox gets passwd and group of its own (see sandboxAccounts).
  */
 const HOST_ETC_ENTRIES = [
   'alternatives', 'ca-certificates', 'ca-certificates.conf', 'ssl', 'ld.so.cache', 'ld.so.conf', 'ld.so.conf.d',
-  'localtime', 'timezone', 'passwd', 'group', 'nsswitch.conf', 'hosts', 'resolv.conf', 'host.conf', 'mime.types',
+  'localtime', 'timezone', 'nsswitch.conf', 'hosts', 'resolv.conf', 'host.conf', 'mime.types',
   'java-17-openjdk', 'java-21-openjdk', 'python3', 'python3.11', 'fonts', 'profile', 'bash.bashrc', 'environment',
   'locale.alias', 'locale.gen', 'protocols', 'services', 'magic', 'inputrc', 'ssh/ssh_config',
 ];

@@ -1,8 +1,11 @@
+import { accessSync, constants } from 'node:fs';
+import path from 'node:path';
 import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { CgroupManager } from './cgroups.js';
 import { SPAWNER_BINARY } from './agent/standalone.js';
+import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from './id-ranges.js';
 import { Sandbox } from './sandbox.js';
 import { removeStaleSocketDirectories, SpawnerClient } from './spawner-client.js';
 
@@ -23,6 +26,8 @@ export class SandboxProcessManager {
   #lameDuck = false;
   /* Forks the sandboxes, so that the daemon does not fork itself for each one. */
   readonly #spawner: SpawnerClient;
+  readonly #ids: IdRangeAllocator;
+  readonly #bwrap: string;
 
   constructor(
     private readonly config: LocalConfig,
@@ -32,7 +37,14 @@ export class SandboxProcessManager {
     private readonly delegate: SandboxDelegate,
     spawnerBinary: string = SPAWNER_BINARY,
   ) {
-    this.#spawner = new SpawnerClient(spawnerBinary, (message) => this.logger.error(message));
+    this.#spawner = new SpawnerClient(spawnerBinary, (message) => this.logger.error(message), agentBinary);
+    this.#ids = new IdRangeAllocator(config.idmapbase, config.idmapslots);
+    const idsEnd = config.idmapbase + config.idmapslots * IDS_PER_RUNNER;
+    const clashes = hostIdsInRange(config.idmapbase, idsEnd);
+    if (clashes.length > 0) {
+      throw new Error(`local.idmapbase/idmapslots: host ids ${config.idmapbase}..${idsEnd - 1} are in use, so a runner's root could be a host account: ${clashes.join(', ')}`);
+    }
+    this.#bwrap = resolveExecutable(config.bwrap);
     void removeStaleSocketDirectories().then((removed) => {
       if (removed > 0) logger.info({ removed }, 'removed socket directories left by an earlier daemon');
     });
@@ -55,27 +67,34 @@ export class SandboxProcessManager {
       cpuShares: spec.cpuLimit,
       pids: this.config.pidslimit,
     });
+    const ids = this.#ids.allocate();
     let sandbox: Sandbox;
     try {
       sandbox = await Sandbox.start({
-        bwrap: this.config.bwrap,
-        agent: this.agentBinary,
+        bwrap: this.#bwrap,
         rootfs: this.config.images[spec.image],
-        networkAccess: spec.networkAccess,
+        ids,
+        learner: { uid: this.config.uid, gid: this.config.gid },
+        memoryLimitMiB: spec.memoryLimit,
         workspaceSizeMiB: this.config.workspacesize,
         cgroup,
+        seccompProgram: undefined,
         spawner: this.#spawner,
+        onCleanupError: (error) => this.logger.warn({ runnerId: id, err: error }, 'cannot remove the cgroup of an ended sandbox'),
       });
     } catch (error) {
+      this.#ids.release(ids);
       await cgroup?.destroy();
       throw error;
     }
     this.#sandboxes.set(id, sandbox);
     sandbox.onExit(() => {
       this.#sandboxes.delete(id);
+      // Its ids are free once its last process is gone, which emptying its cgroup waits for.
+      void sandbox.destroy().finally(() => this.#ids.release(ids));
       this.delegate.sandboxExited(id);
     });
-    this.logger.debug({ runnerId: id }, 'sandbox ready');
+    this.logger.debug({ runnerId: id, hostIdBase: ids.base }, 'sandbox ready');
     this.delegate.sandboxReady(id);
     return sandbox;
   }
@@ -94,4 +113,19 @@ export class SandboxProcessManager {
     await Promise.allSettled([...this.#sandboxes.values()].map((sandbox) => sandbox.destroy()));
     await this.#spawner.close();
   }
+}
+
+/* The spawner execs without a PATH search, so bubblewrap's path is resolved once, here. */
+function resolveExecutable(name: string): string {
+  if (name.includes('/')) return path.resolve(name);
+  for (const directory of (process.env.PATH ?? '/usr/local/bin:/usr/bin:/bin').split(':')) {
+    const candidate = path.join(directory || '.', name);
+    try {
+      accessSync(candidate, constants.X_OK);
+      return candidate;
+    } catch {
+      // not here; try the next directory
+    }
+  }
+  throw new Error(`local.bwrap: ${name} is not in PATH (run scripts/setup.sh)`);
 }

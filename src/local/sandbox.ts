@@ -1,47 +1,97 @@
+import { existsSync } from 'node:fs';
 import { WORKSPACE } from '../runner/workspace-files.js';
 import { AgentClient } from './agent/agent-client.js';
-import { AGENT_SANDBOX_PATH, agentCapabilityArguments } from './agent/standalone.js';
+import { agentCapabilityArguments } from './agent/standalone.js';
 import type { RunnerCgroup } from './cgroups.js';
 import { hostSystemArguments } from './host-root.js';
-import { describeExit, type SpawnedProcess, type SpawnerClient } from './spawner-client.js';
+import type { IdRange } from './id-ranges.js';
+import { sandboxAccounts } from './sandbox-accounts.js';
+import { AGENT_FD, describeExit, type SpawnedProcess, type SpawnerClient } from './spawner-client.js';
 
 export interface SandboxOptions {
   bwrap: string;
-  /* The agent binary on the host, bind-mounted read-only into the sandbox. */
-  agent: string;
   /* Root file system directory of the image; undefined means the host's system directories. */
   rootfs: string | undefined;
-  networkAccess: boolean;
+  /* Host ids of the sandbox's user namespace: its root is rootIds.base on the host. */
+  ids: IdRange;
+  /* The learner user, who owns nothing but may write /workspace, /tmp and /dev/shm. */
+  learner: { uid: number; gid: number };
+  /* Caps /workspace, /tmp and /dev/shm so that filling them ends in ENOSPC, not an OOM kill. */
+  memoryLimitMiB: number;
   workspaceSizeMiB: number;
   cgroup: RunnerCgroup | undefined;
+  /* The BPF program every process of the sandbox runs under (bubblewrap's --seccomp). */
+  seccompProgram: Buffer | undefined;
   /* Starts the sandbox's processes without forking the daemon. */
   spawner: SpawnerClient;
+  onCleanupError: (error: unknown) => void;
 }
 
 export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
-/*
- * Joins the cgroups listed first, then execs the rest: a process must be inside its runner's
- * cgroup before it can fork, or a fork bomb could escape the pids limit.
- */
-const ENTER_CGROUPS_THEN_EXEC = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; n=$((n-1)); done; exec "$@"';
-
 const READY_TIMEOUT_MS = 15_000;
+const MEBIBYTE = 1024 * 1024;
+
+/* Where bubblewrap reads its data blobs; fds 0-3 are the agent's connection, stderr and the agent. */
+const DataFd = { passwd: 4, group: 5, seccomp: 6 } as const;
+
+/*
+ * /proc as Docker leaves it by default. These paths are read-only: bind mounts of themselves (a
+ * sysctl shows the values of the reader's own namespaces, whichever proc it is read through);
+ * bubblewrap skips them inside a user namespace, where they look read-only to its access check
+ * but the user namespace's own sysctls (user.max_user_namespaces, say) are writable by its root.
+ */
+const READ_ONLY_PROC_PATHS = ['/proc/sys', '/proc/sysrq-trigger', '/proc/irq', '/proc/bus', '/proc/fs'];
+/*
+ * These files leak host kernel state or keys and are hidden behind an empty read-only file, these
+ * directories behind an empty read-only tmpfs.
+ */
+/* Only those this kernel has: bubblewrap cannot mount over a missing file of /proc. */
+const MASKED_PROC_FILES = ['/proc/kcore', '/proc/keys', '/proc/timer_list', '/proc/sched_debug', '/proc/timer_stats', '/proc/latency_stats'].filter((file) => existsSync(file));
+const MASKED_PROC_DIRECTORIES = ['/proc/acpi', '/proc/scsi'].filter((directory) => existsSync(directory));
+
+function procArguments(): string[] {
+  return [
+    '--proc', '/proc',
+    ...MASKED_PROC_FILES.flatMap((file) => ['--ro-bind-try', '/dev/null', file]),
+    ...MASKED_PROC_DIRECTORIES.flatMap((directory) => ['--perms', '0555', '--tmpfs', directory, '--remount-ro', directory]),
+    ...READ_ONLY_PROC_PATHS.flatMap((entry) => ['--ro-bind-try', entry, entry]),
+  ];
+}
+
+/*
+ * Each of the three writable file systems is a tmpfs whose pages count against the runner's
+ * memory; together they stay below its limit, so a learner filling them gets ENOSPC first.
+ */
+function scratchSizes(options: SandboxOptions): { workspace: number; tmp: number; shm: number } {
+  const memory = options.memoryLimitMiB;
+  return {
+    workspace: Math.max(1, Math.min(options.workspaceSizeMiB, Math.floor(memory / 2))) * MEBIBYTE,
+    tmp: Math.max(1, Math.min(options.workspaceSizeMiB, Math.floor(memory / 4))) * MEBIBYTE,
+    shm: Math.max(1, Math.min(64, Math.floor(memory / 8))) * MEBIBYTE,
+  };
+}
+
 
 function bwrapArguments(options: SandboxOptions): string[] {
-  const tmpfsBytes = String(options.workspaceSizeMiB * 1024 * 1024);
+  const sizes = scratchSizes(options);
   return [
+    // The network namespace and the user namespace come from the spawner (see its SPAWN request).
     '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-cgroup-try',
-    ...(options.networkAccess ? [] : ['--unshare-net']),
-    '--die-with-parent', '--new-session', '--hostname', 'runner',
-    ...(options.rootfs ? ['--ro-bind', options.rootfs, '/'] : hostSystemArguments()),
-    '--proc', '/proc', '--dev', '/dev',
-    '--perms', '1777', '--size', tmpfsBytes, '--tmpfs', WORKSPACE,
-    '--perms', '1777', '--size', tmpfsBytes, '--tmpfs', '/tmp',
-    '--ro-bind', options.agent, AGENT_SANDBOX_PATH,
+    // The agent is pid 1: no other process of the sandbox holds its connection to the daemon.
+    '--die-with-parent', '--new-session', '--as-pid-1', '--hostname', 'runner',
+    ...(options.rootfs
+      ? ['--ro-bind', options.rootfs, '/']
+      : [...hostSystemArguments(), '--perms', '0644', '--ro-bind-data', String(DataFd.passwd), '/etc/passwd', '--perms', '0644', '--ro-bind-data', String(DataFd.group), '/etc/group']),
+    ...procArguments(),
+    '--dev', '/dev',
+    '--perms', '1777', '--size', String(sizes.shm), '--tmpfs', '/dev/shm',
+    '--perms', '1777', '--size', String(sizes.workspace), '--tmpfs', WORKSPACE,
+    '--perms', '1777', '--size', String(sizes.tmp), '--tmpfs', '/tmp',
     '--chdir', WORKSPACE, '--clearenv', '--setenv', 'PATH', SANDBOX_PATH,
     ...agentCapabilityArguments(),
-    '--', AGENT_SANDBOX_PATH,
+    ...(options.seccompProgram ? ['--seccomp', String(DataFd.seccomp)] : []),
+    '--', `/proc/self/fd/${AGENT_FD}`,
   ];
 }
 
@@ -54,25 +104,35 @@ function bwrapArguments(options: SandboxOptions): string[] {
 export class Sandbox {
   #exited = false;
   readonly #exitListeners: Array<() => void> = [];
+  /* Settles once the sandbox ended and its cgroup is gone, however it ended. */
+  readonly #cleanedUp: Promise<void>;
 
   private constructor(
     private readonly bwrapProcess: SpawnedProcess,
     readonly agent: AgentClient,
-    private readonly cgroup: RunnerCgroup | undefined,
+    cgroup: RunnerCgroup | undefined,
+    onCleanupError: (error: unknown) => void,
   ) {
-    void bwrapProcess.exited.then(() => {
+    this.#cleanedUp = bwrapProcess.exited.then(async () => {
       this.#exited = true;
       for (const listener of this.#exitListeners.splice(0)) listener();
+      await cgroup?.destroy().catch(onCleanupError);
     });
   }
 
   /* The spawner forks and execs the sandbox, so the daemon (a large process) never forks itself. */
   static async start(options: SandboxOptions): Promise<Sandbox> {
-    const procsFiles = options.cgroup?.procsFiles ?? [];
-    const child = options.spawner.spawn(
-      ['/bin/sh', '-c', ENTER_CGROUPS_THEN_EXEC, 'poseidon-enter', String(procsFiles.length), ...procsFiles, options.bwrap, ...bwrapArguments(options)],
-      { PATH: SANDBOX_PATH },
-    );
+    const accounts = sandboxAccounts(options.learner);
+    const child = options.spawner.spawn([options.bwrap, ...bwrapArguments(options)], { PATH: SANDBOX_PATH }, {
+      cgroupProcsFiles: options.cgroup?.procsFiles ?? [],
+      userNamespace: options.ids,
+      networkNamespace: true,
+      agent: true,
+      data: [
+        ...(options.rootfs ? [] : [{ fd: DataFd.passwd, bytes: Buffer.from(accounts.passwd) }, { fd: DataFd.group, bytes: Buffer.from(accounts.group) }]),
+        ...(options.seccompProgram ? [{ fd: DataFd.seccomp, bytes: options.seccompProgram }] : []),
+      ],
+    });
     const exited = child.exited.then((exit) =>
       exit.code === null && exit.signal === null
         ? `cannot start bubblewrap: ${exit.stderr}`
@@ -101,7 +161,12 @@ export class Sandbox {
       throw new Error(`${failure}: ${exit?.stderr.trim() || 'no message'}`);
     }
     if (!agent) throw new Error('the sandbox agent is missing');
-    return new Sandbox(child, agent, options.cgroup);
+    return new Sandbox(child, agent, options.cgroup, options.onCleanupError);
+  }
+
+  /* A host process inside the sandbox's network namespace (bubblewrap's own, outside its pid namespace). */
+  get processId(): number | undefined {
+    return this.bwrapProcess.pid;
   }
 
   get alive(): boolean {
@@ -115,12 +180,8 @@ export class Sandbox {
 
   /* Ends every process of the sandbox and removes its cgroup. */
   async destroy(): Promise<void> {
-    if (!this.#exited) {
-      const exited = new Promise<void>((resolve) => this.onExit(resolve));
-      // The sandbox's pid 1 dies with bwrap, and the kernel then kills everything in its pid namespace.
-      this.bwrapProcess.kill();
-      await exited;
-    }
-    await this.cgroup?.destroy();
+    // The sandbox's pid 1 dies with bwrap, and the kernel then kills everything in its pid namespace.
+    if (!this.#exited) this.bwrapProcess.kill();
+    await this.#cleanedUp;
   }
 }

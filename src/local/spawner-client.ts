@@ -49,6 +49,24 @@ const Event = { started: 0x81, failed: 0x82, exited: 0x83 } as const;
 const KEY_LEN = 16;
 const CONNECTION_GRACE_MS = 50;
 
+/* What the spawner sets up in the child before it execs (see agent/poseidon-spawner.c). */
+export interface SpawnOptions {
+  /* cgroup.procs files the child joins first, while it is still host root. */
+  cgroupProcsFiles?: string[];
+  /* A new user namespace whose ids 0..count-1 are host ids base..base+count-1; the child is its root. */
+  userNamespace?: { base: number; count: number };
+  /* A new network namespace with loopback up, owned by the host's user namespace. */
+  networkNamespace?: boolean;
+  /* The agent at fd AGENT_FD (the spawner must have been given its path). */
+  agent?: boolean;
+  /* Blobs the child gets as pipes at these fds (fd > 3), read to EOF by what it execs. */
+  data?: Array<{ fd: number; bytes: Buffer }>;
+}
+
+/* Where a spawned process finds the agent with `agent: true`. */
+export const AGENT_FD = 3;
+const Flag = { userNamespace: 1, networkNamespace: 2, agent: 4 } as const;
+
 export interface SpawnExit {
   /* Exit code, or null if a signal ended the process. */
   code: number | null;
@@ -124,10 +142,12 @@ export class SpawnerClient {
   constructor(
     private readonly binary: string,
     private readonly onSpawnerDied: (message: string) => void = (message) => console.error(message),
+    /* The sandbox agent, which the spawner keeps in memory for `agent: true` spawns. */
+    private readonly agentBinary?: string,
   ) {}
 
   /* Starts a process: argv[0] must be an absolute path (there is no PATH lookup). */
-  spawn(argv: string[], env: Record<string, string>): SpawnedProcess {
+  spawn(argv: string[], env: Record<string, string>, options: SpawnOptions = {}): SpawnedProcess {
     if (this.#closed) throw new Error('the sandbox spawner was closed');
     const child = this.#ensureStarted();
     const id = this.#nextId;
@@ -137,7 +157,22 @@ export class SpawnerClient {
     this.#processes.set(id, spawned);
     this.#awaitingConnection.set(spawned.key, spawned);
     const envList = Object.entries(env).map(([name, value]) => `${name}=${value}`);
-    const parts: Buffer[] = [key, stringList(argv), stringList(envList)];
+    const flags =
+      (options.userNamespace ? Flag.userNamespace : 0) | (options.networkNamespace ? Flag.networkNamespace : 0) | (options.agent ? Flag.agent : 0);
+    const header = Buffer.alloc(12);
+    header.writeUInt32LE(flags, 0);
+    header.writeUInt32LE(options.userNamespace?.base ?? 0, 4);
+    header.writeUInt32LE(options.userNamespace?.count ?? 0, 8);
+    const data = options.data ?? [];
+    const dataCount = Buffer.alloc(4);
+    dataCount.writeUInt32LE(data.length);
+    const dataParts = data.flatMap(({ fd, bytes }) => {
+      const head = Buffer.alloc(8);
+      head.writeUInt32LE(fd, 0);
+      head.writeUInt32LE(bytes.length, 4);
+      return [head, bytes];
+    });
+    const parts: Buffer[] = [key, header, stringList(options.cgroupProcsFiles ?? []), stringList(argv), stringList(envList), dataCount, ...dataParts];
     child.stdin?.write(encodeFrame(Request.spawn, id, Buffer.concat(parts)));
     this.#updateRef();
     return spawned;
@@ -176,7 +211,7 @@ export class SpawnerClient {
       this.#server.unref();
     }
     if (this.#child) return this.#child;
-    const child = spawn(this.binary, [this.#socketPath], { stdio: ['pipe', 'pipe', 'inherit'], env: {} });
+    const child = spawn(this.binary, [this.#socketPath, ...(this.agentBinary ? [this.agentBinary] : [])], { stdio: ['pipe', 'pipe', 'inherit'], env: {} });
     this.#child = child;
     this.#parser = new FrameParser();
     child.stdout?.on('data', (chunk: Buffer) => this.#onData(chunk));

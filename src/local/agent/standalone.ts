@@ -3,6 +3,8 @@ import { existsSync, statSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { hostSystemArguments } from '../host-root.js';
+import type { Writable } from 'node:stream';
+import { sandboxAccounts } from '../sandbox-accounts.js';
 import { AgentClient } from './agent-client.js';
 
 /*
@@ -76,6 +78,7 @@ export async function startAgentSandbox(extraArguments: string[] = []): Promise<
       '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--unshare-cgroup-try',
       '--die-with-parent', '--new-session', '--hostname', 'runner',
       ...system,
+      '--perms', '0644', '--ro-bind-data', '3', '/etc/passwd', '--perms', '0644', '--ro-bind-data', '4', '/etc/group',
       '--proc', '/proc', '--dev', '/dev',
       '--perms', '1777', '--tmpfs', '/workspace',
       '--perms', '1777', '--tmpfs', '/tmp',
@@ -85,8 +88,11 @@ export async function startAgentSandbox(extraArguments: string[] = []): Promise<
       ...agentCapabilityArguments(),
       '--', AGENT_SANDBOX_PATH,
     ],
-    { stdio: ['pipe', 'pipe', 'inherit'] },
+    { stdio: ['pipe', 'pipe', 'inherit', 'pipe', 'pipe'] },
   );
+  const accounts = sandboxAccounts({ uid: 65534, gid: 65534 });
+  (child.stdio[3] as Writable | null)?.end(accounts.passwd);
+  (child.stdio[4] as Writable | null)?.end(accounts.group);
   const { stdin, stdout } = child;
   if (!stdin || !stdout) throw new Error('bwrap has no stdio pipes');
   const client = new AgentClient(stdin, stdout);
