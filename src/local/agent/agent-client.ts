@@ -30,6 +30,12 @@ import {
 
 /* Output still arriving after the process exited belongs to it; silence this long ends the wait. */
 export const OUTPUT_SETTLE_MS = 100;
+/*
+ * ...but never longer than this after the exit (unpaused): what the process itself wrote fits in
+ * its pipes, so output that goes on is a background process's, which would otherwise hold the
+ * execution open forever.
+ */
+export const OUTPUT_AFTER_EXIT_MS = 1000;
 export const AGENT_WORKSPACE = '/workspace';
 /* uid/gid of unprivileged requests unless told otherwise: nobody/nogroup, as in the sandbox. */
 const DEFAULT_UID = 65534;
@@ -107,7 +113,8 @@ export interface AgentExecution {
   resumeOutput(): void;
   /*
    * Resolves after EXIT and either OUTPUT_CLOSED or OUTPUT_SETTLE_MS without output (background
-   * processes may hold the pipes open); exitCode is the status or 128 + signal. Rejects with
+   * processes may hold the pipes open), at the latest OUTPUT_AFTER_EXIT_MS after EXIT; then the
+   * agent drops what comes later (DISCARD). exitCode is the status or 128 + signal. Rejects with
    * AgentRequestError if the command could not be started, AgentClosedError if the agent died.
    */
   readonly result: Promise<{ exitCode: number }>;
@@ -200,6 +207,7 @@ export class AgentClient {
     let outputClosed = false;
     let paused = false;
     let settleTimer: NodeJS.Timeout | undefined;
+    let deadlineTimer: NodeJS.Timeout | undefined;
     let finished = false;
     let resolveResult: (result: { exitCode: number }) => void = () => undefined;
     let rejectResult: (error: Error) => void = () => undefined;
@@ -212,6 +220,7 @@ export class AgentClient {
       if (finished || exitCode === undefined) return;
       finished = true;
       if (settleTimer) clearTimeout(settleTimer);
+      if (deadlineTimer) clearTimeout(deadlineTimer);
       this.#operations.delete(id);
       // Background processes may still write to the pipes: the agent reads and drops that output
       // from now on, so it is never framed, sent and decoded for nobody.
@@ -223,6 +232,7 @@ export class AgentClient {
       if (exitCode === undefined || finished) return;
       if (settleTimer) clearTimeout(settleTimer);
       settleTimer = paused ? undefined : setTimeout(finish, OUTPUT_SETTLE_MS);
+      if (!paused && !deadlineTimer) deadlineTimer = setTimeout(finish, OUTPUT_AFTER_EXIT_MS);
     };
 
     let started = false;
@@ -266,6 +276,7 @@ export class AgentClient {
       },
       onClose: (error) => {
         if (settleTimer) clearTimeout(settleTimer);
+        if (deadlineTimer) clearTimeout(deadlineTimer);
         if (!finished) {
           finished = true;
           rejectResult(error);
@@ -290,7 +301,8 @@ export class AgentClient {
         if (paused || finished) return;
         paused = true;
         if (settleTimer) clearTimeout(settleTimer);
-        settleTimer = undefined;
+        if (deadlineTimer) clearTimeout(deadlineTimer);
+        settleTimer = deadlineTimer = undefined;
         this.#send(RequestType.pause, id);
       },
       resumeOutput: () => {
