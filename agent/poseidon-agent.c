@@ -19,6 +19,8 @@
  *   0x03 KILL    (empty) SIGKILL to the execution's process group; for a READ, cancels it (RESULT ECANCELED).
  *   0x04 FILES   u32 ndelete | ndelete*str | u32 ncopy | ncopy*(u8 isDirectory | str path | bytes content)
  *                -> RESULT. Deletes first (the entry "./" "*" = every non-dot entry of /workspace), then copies.
+ *                Every path of FILES, LIST and READ is resolved inside the sandbox's root, never through a
+ *                /proc magic link; only regular files and directories are written (see file operations).
  *   0x05 LIST    u8 flags | u32 uid | u32 gid | u32 maxEntries | u32 maxBytes | str path
  *                flags bit0 privileged, bit1 recursive
  *                -> LISTING* then RESULT. Unprivileged requests check access as uid/gid (setfsuid).
