@@ -19,22 +19,29 @@
  *   0x03 KILL    (empty) SIGKILL to the execution's process group; for a READ, cancels it (RESULT ECANCELED).
  *   0x04 FILES   u32 ndelete | ndelete*str | u32 ncopy | ncopy*(u8 isDirectory | str path | bytes content)
  *                -> RESULT. Deletes first (the entry "./" "*" = every non-dot entry of /workspace), then copies.
- *   0x05 LIST    u8 flags | u32 uid | u32 gid | str path   flags bit0 privileged, bit1 recursive
+ *                Every path of FILES, LIST and READ is resolved inside the sandbox's root, never through a
+ *                /proc magic link; only regular files and directories are written (see file operations).
+ *   0x05 LIST    u8 flags | u32 uid | u32 gid | u32 maxEntries | u32 maxBytes | str path
+ *                flags bit0 privileged, bit1 recursive
  *                -> LISTING* then RESULT. Unprivileged requests check access as uid/gid (setfsuid).
+ *                Past maxEntries entries or maxBytes bytes of listing: RESULT E2BIG, the rest unlisted.
  *   0x06 READ    u8 flags | u32 uid | u32 gid | str path   flags bit0 privileged
  *                -> FILE_SIZE, DATA*, RESULT(0); or RESULT(status != 0) only.
  *   0x07 PAUSE   (empty) stop reading the output of that execution / the data of that READ
  *   0x08 RESUME  (empty) go on. Per operation, so one slow consumer never stalls the others.
+ *   0x09 DISCARD (empty) the daemon is done with that execution: its later output (of background
+ *                processes holding the pipes) is read and dropped; no more events for that id.
  *
  * EVENTS (agent -> daemon)
- *   0x80 READY          u32 protocol version (1); id 0; sent once at start
+ *   0x80 READY          u32 protocol version (2); id 0; sent once at start
  *   0x81 STDOUT         raw data
  *   0x82 STDERR         raw data
  *   0x83 EXIT           u32 code: exit status, or 128 + signal number
  *   0x84 OUTPUT_CLOSED  (empty) stdout and stderr both reached EOF (may come before or after EXIT)
  *   0x85 RESULT         u32 status (0 = ok, else an errno value) | UTF-8 message
  *   0x86 LISTING        raw bytes; concatenated, per entry 8 NUL-terminated fields as GNU
- *                       find -printf '%y\0%s\0%T@\0%M\0%u\0%g\0%p\0%l\0'
+ *                       find -printf '%y\0%s\0%T@\0%M\0%u\0%g\0%p\0%l\0'; at most CHUNK bytes per
+ *                       event, which may end inside an entry
  *   0x87 FILE_SIZE      u64 size
  *   0x88 DATA           raw file bytes
  *
@@ -48,9 +55,10 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
-#include <ftw.h>
 #include <grp.h>
+#include <limits.h>
 #include <linux/capability.h>
+#include <linux/openat2.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -70,12 +78,12 @@
 
 #include "frame-reader.h"
 
-enum { REQ_EXEC = 1, REQ_STDIN, REQ_KILL, REQ_FILES, REQ_LIST, REQ_READ, REQ_PAUSE, REQ_RESUME };
+enum { REQ_EXEC = 1, REQ_STDIN, REQ_KILL, REQ_FILES, REQ_LIST, REQ_READ, REQ_PAUSE, REQ_RESUME, REQ_DISCARD };
 enum { EV_READY = 0x80, EV_STDOUT, EV_STDERR, EV_EXIT, EV_OUTPUT_CLOSED, EV_RESULT, EV_LISTING, EV_FILE_SIZE, EV_DATA };
 #define FLAG_PRIVILEGED 1u
 #define FLAG_RECURSIVE 2u
 
-#define PROTOCOL_VERSION 1u
+#define PROTOCOL_VERSION 2u
 #define MAX_FRAME (1u << 30)   /* a FILES request carries whole submissions, but not more than this */
 #define STDIN_CAP (1u << 20)   /* stdin buffered for a child that does not read; the excess is dropped */
 #define CHUNK 65536            /* one read of output or file data, one event */
@@ -95,6 +103,7 @@ struct exec {
 	size_t in_len;
 	int in_close;               /* close stdin once in_buf is written */
 	int exited, closed_sent, paused, done;
+	int discard;                /* DISCARD: output is read and dropped, no more events */
 };
 
 struct reader {
@@ -251,7 +260,7 @@ static void check_finished(struct exec *e)
 {
 	if (e->out_fd < 0 && e->err_fd < 0 && !e->closed_sent) {
 		e->closed_sent = 1;
-		send_event(EV_OUTPUT_CLOSED, e->id, NULL, 0);
+		if (!e->discard) send_event(EV_OUTPUT_CLOSED, e->id, NULL, 0);
 	}
 	if (e->exited && e->closed_sent) {
 		e->done = 1;
@@ -283,7 +292,7 @@ static int forward_output(struct exec *e, int *fd, uint8_t type)
 {
 	static char buf[CHUNK];
 	ssize_t n = read(*fd, buf, sizeof buf);
-	if (n > 0) { send_event(type, e->id, buf, (size_t)n); return 1; }
+	if (n > 0) { if (!e->discard) send_event(type, e->id, buf, (size_t)n); return 1; }
 	if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
 	close_fd(fd);
 	check_finished(e);
@@ -479,7 +488,50 @@ static void reap_children(void)
 
 /* ---------- file operations ---------- */
 
-/* Relative paths are under /workspace (also the agent's cwd, but explicit is safer). */
+/*
+ * Confinement. Every path of FILES, LIST and READ is resolved with openat2(RESOLVE_IN_ROOT |
+ * RESOLVE_NO_MAGICLINKS) against a descriptor of the sandbox's "/": ".." and absolute symlinks
+ * stop at the sandbox's root, and /proc magic links (/proc/<pid>/root, /proc/<pid>/fd/<n>), which
+ * lead wherever a process's root or file is, are refused.
+ *
+ * Why "/" and not /workspace is the root, for relative paths too: the sandbox's root is the only
+ * boundary there is (an absolute path names any file of the sandbox, as in Poseidon, and
+ * privileged requests are meant to). A symlink made by learner code must mean what it means to
+ * the learner's own programs: with /workspace as the root, "ln -s /dev d" would silently become
+ * /workspace/dev. So a relative path is /workspace/<path>, resolved like any other.
+ *
+ * What a path leads to inside the sandbox may still be a host inode (bubblewrap binds /dev/null,
+ * /dev/full... from the host), so only regular files and directories are ever created, written,
+ * chowned or chmodded, and always through a descriptor opened without following a final link and
+ * checked with fstat first.
+ *
+ * Trees are walked with one descriptor per level and openat() relative to it, never with a path
+ * string, so depth and path length (beyond PATH_MAX) cost heap memory, not stack, and work.
+ */
+
+#define RESOLVE_FLAGS (RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS)
+
+static int sandbox_root(void)
+{
+	static int fd = -1;
+	if (fd < 0) fd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0) kill_all_and_exit(4);
+	return fd;
+}
+
+/* openat2 inside the sandbox's root; EAGAIN means a concurrent rename raced the lookup: try again. */
+static int open_in_root(const char *path, int flags, mode_t mode)
+{
+	struct open_how how = { .flags = (uint64_t)(flags | O_CLOEXEC), .mode = (flags & O_CREAT) ? mode : 0, .resolve = RESOLVE_FLAGS };
+	int fd = -1;
+	for (int attempt = 0; attempt < 64; attempt++) {
+		fd = (int)syscall(SYS_openat2, sandbox_root(), path, &how, sizeof how);
+		if (fd >= 0 || errno != EAGAIN) break;
+	}
+	return fd;
+}
+
+/* Relative paths are under /workspace; the result is absolute, for open_in_root. */
 static char *resolve(const char *path)
 {
 	char *full;
@@ -487,112 +539,312 @@ static char *resolve(const char *path)
 	return full;
 }
 
-static int remove_errno;
-static char remove_path[4096];
-
-static int remove_one(const char *path, const struct stat *st, int type, struct FTW *ftw)
+/*
+ * Splits an absolute path in place into its parent and last component, trailing slashes dropped
+ * ("dir/" names dir). The last component is "" for "/" itself.
+ */
+static void split_path(char *full, const char **parent, const char **name)
 {
-	(void)st; (void)ftw;
-	if (type == FTW_DNR || type == FTW_NS) { remove_errno = errno ? errno : EACCES; }
-	else if (remove(path) == 0 || errno == ENOENT) return 0;
-	else remove_errno = errno;
-	snprintf(remove_path, sizeof remove_path, "%s", path);
-	return 1;
+	size_t n = strlen(full);
+	while (n > 1 && full[n - 1] == '/') full[--n] = 0;
+	char *slash = strrchr(full, '/');
+	if (!slash) { *parent = "."; *name = full; return; }
+	if (slash == full) { *parent = "/"; *name = slash + 1; return; }
+	*slash = 0;
+	*parent = full;
+	*name = slash + 1;
 }
 
-/* rm -rf: never follows symlinks, a missing path is fine. */
-static int remove_tree(const char *path)
+static int is_dot_or_dotdot(const char *name)
 {
-	const char *base = strrchr(path, '/');
-	base = base ? base + 1 : path;
-	if (strspn(path, "/") == strlen(path) || strcmp(base, ".") == 0 || strcmp(base, "..") == 0) {
-		remove_errno = EINVAL;
-		snprintf(remove_path, sizeof remove_path, "%s", path);
-		return -1;
+	return strcmp(name, ".") == 0 || strcmp(name, "..") == 0;
+}
+
+/* The first failure of a FILES request: its errno and a message naming the path. */
+static int op_errno;
+static char op_message[4096];
+
+static int fail_with(int e, const char *format, ...)
+{
+	va_list ap;
+	va_start(ap, format);
+	vsnprintf(op_message, sizeof op_message, format, ap);
+	va_end(ap);
+	op_errno = e;
+	return -1;
+}
+
+static int fail_errno(const char *what, const char *path)
+{
+	int e = errno;
+	return fail_with(e, "cannot %s %s: %s", what, path, strerror(e));
+}
+
+/* The d_type-less way: getdents64 straight into a buffer, so a directory needs no DIR (32 KiB each). */
+struct dirent64_raw {
+	uint64_t d_ino;
+	int64_t d_off;
+	unsigned short d_reclen;
+	unsigned char d_type;
+	char d_name[];
+};
+
+static char dents[CHUNK];
+
+struct buffer { char *data; size_t len, cap; };
+
+static void buffer_add(struct buffer *b, const void *data, size_t len)
+{
+	if (b->len + len > b->cap) {
+		size_t cap = b->cap ? b->cap : CHUNK;
+		while (cap < b->len + len) cap *= 2;
+		char *p = realloc(b->data, cap);
+		if (!p) kill_all_and_exit(3);
+		b->data = p;
+		b->cap = cap;
 	}
+	memcpy(b->data + b->len, data, len);
+	b->len += len;
+}
+
+
+/*
+ * rm -rf of name in dir: never follows a symlink, a missing entry is fine. Depth-first with a
+ * stack of directory descriptors; a directory is read again from its start after each
+ * subdirectory, which sees only what is left, since everything before it was removed.
+ */
+struct remove_level { int fd; char *name; };
+
+static int remove_at(int dir, const char *name, const char *shown)
+{
 	struct stat st;
-	if (lstat(path, &st) < 0) {
-		if (errno == ENOENT) return 0;
-		remove_errno = errno;
-		snprintf(remove_path, sizeof remove_path, "%s", path);
-		return -1;
+	if (fstatat(dir, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return errno == ENOENT ? 0 : fail_errno("delete", shown);
+	if (!S_ISDIR(st.st_mode)) {
+		if (unlinkat(dir, name, 0) < 0 && errno != ENOENT) return fail_errno("delete", shown);
+		return 0;
 	}
-	remove_errno = 0;
-	if (nftw(path, remove_one, 16, FTW_PHYS | FTW_DEPTH) != 0) {
-		if (!remove_errno) { remove_errno = errno; snprintf(remove_path, sizeof remove_path, "%s", path); }
-		return -1;
-	}
-	return 0;
-}
-
-static int delete_entry(const char *entry)
-{
-	if (strcmp(entry, "./*") != 0) {
-		char *full = resolve(entry);
-		int r = remove_tree(full);
-		free(full);
-		return r;
-	}
-	/* Poseidon's glob over the workspace: like the shell's, it spares dotfiles. */
-	DIR *dir = opendir(WORKSPACE);
-	if (!dir) { remove_errno = errno; snprintf(remove_path, sizeof remove_path, "%s", WORKSPACE); return -1; }
-	struct dirent *d;
+	struct remove_level *stack = NULL;
+	size_t depth = 0, cap = 0;
 	int r = 0;
-	while (r == 0 && (d = readdir(dir))) {
-		if (d->d_name[0] == '.') continue;
-		char *full;
-		if (asprintf(&full, "%s/%s", WORKSPACE, d->d_name) < 0) kill_all_and_exit(3);
-		r = remove_tree(full);
-		free(full);
+	int top = openat(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (top < 0) return errno == ENOENT ? 0 : fail_errno("delete", shown);
+	cap = 16;
+	stack = malloc(cap * sizeof *stack);
+	if (!stack) kill_all_and_exit(3);
+	stack[depth++] = (struct remove_level){ top, strdup(name) };
+	while (depth > 0 && r == 0) {
+		struct remove_level *level = &stack[depth - 1];
+		int descended = 0;
+		if (lseek(level->fd, 0, SEEK_SET) < 0) { r = fail_errno("delete", shown); break; }
+		for (;;) {
+			long n = syscall(SYS_getdents64, level->fd, dents, sizeof dents);
+			if (n < 0) { r = fail_errno("delete", shown); break; }
+			if (n == 0) break;
+			for (long off = 0; off < n && !descended && r == 0;) {
+				struct dirent64_raw *d = (struct dirent64_raw *)(dents + off);
+				off += d->d_reclen;
+				if (is_dot_or_dotdot(d->d_name)) continue;
+				if (fstatat(level->fd, d->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+					if (errno != ENOENT) r = fail_errno("delete", shown);
+					continue;
+				}
+				if (!S_ISDIR(st.st_mode)) {
+					if (unlinkat(level->fd, d->d_name, 0) < 0 && errno != ENOENT) r = fail_errno("delete", shown);
+					continue;
+				}
+				int child = openat(level->fd, d->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+				if (child < 0) {
+					if (errno == EMFILE) r = fail_with(EMFILE, "cannot delete %s: the tree is too deep", shown);
+					else if (errno != ENOENT) r = fail_errno("delete", shown);
+					continue;
+				}
+				if (depth == cap) {
+					cap *= 2;
+					struct remove_level *p = realloc(stack, cap * sizeof *stack);
+					if (!p) kill_all_and_exit(3);
+					stack = p;
+				}
+				char *copy = strdup(d->d_name);
+				if (!copy) kill_all_and_exit(3);
+				stack[depth++] = (struct remove_level){ child, copy };
+				descended = 1;
+			}
+			if (descended || r != 0) break;
+		}
+		if (descended || r != 0) continue;
+		/* Read to its end without a subdirectory: empty now, so remove it from its parent. */
+		level = &stack[depth - 1];
+		int parent = depth > 1 ? stack[depth - 2].fd : dir;
+		close(level->fd);
+		if (unlinkat(parent, level->name, AT_REMOVEDIR) < 0 && errno != ENOENT) r = fail_errno("delete", shown);
+		free(level->name);
+		depth--;
 	}
-	closedir(dir);
+	while (depth > 0) { depth--; close(stack[depth].fd); free(stack[depth].name); }
+	free(stack);
 	return r;
 }
 
-static int make_directory(char *path, int must_exist_as_dir)
+/* One entry of FILES' delete list: the glob "./" "*" (every non-dot entry of /workspace) or a path. */
+static int delete_entry(const char *entry)
 {
-	if (mkdir(path, 01777) == 0) {
-		/* mkdir applies the umask; the owner is already root, the agent's uid. */
-		return chmod(path, 01777);
+	if (strcmp(entry, "./*") == 0) {
+		/* Poseidon's glob over the workspace: like the shell's, it spares dotfiles, and it takes the
+		 * names first, so files that learner code keeps making cannot keep it going forever. */
+		int dir = open_in_root(WORKSPACE, O_RDONLY | O_DIRECTORY, 0);
+		if (dir < 0) return fail_errno("delete", WORKSPACE "/*");
+		struct buffer names = { 0 };
+		long n;
+		while ((n = syscall(SYS_getdents64, dir, dents, sizeof dents)) > 0)
+			for (long off = 0; off < n;) {
+				struct dirent64_raw *d = (struct dirent64_raw *)(dents + off);
+				off += d->d_reclen;
+				if (d->d_name[0] != '.') buffer_add(&names, d->d_name, strlen(d->d_name) + 1);
+			}
+		int r = n < 0 ? fail_errno("delete", WORKSPACE "/*") : 0;
+		for (size_t off = 0; off < names.len && r == 0; off += strlen(names.data + off) + 1) {
+			char shown[PATH_MAX];
+			snprintf(shown, sizeof shown, "%s/%s", WORKSPACE, names.data + off);
+			r = remove_at(dir, names.data + off, shown);
+		}
+		free(names.data);
+		close(dir);
+		return r;
 	}
-	if (errno != EEXIST) return -1;
-	if (!must_exist_as_dir) return 0;
+	char *full = resolve(entry);
+	const char *parent, *name;
+	split_path(full, &parent, &name);
+	int r = 0;
+	if (name[0] == 0 || is_dot_or_dotdot(name)) r = fail_with(EINVAL, "cannot delete %s: Invalid argument", entry);
+	else {
+		/* Links in the parent are followed, inside the root only: as "rm -rf link/x" would, in the sandbox. */
+		int dir = open_in_root(parent, O_PATH | O_DIRECTORY, 0);
+		if (dir < 0) r = (errno == ENOENT || errno == ENOTDIR) ? 0 : fail_errno("delete", entry);
+		else {
+			r = remove_at(dir, name, entry);
+			close(dir);
+		}
+	}
+	free(full);
+	return r;
+}
+
+/*
+ * The directory name in dir, mode 01777 and owner root: created so, or (given) made so if it
+ * exists as a directory. Returns its descriptor, or -1.
+ */
+static int make_directory_at(int dir, const char *name, int fix_existing, const char *shown)
+{
+	int created = mkdirat(dir, name, 01777) == 0;
+	if (!created && errno != EEXIST) return fail_errno("write", shown);
 	struct stat st;
-	if (stat(path, &st) < 0) return -1;
-	if (!S_ISDIR(st.st_mode)) { errno = ENOTDIR; return -1; }
-	if (chown(path, 0, 0) < 0) return -1;
-	return chmod(path, 01777);
-}
-
-/* Creates every missing parent of path (mode 01777, owner root). */
-static int make_parents(char *path)
-{
-	for (size_t i = 1; path[i]; i++) {
-		if (path[i] != '/') continue;
-		path[i] = 0;
-		int r = make_directory(path, 0);
-		path[i] = '/';
-		if (r < 0) return -1;
+	/* O_NOFOLLOW: an existing link named like the directory is not the directory. */
+	int fd = openat(dir, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+	if (fd < 0 && (errno == ENOTDIR || errno == ELOOP)) return fail_with(ENOTDIR, "cannot write %s: not a directory", shown);
+	if (fd < 0) return fail_errno("write", shown);
+	if (fstat(fd, &st) < 0 || !S_ISDIR(st.st_mode)) { close(fd); return fail_with(ENOTDIR, "cannot write %s: not a directory", shown); }
+	/* mkdir applies the umask; the owner of a new one is already root, the agent's uid. */
+	if ((created || fix_existing) && ((!created && fchown(fd, 0, 0) < 0) || fchmod(fd, 01777) < 0)) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return fail_errno("write", shown);
 	}
-	return 0;
+	return fd;
 }
 
-static int write_file(const char *path, const uint8_t *data, size_t len)
+/* The parent directory of a copy, missing ones created (01777, root): a descriptor, or -1. */
+static int open_parent(const char *parent, const char *shown)
 {
-	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0744);
-	if (fd < 0) return -1;
-	/* An existing file keeps owner and mode on O_TRUNC; make it what a fresh copy would be. */
-	if (fchown(fd, 0, 0) < 0 || fchmod(fd, 0744) < 0) { int e = errno; close(fd); errno = e; return -1; }
+	int fd = open_in_root(parent, O_PATH | O_DIRECTORY, 0);
+	if (fd >= 0 || errno != ENOENT) return fd >= 0 ? fd : fail_errno("write", shown);
+	/* Some are missing: walk down, each step resolved in the root so links mean what they mean. */
+	char *prefix = strdup(parent);
+	if (!prefix) kill_all_and_exit(3);
+	fd = open_in_root("/", O_PATH | O_DIRECTORY, 0);
+	for (char *p = prefix + 1; fd >= 0 && *p;) {
+		char *end = strchrnul(p, '/');
+		char saved = *end;
+		*end = 0;
+		int next = open_in_root(prefix, O_PATH | O_DIRECTORY, 0);
+		if (next < 0 && errno == ENOENT && !is_dot_or_dotdot(p)) next = make_directory_at(fd, p, 0, shown);
+		else if (next < 0) next = fail_errno("write", shown);
+		close(fd);
+		fd = next;
+		*end = saved;
+		p = saved ? end + 1 : end;
+	}
+	free(prefix);
+	return fd;
+}
+
+static int write_all(int fd, const uint8_t *data, size_t len)
+{
 	while (len > 0) {
 		ssize_t w = write(fd, data, len);
 		if (w < 0) {
 			if (errno == EINTR) continue;
-			int e = errno; close(fd); errno = e;
 			return -1;
 		}
-		data += w; len -= (size_t)w;
+		data += w;
+		len -= (size_t)w;
 	}
-	return close(fd);
+	return 0;
+}
+
+/* A regular file name in dir with the content, mode 0744, owner root; anything else there is refused. */
+static int write_file_at(int dir, const char *name, const uint8_t *data, size_t len, const char *shown)
+{
+	struct stat before, st;
+	int fd;
+	if (fstatat(dir, name, &before, AT_SYMLINK_NOFOLLOW) == 0) {
+		/* Looked at before it is opened: opening a device can itself do something. */
+		if (S_ISDIR(before.st_mode)) return fail_with(EISDIR, "cannot write %s: %s", shown, strerror(EISDIR));
+		if (!S_ISREG(before.st_mode)) return fail_with(EINVAL, "cannot write %s: not a regular file", shown);
+		/* O_NONBLOCK: should a FIFO have taken its place, the open must not hang (it is refused below). */
+		fd = openat(dir, name, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
+	} else if (errno == ENOENT) {
+		fd = openat(dir, name, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0744);
+		if (fd >= 0 && fstat(fd, &before) < 0) { close(fd); return fail_errno("write", shown); }
+	} else return fail_errno("write", shown);
+	if (fd < 0 && errno == ELOOP) return fail_with(EINVAL, "cannot write %s: not a regular file", shown);
+	if (fd < 0) return fail_errno("write", shown);
+	if (fstat(fd, &st) < 0) { close(fd); return fail_errno("write", shown); }
+	if (!S_ISREG(st.st_mode) || st.st_dev != before.st_dev || st.st_ino != before.st_ino) {
+		close(fd);
+		return fail_with(EINVAL, "cannot write %s: not a regular file", shown);
+	}
+	/* Back to blocking writes; an existing file keeps owner and mode otherwise: make it a fresh copy's. */
+	if (fcntl(fd, F_SETFL, 0) < 0 || ftruncate(fd, 0) < 0 || fchown(fd, 0, 0) < 0 || fchmod(fd, 0744) < 0 || write_all(fd, data, len) < 0) {
+		int e = errno;
+		close(fd);
+		errno = e;
+		return fail_errno("write", shown);
+	}
+	if (close(fd) < 0) return fail_errno("write", shown);
+	return 0;
+}
+
+static int copy_entry(const char *path, int is_directory, const uint8_t *content, size_t len)
+{
+	char *full = resolve(path);
+	const char *parent, *name;
+	split_path(full, &parent, &name);
+	int r = 0;
+	if (name[0] == 0) r = fail_with(EISDIR, "cannot write %s: %s", path, strerror(EISDIR));
+	else if (is_dot_or_dotdot(name)) r = fail_with(EINVAL, "cannot write %s: %s", path, strerror(EINVAL));
+	else {
+		int dir = open_parent(parent, path);
+		if (dir < 0) r = -1;
+		else if (is_directory) {
+			int fd = make_directory_at(dir, name, 1, path);
+			if (fd < 0) r = -1;
+			else close(fd);
+		} else r = write_file_at(dir, name, content, len, path);
+		if (dir >= 0) close(dir);
+	}
+	free(full);
+	return r;
 }
 
 static void handle_files(uint32_t id, struct cursor *c)
@@ -615,7 +867,7 @@ static void handle_files(uint32_t id, struct cursor *c)
 		char *entry = get_str(c);
 		int r = delete_entry(entry);
 		free(entry);
-		if (r < 0) { send_result(id, (uint32_t)remove_errno, "cannot delete %s: %s", remove_path, strerror(remove_errno)); return; }
+		if (r < 0) { send_result(id, (uint32_t)op_errno, "%s", op_message); return; }
 	}
 	get_u32(c);
 	for (uint32_t i = 0; i < ncopy; i++) {
@@ -623,16 +875,9 @@ static void handle_files(uint32_t id, struct cursor *c)
 		char *path = get_str(c);
 		size_t len;
 		const uint8_t *content = get_bytes(c, &len);
-		char *full = resolve(path);
-		size_t n = strlen(full);
-		while (n > 1 && full[n - 1] == '/') full[--n] = 0; /* "dir/" names the directory dir */
-		int r = strcmp(full, "/") == 0 ? (errno = EISDIR, -1) : make_parents(full);
-		if (r == 0) r = is_directory ? make_directory(full, 1) : write_file(full, content, len);
-		int e = errno;
-		if (r < 0) send_result(id, (uint32_t)e, "cannot write %s: %s", path, strerror(e));
+		int r = copy_entry(path, is_directory, content, len);
 		free(path);
-		free(full);
-		if (r < 0) return;
+		if (r < 0) { send_result(id, (uint32_t)op_errno, "%s", op_message); return; }
 	}
 	send_result(id, 0, NULL);
 }
@@ -662,10 +907,15 @@ static void load_names(struct names *names, const char *file)
 	free(names->items);
 	names->items = NULL;
 	names->n = 0;
-	FILE *f = fopen(file, "re");
-	if (!f) return;
+	/* Resolved in the root like every path: learner code may have replaced it with a link. */
+	int fd = open_in_root(file, O_RDONLY | O_NONBLOCK, 0);
+	struct stat st;
+	if (fd >= 0 && (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))) { close(fd); fd = -1; }
+	FILE *f = fd >= 0 ? fdopen(fd, "r") : NULL;
+	if (!f) { if (fd >= 0) close(fd); return; }
 	char line[1024];
-	while (fgets(line, sizeof line, f)) {
+	/* A huge file made by privileged code must not make every listing slow or large. */
+	for (int lines = 0; lines < 10000 && fgets(line, sizeof line, f); lines++) {
 		char *name = line, *colon1 = strchr(line, ':'), *colon2 = colon1 ? strchr(colon1 + 1, ':') : NULL;
 		if (!colon2) continue;
 		*colon1 = 0;
@@ -690,22 +940,6 @@ static const char *name_of(struct names *names, uint32_t id, char numeric[16])
 	return numeric;
 }
 
-struct buffer { char *data; size_t len, cap; };
-
-static void buffer_add(struct buffer *b, const void *data, size_t len)
-{
-	if (b->len + len > b->cap) {
-		size_t cap = b->cap ? b->cap : CHUNK;
-		while (cap < b->len + len) cap *= 2;
-		char *p = realloc(b->data, cap);
-		if (!p) kill_all_and_exit(3);
-		b->data = p;
-		b->cap = cap;
-	}
-	memcpy(b->data + b->len, data, len);
-	b->len += len;
-}
-
 static void buffer_field(struct buffer *b, const char *s)
 {
 	buffer_add(b, s, strlen(s) + 1);
@@ -721,78 +955,162 @@ static void mode_string(mode_t m, char s[11])
 	s[10] = 0;
 }
 
-struct listing { uint32_t id; int recursive; struct buffer out; char *path; size_t path_len, path_cap; };
+/* A directory being listed: its descriptor, where to go on reading it, and its path's length. */
+struct list_level { int fd; int64_t next; size_t path_len; };
 
-/* One entry as find -printf prints it, then (like find, without following links) its children. */
-static int list_entry(struct listing *l, int parent, const char *name, int depth)
+struct listing {
+	uint32_t id;
+	int recursive;
+	uint32_t max_entries, max_bytes;
+	uint32_t entries;
+	uint64_t bytes;
+	struct buffer entry, out;
+	char *path;
+	size_t path_len, path_cap;
+};
+
+static void path_set(struct listing *l, size_t base, const char *name)
 {
-	struct stat st;
-	if (fstatat(parent, name, &st, AT_SYMLINK_NOFOLLOW) < 0) return -1;
+	size_t n = strlen(name);
+	int slash = base > 0 && l->path[base - 1] != '/';
+	if (base + slash + n + 1 > l->path_cap) {
+		l->path_cap = (base + slash + n + 1) * 2;
+		char *p = realloc(l->path, l->path_cap);
+		if (!p) kill_all_and_exit(3);
+		l->path = p;
+	}
+	if (slash) l->path[base] = '/';
+	memcpy(l->path + base + slash, name, n + 1);
+	l->path_len = base + slash + n;
+}
+
+/*
+ * One entry as find -printf prints it, streamed in LISTING events of at most CHUNK bytes (an
+ * event may end inside an entry). Returns -1 past a cap, with the RESULT left to the caller.
+ */
+static int list_emit(struct listing *l, int dir, const char *name, const struct stat *st)
+{
 	char field[64], mode[11], numeric[16], target[4096] = "";
-	buffer_field(&l->out, S_ISDIR(st.st_mode) ? "d" : S_ISLNK(st.st_mode) ? "l" : S_ISFIFO(st.st_mode) ? "p" : S_ISSOCK(st.st_mode) ? "s" : S_ISCHR(st.st_mode) ? "c" : S_ISBLK(st.st_mode) ? "b" : "f");
-	snprintf(field, sizeof field, "%lld", (long long)st.st_size);
-	buffer_field(&l->out, field);
-	snprintf(field, sizeof field, "%lld.%09ld", (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
-	buffer_field(&l->out, field);
-	mode_string(st.st_mode, mode);
-	buffer_field(&l->out, mode);
-	buffer_field(&l->out, name_of(&users, st.st_uid, numeric));
-	buffer_field(&l->out, name_of(&groups, st.st_gid, numeric));
-	buffer_add(&l->out, l->path, l->path_len + 1);
-	if (S_ISLNK(st.st_mode)) {
-		ssize_t n = readlinkat(parent, name, target, sizeof target - 1);
+	struct buffer *b = &l->entry;
+	b->len = 0;
+	buffer_field(b, S_ISDIR(st->st_mode) ? "d" : S_ISLNK(st->st_mode) ? "l" : S_ISFIFO(st->st_mode) ? "p" : S_ISSOCK(st->st_mode) ? "s" : S_ISCHR(st->st_mode) ? "c" : S_ISBLK(st->st_mode) ? "b" : "f");
+	snprintf(field, sizeof field, "%lld", (long long)st->st_size);
+	buffer_field(b, field);
+	snprintf(field, sizeof field, "%lld.%09ld", (long long)st->st_mtim.tv_sec, st->st_mtim.tv_nsec);
+	buffer_field(b, field);
+	mode_string(st->st_mode, mode);
+	buffer_field(b, mode);
+	buffer_field(b, name_of(&users, st->st_uid, numeric));
+	buffer_field(b, name_of(&groups, st->st_gid, numeric));
+	buffer_add(b, l->path, l->path_len + 1);
+	if (S_ISLNK(st->st_mode)) {
+		ssize_t n = readlinkat(dir, name, target, sizeof target - 1);
 		target[n > 0 ? n : 0] = 0;
 	}
-	buffer_field(&l->out, target);
-	if (l->out.len >= CHUNK) { send_event(EV_LISTING, l->id, l->out.data, l->out.len); l->out.len = 0; }
-
-	if (!S_ISDIR(st.st_mode) || (depth > 0 && !l->recursive)) return 0;
-	/* The start path may name a directory through a link ("link/"); below it, links are never followed. */
-	int fd = openat(parent, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC | (depth > 0 ? O_NOFOLLOW : 0));
-	DIR *dir = fd >= 0 ? fdopendir(fd) : NULL;
-	if (!dir) { if (fd >= 0) close(fd); return depth == 0 ? -1 : 0; } /* like find: report, go on */
-	size_t base = l->path_len;
-	struct dirent *d;
-	while ((d = readdir(dir))) {
-		if (strcmp(d->d_name, ".") == 0 || strcmp(d->d_name, "..") == 0) continue;
-		size_t n = strlen(d->d_name);
-		int slash = base > 0 && l->path[base - 1] != '/';
-		if (base + slash + n + 1 > l->path_cap) {
-			l->path_cap = (base + slash + n + 1) * 2;
-			char *p = realloc(l->path, l->path_cap);
-			if (!p) kill_all_and_exit(3);
-			l->path = p;
-		}
-		if (slash) l->path[base] = '/';
-		memcpy(l->path + base + slash, d->d_name, n + 1);
-		l->path_len = base + slash + n;
-		list_entry(l, dirfd(dir), d->d_name, depth + 1);
-		l->path_len = base;
-		l->path[base] = 0;
-	}
-	closedir(dir);
+	buffer_field(b, target);
+	if (l->entries >= l->max_entries) return -1;
+	if (l->bytes + b->len > l->max_bytes) return -1;
+	l->entries++;
+	l->bytes += b->len;
+	buffer_add(&l->out, b->data, b->len);
+	size_t sent = 0;
+	while (l->out.len - sent >= CHUNK) { send_event(EV_LISTING, l->id, l->out.data + sent, CHUNK); sent += CHUNK; }
+	memmove(l->out.data, l->out.data + sent, l->out.len - sent);
+	l->out.len -= sent;
 	return 0;
+}
+
+/*
+ * Like find (without following links), depth first, the start first; an unreadable directory is
+ * reported by its entry and skipped, as find goes on. Returns -1 past a cap.
+ */
+static int list_tree(struct listing *l, int start)
+{
+	struct list_level *stack = malloc(16 * sizeof *stack);
+	size_t depth = 0, cap = 16;
+	int r = 0;
+	if (!stack) kill_all_and_exit(3);
+	stack[depth++] = (struct list_level){ start, 0, l->path_len };
+	while (depth > 0 && r == 0) {
+		struct list_level *level = &stack[depth - 1];
+		int descended = 0;
+		long n = lseek(level->fd, level->next, SEEK_SET) < 0 ? -1 : syscall(SYS_getdents64, level->fd, dents, sizeof dents);
+		for (long off = 0; n > 0 && off < n && !descended && r == 0;) {
+			struct dirent64_raw *d = (struct dirent64_raw *)(dents + off);
+			off += d->d_reclen;
+			level->next = d->d_off;
+			if (is_dot_or_dotdot(d->d_name)) continue;
+			struct stat st;
+			if (fstatat(level->fd, d->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue; /* gone meanwhile */
+			path_set(l, level->path_len, d->d_name);
+			if (list_emit(l, level->fd, d->d_name, &st) < 0) { r = -1; break; }
+			if (!S_ISDIR(st.st_mode) || !l->recursive) continue;
+			int child = openat(level->fd, d->d_name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+			if (child < 0) continue;
+			if (depth == cap) {
+				cap *= 2;
+				struct list_level *p = realloc(stack, cap * sizeof *stack);
+				if (!p) kill_all_and_exit(3);
+				stack = p;
+			}
+			stack[depth++] = (struct list_level){ child, 0, l->path_len };
+			descended = 1;
+		}
+		if (descended || r != 0) continue;
+		if (n <= 0) { /* read to its end (or unreadable): back to the parent */
+			depth--;
+			if (depth > 0) close(stack[depth].fd);
+		}
+	}
+	while (depth > 1) close(stack[--depth].fd);
+	free(stack);
+	return r;
 }
 
 static void handle_list(uint32_t id, struct cursor *c)
 {
 	uint8_t flags = get_u8(c);
 	uint32_t uid = get_u32(c), gid = get_u32(c);
+	uint32_t max_entries = get_u32(c), max_bytes = get_u32(c);
 	char *path = get_str(c);
 	if (c->bad || c->n != 0) { send_result(id, EINVAL, "malformed LIST request"); free(path); return; }
 	load_names(&users, "/etc/passwd");
 	load_names(&groups, "/etc/group");
-	struct listing l = { .id = id, .recursive = (flags & FLAG_RECURSIVE) != 0, .path = path, .path_len = strlen(path) };
+	struct listing l = { .id = id, .recursive = (flags & FLAG_RECURSIVE) != 0, .max_entries = max_entries, .max_bytes = max_bytes, .path = path, .path_len = strlen(path) };
 	l.path_cap = l.path_len + 1;
 	char *full = resolve(path);
 	enter_identity(flags, uid, gid);
-	int r = list_entry(&l, AT_FDCWD, full, 0);
-	int e = errno;
+	/* Like find: the start itself is not followed if it is a link, unless the path ends in "/". */
+	size_t n = strlen(full);
+	int follow = n > 0 && full[n - 1] == '/';
+	int fd = open_in_root(full, O_PATH | (follow ? 0 : O_NOFOLLOW), 0);
+	struct stat st;
+	int r = fd < 0 || fstat(fd, &st) < 0 ? -1 : 0, e = errno, capped = 0;
+	if (r == 0) {
+		/* readlinkat(fd, "") reads the link an O_PATH|O_NOFOLLOW descriptor stands for. */
+		if (list_emit(&l, fd, "", &st) < 0) capped = 1;
+		else if (S_ISDIR(st.st_mode)) {
+			int dir = openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+			if (dir < 0) { r = -1; e = errno; }
+			else {
+				capped = list_tree(&l, dir) < 0;
+				close(dir);
+			}
+		}
+	}
+	if (fd >= 0) close(fd);
 	leave_identity();
-	if (l.out.len > 0) send_event(EV_LISTING, id, l.out.data, l.out.len);
-	if (r < 0) send_result(id, (uint32_t)e, "cannot list %s: %s", path, strerror(e));
-	else send_result(id, 0, NULL);
+	if (capped) {
+		/* What was sent is incomplete: the daemon drops it on this RESULT. */
+		if (l.entries >= l.max_entries) send_result(id, E2BIG, "the listing has more than %u entries", l.max_entries);
+		else send_result(id, E2BIG, "the listing has more than %u bytes", l.max_bytes);
+	} else {
+		if (l.out.len > 0) send_event(EV_LISTING, id, l.out.data, l.out.len);
+		if (r < 0) send_result(id, (uint32_t)e, "cannot list %s: %s", path, strerror(e));
+		else send_result(id, 0, NULL);
+	}
 	free(l.out.data);
+	free(l.entry.data);
 	free(l.path);
 	free(full);
 }
@@ -806,13 +1124,22 @@ static void handle_read(uint32_t id, struct cursor *c)
 	if (find_exec(id) || find_reader(id)) { send_result(id, EEXIST, "id %u is in use", id); free(path); return; }
 	char *full = resolve(path);
 	enter_identity(flags, uid, gid);
-	/* O_NONBLOCK: opening a FIFO must not hang the agent; it is rejected right after. */
-	int fd = open(full, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
-	int e = errno;
+	/* Looked at before it is opened (opening a device can do something), links followed inside the root. */
+	struct stat before, st;
+	int fd = open_in_root(full, O_PATH, 0);
+	int e = errno, regular = 1;
+	if (fd >= 0) {
+		if (fstat(fd, &before) < 0) e = errno;
+		else if (!S_ISREG(before.st_mode)) regular = 0;
+		close(fd);
+		/* O_NONBLOCK: should a FIFO have taken its place meanwhile, the open must not hang. */
+		fd = regular ? open_in_root(full, O_RDONLY | O_NONBLOCK | O_NOCTTY, 0) : -1;
+		if (regular && fd < 0) e = errno;
+	}
 	leave_identity();
-	struct stat st;
 	if (fd >= 0 && fstat(fd, &st) < 0) { e = errno; close_fd(&fd); }
-	if (fd >= 0 && !S_ISREG(st.st_mode)) { e = EINVAL; close_fd(&fd); send_result(id, (uint32_t)e, "cannot read %s: not a regular file", path); }
+	if (fd >= 0 && (!S_ISREG(st.st_mode) || st.st_dev != before.st_dev || st.st_ino != before.st_ino)) { regular = 0; close_fd(&fd); }
+	if (!regular) send_result(id, EINVAL, "cannot read %s: not a regular file", path);
 	else if (fd < 0) send_result(id, (uint32_t)e, "cannot read %s: %s", path, strerror(e));
 	free(full);
 	free(path);
@@ -861,8 +1188,18 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 	case REQ_READ: handle_read(id, &c); break;
 	case REQ_PAUSE:
 	case REQ_RESUME:
-		if ((e = find_exec(id))) e->paused = type == REQ_PAUSE;
+		if ((e = find_exec(id)) && !e->discard) e->paused = type == REQ_PAUSE;
 		if ((r = find_reader(id))) r->paused = type == REQ_PAUSE;
+		break;
+	case REQ_DISCARD:
+		/*
+		 * Read and dropped rather than our ends closed: closing would kill background writers with
+		 * SIGPIPE (or block them, unread, if paused), yet they must run on as they did, and their
+		 * files and processes stay for the next execution. Reading 64 KiB at a time costs the agent
+		 * far less than the writer, and nothing is framed, sent or decoded. The entry goes once
+		 * both pipes reach EOF and the process was reaped.
+		 */
+		if ((e = find_exec(id))) { e->discard = 1; e->paused = 0; check_finished(e); }
 		break;
 	default: send_result(id, EINVAL, "unknown request type %u", type);
 	}

@@ -4,6 +4,7 @@ import { after, before, describe, test } from 'node:test';
 import { AgentRequestError, type AgentClient, type AgentExecOptions } from '../src/local/agent/agent-client.js';
 import { EventType, encodeFrame, FrameParser } from '../src/local/agent/frames.js';
 import { type AgentSandbox, startAgentSandbox } from '../src/local/agent/standalone.js';
+import type { FileHeader } from '../src/dto/runner.js';
 import { parseFindOutput } from '../src/runner/workspace-files.js';
 
 /*
@@ -224,16 +225,11 @@ describe('sandbox agent', () => {
       const fromAgent = await client.list(start, recursive);
       const fromFind = await run(client, `find ${start} ${recursive ? '' : '-maxdepth 1'} -printf '%y\\0%s\\0%T@\\0%M\\0%u\\0%g\\0%p\\0%l\\0' | od -An -v -tx1`);
       const findBytes = Buffer.from(fromFind.stdout.replace(/\s+/g, ''), 'hex');
-      const normalize = (bytes: Buffer): string[][] => {
-        const fields = bytes.toString().split('\0').slice(0, -1);
-        const rows: string[][] = [];
-        // %T@ fractions differ in digits (find prints 10, the agent 9): compare whole seconds.
-        for (let i = 0; i < fields.length; i += 8) rows.push(fields.slice(i, i + 8).map((field, column) => (column === 2 ? field.split('.')[0] ?? '' : field)));
-        return rows.sort((a, b) => (a[6] ?? '').localeCompare(b[6] ?? ''));
-      };
-      assert.deepEqual(normalize(fromAgent), normalize(findBytes), `find ${start} recursive=${recursive}`);
+      // Parsed entries keep whole seconds of %T@, whose fractions differ in digits (find prints 10, the agent 9).
+      const sorted = (entries: FileHeader[]): FileHeader[] => [...entries].sort((a, b) => a.name.localeCompare(b.name));
+      assert.deepEqual(sorted(fromAgent), sorted(parseFindOutput(findBytes)), `find ${start} recursive=${recursive}`);
     }
-    const entries = parseFindOutput(await client.list('./', true));
+    const entries = await client.list('./', true);
     assert.equal(entries[0]?.name, './', 'the start directory comes first');
     const link = entries.find((entry) => entry.name === './link');
     assert.deepEqual({ ...link, modificationTime: 0 }, {
@@ -246,10 +242,10 @@ describe('sandbox agent', () => {
   test('list: a missing start path fails; an unprivileged listing checks access as the learner', async () => {
     await assert.rejects(client.list('missing', true), (error: unknown) => error instanceof AgentRequestError && /cannot list missing: No such file/.test(error.message));
     await run(client, 'mkdir -p /tmp/secret/inner && chmod 700 /tmp/secret', PRIVILEGED);
-    const privileged = parseFindOutput(await client.list('/tmp/secret', true));
+    const privileged = await client.list('/tmp/secret', true);
     assert.deepEqual(privileged.map((entry) => entry.name), ['/tmp/secret', '/tmp/secret/inner']);
     await assert.rejects(client.list('/tmp/secret', true, { privileged: false }), /cannot list \/tmp\/secret: Permission denied/);
-    const visible = parseFindOutput(await client.list('/tmp', false, { privileged: false }));
+    const visible = await client.list('/tmp', false, { privileged: false });
     assert.ok(visible.some((entry) => entry.name === '/tmp/secret'), 'the directory itself is listed');
   });
 

@@ -1,10 +1,10 @@
 import type { Logger } from 'pino';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
-import { BadRequestError, FileNotAvailableError } from '../runner/errors.js';
+import { BadRequestError, FileNotAvailableError, ListingTooLargeError, RunnerNotFoundError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
-import { parseFindOutput, WORKSPACE } from '../runner/workspace-files.js';
-import { AgentRequestError, type AgentIdentity } from './agent/agent-client.js';
+import { WORKSPACE } from '../runner/workspace-files.js';
+import { AgentClosedError, type AgentIdentity, type AgentListLimits, AgentProtocolError, AgentRequestError, DEFAULT_LIST_LIMITS, E2BIG } from './agent/agent-client.js';
 import { SANDBOX_PATH, type Sandbox } from './sandbox.js';
 
 const BASE_ENVIRONMENT: Record<string, string> = {
@@ -33,13 +33,19 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     private readonly ports: MappedPort[],
     private readonly user: SandboxUser,
     logger: Logger,
+    private readonly listLimits: AgentListLimits = DEFAULT_LIST_LIMITS,
   ) {
     super();
     this.#logger = logger.child({ runnerId: id, environmentId });
+    // Learner code (privileged, beside the agent) may have forged frames: worth one warning, with the runner's id.
+    sandbox.agent.onClose((error) => {
+      if (error instanceof AgentProtocolError) this.#logger.warn({ err: error.message }, 'agent connection ended: protocol violation');
+    });
   }
 
+  /* A closed agent connection ends the runner at once (410), before its sandbox has even exited. */
   get destroyed(): boolean {
-    return this.#destroyed || !this.sandbox.alive;
+    return this.#destroyed || !this.sandbox.alive || this.sandbox.agent.closed;
   }
 
   mappedPorts(): MappedPort[] {
@@ -81,20 +87,21 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
       });
     } catch (error) {
       if (error instanceof AgentRequestError) throw new BadRequestError(`updating files failed: ${error.message}`);
-      throw error;
+      throw this.#gone(error);
     }
   }
 
   async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
-    let listing: Buffer;
+    let listing: FileHeader[];
     try {
-      listing = await this.sandbox.agent.list(options.path, options.recursive, this.#identity(options.privilegedExecution));
+      listing = await this.sandbox.agent.list(options.path, options.recursive, this.#identity(options.privilegedExecution), this.listLimits);
     } catch (error) {
+      if (error instanceof AgentRequestError && error.status === E2BIG) throw new ListingTooLargeError(error.message);
       if (error instanceof AgentRequestError) throw new FileNotAvailableError(`cannot list ${options.path}: ${error.message}`);
-      throw error;
+      throw this.#gone(error);
     }
     // Like find, the agent lists the start directory itself first; CodeOcean wants its contents.
-    return parseFindOutput(listing).filter((entry, index) => !(index === 0 && entry.entryType === 'd' && entry.name === options.path));
+    return listing.filter((entry, index) => !(index === 0 && entry.entryType === 'd' && entry.name === options.path));
   }
 
   async getFileContent(path: string, privilegedExecution: boolean): Promise<FileContent> {
@@ -102,8 +109,13 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
       return await this.sandbox.agent.read(path, this.#identity(privilegedExecution));
     } catch (error) {
       if (error instanceof AgentRequestError) throw new FileNotAvailableError(`cannot read ${path}: ${error.message}`);
-      throw error;
+      throw this.#gone(error);
     }
+  }
+
+  /* The agent's connection ended under a request: the runner is gone for the caller (410). */
+  #gone(error: unknown): unknown {
+    return error instanceof AgentClosedError ? new RunnerNotFoundError(this.id) : error;
   }
 
   async destroy(reason: string): Promise<void> {

@@ -36,6 +36,13 @@ export class FileNotAvailableError extends ApiError {
   }
 }
 
+/* A listing past its entry or byte cap: 424 is what CodeOcean takes as "no files", so it carries on. */
+export class ListingTooLargeError extends ApiError {
+  constructor(message: string) {
+    super(424, 'FILE_NOT_AVAILABLE', message);
+  }
+}
+
 export class BadRequestError extends ApiError {
   constructor(message: string) {
     super(400, 'BAD_REQUEST', message);

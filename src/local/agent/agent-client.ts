@@ -1,4 +1,6 @@
 import { Readable, type Writable } from 'node:stream';
+import type { FileHeader } from '../../dto/runner.js';
+import { FindOutputParser } from '../../runner/workspace-files.js';
 import {
   EventType,
   encodeFrame,
@@ -6,6 +8,7 @@ import {
   FLAG_RECURSIVE,
   type Frame,
   FrameParser,
+  MAX_EVENT_REST,
   PayloadWriter,
   PROTOCOL_VERSION,
   RequestType,
@@ -18,10 +21,21 @@ import {
  * Backpressure is per operation: pauseOutput() asks the agent to stop reading that execution's
  * pipes (its process then blocks on a full pipe), and a read() stream pauses its file the same
  * way, so one slow consumer never stalls another execution or a file operation of the runner.
+ *
+ * The agent is not trusted: privileged learner code runs as root beside it and might forge its
+ * frames. Every event is checked (length, type, order, id) before it is used; a frame that breaks
+ * the protocol ends the connection with an AgentProtocolError (the agent then sees EOF and ends the
+ * sandbox), and nothing ever throws out of the stream handler, which would end the whole daemon.
  */
 
 /* Output still arriving after the process exited belongs to it; silence this long ends the wait. */
 export const OUTPUT_SETTLE_MS = 100;
+/*
+ * ...but never longer than this after the exit (unpaused): what the process itself wrote fits in
+ * its pipes, so output that goes on is a background process's, which would otherwise hold the
+ * execution open forever.
+ */
+export const OUTPUT_AFTER_EXIT_MS = 1000;
 export const AGENT_WORKSPACE = '/workspace';
 /* uid/gid of unprivileged requests unless told otherwise: nobody/nogroup, as in the sandbox. */
 const DEFAULT_UID = 65534;
@@ -45,6 +59,33 @@ export class AgentClosedError extends Error {
     this.name = 'AgentClosedError';
   }
 }
+
+/* The agent sent something the protocol does not allow; the connection was ended because of it. */
+export class AgentProtocolError extends AgentClosedError {
+  constructor(message: string) {
+    super(`the sandbox agent broke the protocol: ${message}`);
+    this.name = 'AgentProtocolError';
+  }
+}
+
+/* Thrown inside the decoder only, caught in #onData: one exit for every kind of violation. */
+function violation(message: string): never {
+  throw new AgentProtocolError(message);
+}
+
+/*
+ * Bounds of one listing, sent with the request so the agent stops there (E2BIG) instead of
+ * building a listing the daemon cannot hold. Bytes count the raw find -printf fields.
+ */
+export interface AgentListLimits {
+  maxEntries: number;
+  maxBytes: number;
+}
+
+export const DEFAULT_LIST_LIMITS: AgentListLimits = { maxEntries: 50_000, maxBytes: 32 * 2 ** 20 };
+
+/* errno values the daemon tells apart. */
+export const E2BIG = 7;
 
 export interface AgentExecOptions {
   /* The complete environment: the agent does not pass its own on. */
@@ -72,7 +113,8 @@ export interface AgentExecution {
   resumeOutput(): void;
   /*
    * Resolves after EXIT and either OUTPUT_CLOSED or OUTPUT_SETTLE_MS without output (background
-   * processes may hold the pipes open); exitCode is the status or 128 + signal. Rejects with
+   * processes may hold the pipes open), at the latest OUTPUT_AFTER_EXIT_MS after EXIT; then the
+   * agent drops what comes later (DISCARD). exitCode is the status or 128 + signal. Rejects with
    * AgentRequestError if the command could not be started, AgentClosedError if the agent died.
    */
   readonly result: Promise<{ exitCode: number }>;
@@ -107,10 +149,14 @@ export class AgentClient {
   readonly ready: Promise<void>;
   readonly #input: Writable;
   readonly #output: Readable;
-  readonly #parser = new FrameParser();
+  readonly #parser = new FrameParser(MAX_EVENT_REST);
   readonly #operations = new Map<number, Operation>();
   #nextId = 1;
+  /* Once ids wrapped around, every id counts as issued. */
+  #wrapped = false;
+  #readySeen = false;
   #closed: Error | undefined;
+  readonly #closeListeners: Array<(error: Error) => void> = [];
   #onReady: (() => void) | undefined;
   #onReadyFailed: ((error: Error) => void) | undefined;
 
@@ -136,6 +182,12 @@ export class AgentClient {
     return this.#closed !== undefined;
   }
 
+  /* Called once with the reason the connection ended (at once if it has already). */
+  onClose(listener: (error: Error) => void): void {
+    if (this.#closed) listener(this.#closed);
+    else this.#closeListeners.push(listener);
+  }
+
   exec(argv: string[], options: AgentExecOptions, handlers: AgentExecHandlers): AgentExecution {
     const id = this.#allocateId();
     const uid = options.uid ?? (options.privileged ? 0 : DEFAULT_UID);
@@ -155,6 +207,7 @@ export class AgentClient {
     let outputClosed = false;
     let paused = false;
     let settleTimer: NodeJS.Timeout | undefined;
+    let deadlineTimer: NodeJS.Timeout | undefined;
     let finished = false;
     let resolveResult: (result: { exitCode: number }) => void = () => undefined;
     let rejectResult: (error: Error) => void = () => undefined;
@@ -167,8 +220,11 @@ export class AgentClient {
       if (finished || exitCode === undefined) return;
       finished = true;
       if (settleTimer) clearTimeout(settleTimer);
-      // Later output of background processes still comes as events of this id; it is dropped here.
+      if (deadlineTimer) clearTimeout(deadlineTimer);
       this.#operations.delete(id);
+      // Background processes may still write to the pipes: the agent reads and drops that output
+      // from now on, so it is never framed, sent and decoded for nobody.
+      if (!outputClosed) this.#send(RequestType.discard, id);
       resolveResult({ exitCode });
     };
     /* While paused, output is only held back, not over: silence then means nothing. */
@@ -176,42 +232,51 @@ export class AgentClient {
       if (exitCode === undefined || finished) return;
       if (settleTimer) clearTimeout(settleTimer);
       settleTimer = paused ? undefined : setTimeout(finish, OUTPUT_SETTLE_MS);
+      if (!paused && !deadlineTimer) deadlineTimer = setTimeout(finish, OUTPUT_AFTER_EXIT_MS);
     };
 
+    let started = false;
     this.#operations.set(id, {
       onFrame: (frame) => {
         switch (frame.type) {
           case EventType.stdout:
-            handlers.onStdout(frame.payload);
-            armSettle();
-            break;
           case EventType.stderr:
-            handlers.onStderr(frame.payload);
+            if (outputClosed) violation(`output of execution ${id} after its end`);
+            started = true;
+            if (frame.type === EventType.stdout) handlers.onStdout(frame.payload);
+            else handlers.onStderr(frame.payload);
             armSettle();
             break;
           case EventType.exit:
-            exitCode = frame.payload.readUInt32LE(0);
+            if (exitCode !== undefined) violation(`execution ${id} exited twice`);
+            exitCode = decodeU32(frame, 'EXIT');
+            started = true;
             if (outputClosed) finish();
             else armSettle();
             break;
           case EventType.outputClosed:
+            if (frame.payload.length !== 0) violation(`OUTPUT_CLOSED of ${id} has a payload`);
+            if (outputClosed) violation(`output of execution ${id} closed twice`);
             outputClosed = true;
+            started = true;
             finish();
             break;
           case EventType.result: {
-            // Only sent for an execution that could not be started.
+            // Only sent, with a failure, for an execution that could not be started.
+            const { status, message } = decodeResult(frame);
+            if (started || status === 0) violation(`RESULT ${status} for execution ${id} that started`);
             finished = true;
             this.#operations.delete(id);
-            const { status, message } = decodeResult(frame.payload);
             rejectResult(new AgentRequestError(status, message));
             break;
           }
           default:
-            break;
+            violation(`event 0x${frame.type.toString(16)} for execution ${id}`);
         }
       },
       onClose: (error) => {
         if (settleTimer) clearTimeout(settleTimer);
+        if (deadlineTimer) clearTimeout(deadlineTimer);
         if (!finished) {
           finished = true;
           rejectResult(error);
@@ -236,7 +301,8 @@ export class AgentClient {
         if (paused || finished) return;
         paused = true;
         if (settleTimer) clearTimeout(settleTimer);
-        settleTimer = undefined;
+        if (deadlineTimer) clearTimeout(deadlineTimer);
+        settleTimer = deadlineTimer = undefined;
         this.#send(RequestType.pause, id);
       },
       resumeOutput: () => {
@@ -255,20 +321,40 @@ export class AgentClient {
     for (const entry of update.delete) payload.str(entry);
     payload.u32(update.copy.length);
     for (const copy of update.copy) payload.u8(copy.isDirectory ? 1 : 0).str(copy.path).bytes(copy.content);
-    await this.#request(RequestType.files, payload.toBuffer(), () => undefined);
+    await this.#request(RequestType.files, payload.toBuffer(), (frame) => violation(`event 0x${frame.type.toString(16)} for a FILES request`));
   }
 
   /*
-   * The raw listing: per entry the 8 NUL-terminated fields of find -printf '%y\0%s\0%T@\0%M\0%u\0%g\0%p\0%l\0',
-   * the start path first, paths printed as find prints them. Parse with parseFindOutput.
+   * The entries as GNU find -printf would print them, the start path first. Parsed as the chunks
+   * arrive, so memory is bounded by limits (what the agent may send) rather than by the tree.
+   * Past a limit: AgentRequestError with status E2BIG.
    */
-  async list(path: string, recursive: boolean, identity: AgentIdentity = { privileged: true }): Promise<Buffer> {
-    const chunks: Buffer[] = [];
-    const payload = identityPayload(identity, recursive ? FLAG_RECURSIVE : 0).str(path).toBuffer();
-    await this.#request(RequestType.list, payload, (frame) => {
-      if (frame.type === EventType.listing) chunks.push(frame.payload);
-    });
-    return Buffer.concat(chunks);
+  async list(path: string, recursive: boolean, identity: AgentIdentity = { privileged: true }, limits: AgentListLimits = DEFAULT_LIST_LIMITS): Promise<FileHeader[]> {
+    const entries: FileHeader[] = [];
+    const parser = new FindOutputParser();
+    let bytes = 0;
+    const payload = identityPayload(identity, recursive ? FLAG_RECURSIVE : 0)
+      .u32(limits.maxEntries)
+      .u32(limits.maxBytes)
+      .str(path)
+      .toBuffer();
+    await this.#request(
+      RequestType.list,
+      payload,
+      (frame) => {
+        if (frame.type !== EventType.listing) violation(`event 0x${frame.type.toString(16)} for a LIST request`);
+        bytes += frame.payload.length;
+        if (bytes > limits.maxBytes) violation(`a listing of more than ${limits.maxBytes} bytes`);
+        parser.push(frame.payload, (entry) => {
+          if (entries.length >= limits.maxEntries) violation(`a listing of more than ${limits.maxEntries} entries`);
+          entries.push(entry);
+        });
+      },
+      (status) => {
+        if (status === 0 && parser.pending) violation('a listing that ends inside an entry');
+      },
+    );
+    return entries;
   }
 
   /*
@@ -297,23 +383,36 @@ export class AgentClient {
           callback(error);
         },
       });
+      let size = 0;
+      let received = 0;
       this.#operations.set(id, {
         onFrame: (frame) => {
           switch (frame.type) {
-            case EventType.fileSize:
+            case EventType.fileSize: {
+              if (sized) violation(`FILE_SIZE of ${id} twice`);
+              if (frame.payload.length !== 8) violation(`FILE_SIZE of ${frame.payload.length} bytes`);
+              const announced = frame.payload.readBigUInt64LE(0);
+              if (announced > BigInt(Number.MAX_SAFE_INTEGER)) violation(`a file size of ${announced}`);
               sized = true;
-              resolve({ size: Number(frame.payload.readBigUInt64LE(0)), stream });
+              size = Number(announced);
+              resolve({ size, stream });
               break;
+            }
             case EventType.data:
+              if (!sized) violation(`DATA of ${id} before FILE_SIZE`);
+              received += frame.payload.length;
+              // More than announced would break the Content-Length already sent.
+              if (received > size) violation(`more data than the announced ${size} bytes`);
               if (!stream.push(frame.payload) && !paused && !ended) {
                 paused = true;
                 this.#send(RequestType.pause, id);
               }
               break;
             case EventType.result: {
+              const { status, message } = decodeResult(frame);
+              if (!sized && status === 0) violation(`RESULT 0 of ${id} before FILE_SIZE`);
               ended = true;
               this.#operations.delete(id);
-              const { status, message } = decodeResult(frame.payload);
               const error = new AgentRequestError(status, message);
               if (!sized) {
                 // Nobody holds the stream yet: the promise carries the error.
@@ -324,7 +423,7 @@ export class AgentClient {
               break;
             }
             default:
-              break;
+              violation(`event 0x${frame.type.toString(16)} for READ ${id}`);
           }
         },
         onClose: (error) => {
@@ -356,8 +455,16 @@ export class AgentClient {
   #allocateId(): number {
     const id = this.#nextId;
     // Id 0 is READY's; the u32 space is large enough that a live id is never reused.
-    this.#nextId = this.#nextId >= 0xffff_ffff ? 1 : this.#nextId + 1;
+    if (this.#nextId >= 0xffff_ffff) {
+      this.#nextId = 1;
+      this.#wrapped = true;
+    } else this.#nextId += 1;
     return id;
+  }
+
+  /* An id this client handed out; events of one that is over arrive late and are dropped. */
+  #issued(id: number): boolean {
+    return id !== 0 && (this.#wrapped || id < this.#nextId);
   }
 
   #send(type: number, id: number, payload?: Buffer): void {
@@ -365,8 +472,11 @@ export class AgentClient {
     this.#input.write(encodeFrame(type, id, payload));
   }
 
-  /* A request answered by one RESULT, with other events of its id going to onEvent first. */
-  #request(type: number, payload: Buffer, onEvent: (frame: Frame) => void): Promise<void> {
+  /*
+   * A request answered by one RESULT, with other events of its id going to onEvent first;
+   * onResult may still refuse the RESULT (it throws a violation).
+   */
+  #request(type: number, payload: Buffer, onEvent: (frame: Frame) => void, onResult: (status: number) => void = () => undefined): Promise<void> {
     if (this.#closed) return Promise.reject(this.#closed);
     const id = this.#allocateId();
     return new Promise((resolve, reject) => {
@@ -376,8 +486,9 @@ export class AgentClient {
             onEvent(frame);
             return;
           }
+          const { status, message } = decodeResult(frame);
+          onResult(status);
           this.#operations.delete(id);
-          const { status, message } = decodeResult(frame.payload);
           if (status === 0) resolve();
           else reject(new AgentRequestError(status, message));
         },
@@ -387,24 +498,40 @@ export class AgentClient {
     });
   }
 
+  /* Never throws: whatever goes wrong in decoding ends this connection, not the daemon. */
   #onData(chunk: Buffer): void {
-    let frames: Frame[];
+    if (this.#closed) return;
     try {
-      frames = this.#parser.push(chunk);
+      for (const frame of this.#parser.push(chunk)) {
+        this.#onFrame(frame);
+        // A handler may have closed the client; what follows is for nobody.
+        if (this.#closed) return;
+      }
     } catch (error) {
-      this.#shutDown(new AgentClosedError(`the sandbox agent sent garbage: ${(error as Error).message}`));
+      const reason = error instanceof AgentProtocolError ? error : new AgentProtocolError(error instanceof Error ? error.message : String(error));
+      this.#shutDown(reason);
+      // Ending the connection makes the agent see EOF: it kills everything and the sandbox ends.
+      this.#input.destroy();
       this.#output.destroy();
+    }
+  }
+
+  #onFrame(frame: Frame): void {
+    if (!KNOWN_EVENTS.has(frame.type)) violation(`unknown event type 0x${frame.type.toString(16)}`);
+    if (frame.type === EventType.ready) {
+      if (this.#readySeen) violation('READY twice');
+      if (frame.id !== 0 || frame.payload.length !== 4) violation('a malformed READY');
+      this.#readySeen = true;
+      const version = frame.payload.readUInt32LE(0);
+      if (version !== PROTOCOL_VERSION) violation(`protocol ${version}, not ${PROTOCOL_VERSION}`);
+      this.#onReady?.();
       return;
     }
-    for (const frame of frames) {
-      if (frame.type === EventType.ready) {
-        const version = frame.payload.length >= 4 ? frame.payload.readUInt32LE(0) : 0;
-        if (version === PROTOCOL_VERSION) this.#onReady?.();
-        else this.#onReadyFailed?.(new AgentClosedError(`the sandbox agent speaks protocol ${version}, not ${PROTOCOL_VERSION}`));
-        continue;
-      }
-      this.#operations.get(frame.id)?.onFrame(frame);
-    }
+    if (!this.#readySeen) violation(`event 0x${frame.type.toString(16)} before READY`);
+    const operation = this.#operations.get(frame.id);
+    if (operation) operation.onFrame(frame);
+    else if (!this.#issued(frame.id)) violation(`event 0x${frame.type.toString(16)} for id ${frame.id}, which was never used`);
+    // Otherwise a late event of an operation that is over (output before DISCARD arrived, data of a cancelled read).
   }
 
   #shutDown(error: Error): void {
@@ -414,8 +541,11 @@ export class AgentClient {
     const operations = [...this.#operations.values()];
     this.#operations.clear();
     for (const operation of operations) operation.onClose(error);
+    for (const listener of this.#closeListeners.splice(0)) listener(error);
   }
 }
+
+const KNOWN_EVENTS: ReadonlySet<number> = new Set(Object.values(EventType));
 
 function identityPayload(identity: AgentIdentity, extraFlags: number): PayloadWriter {
   return new PayloadWriter()
@@ -424,6 +554,12 @@ function identityPayload(identity: AgentIdentity, extraFlags: number): PayloadWr
     .u32(identity.gid ?? (identity.privileged ? 0 : DEFAULT_GID));
 }
 
-function decodeResult(payload: Buffer): { status: number; message: string } {
-  return { status: payload.readUInt32LE(0), message: payload.subarray(4).toString('utf8') };
+function decodeResult(frame: Frame): { status: number; message: string } {
+  if (frame.payload.length < 4) violation(`RESULT of ${frame.payload.length} bytes for id ${frame.id}`);
+  return { status: frame.payload.readUInt32LE(0), message: frame.payload.subarray(4).toString('utf8') };
+}
+
+function decodeU32(frame: Frame, name: string): number {
+  if (frame.payload.length !== 4) violation(`${name} of ${frame.payload.length} bytes for id ${frame.id}`);
+  return frame.payload.readUInt32LE(0);
 }

@@ -8,13 +8,19 @@
  *   EXEC   u8 flags | u32 uid | u32 gid | str cwd | u32 argc | argc*str | u32 envc | envc*str("K=V")
  *   STDIN  raw data; empty closes stdin            KILL   empty (an execution: SIGKILL its group; a READ: cancel)
  *   FILES  u32 n | n*str delete | u32 m | m*(u8 isDirectory | str path | bytes content)
- *   LIST   u8 flags | u32 uid | u32 gid | str path           READ   u8 flags | u32 uid | u32 gid | str path
+ *   LIST   u8 flags | u32 uid | u32 gid | u32 maxEntries | u32 maxBytes | str path
+ *   READ   u8 flags | u32 uid | u32 gid | str path
  *   PAUSE / RESUME  empty: stop / go on reading that execution's output or that READ's file
+ *   DISCARD empty: the execution is over for the daemon; its later output is read and dropped, no more events
  *   flags: bit0 privileged, bit1 recursive (LIST only)
  * Events (agent -> daemon):
  *   READY u32 version (id 0) | STDOUT raw | STDERR raw | EXIT u32 code | OUTPUT_CLOSED empty
  *   RESULT u32 status (0 ok, else errno) + UTF-8 message | LISTING raw find -printf fields
  *   FILE_SIZE u64 | DATA raw
+ *   A LISTING event may end in the middle of an entry or field; the next one goes on from there.
+ *   Past maxEntries or maxBytes the agent stops and answers RESULT E2BIG.
+ * No event is longer than MAX_EVENT_REST: the agent is not trusted (privileged learner code might
+ * forge frames), so the daemon never buffers more than that for one.
  */
 
 export const RequestType = {
@@ -26,6 +32,7 @@ export const RequestType = {
   read: 0x06,
   pause: 0x07,
   resume: 0x08,
+  discard: 0x09,
 } as const;
 
 export const EventType = {
@@ -42,10 +49,12 @@ export const EventType = {
 
 export const FLAG_PRIVILEGED = 1;
 export const FLAG_RECURSIVE = 2;
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSION = 2;
 const HEADER_LENGTH = 9;
 /* The agent refuses larger frames; so does the parser, since a bad length would make it wait forever. */
 export const MAX_FRAME_REST = 2 ** 30;
+/* The agent's events carry at most one 64 KiB chunk (DATA, output, LISTING) or a short RESULT. */
+export const MAX_EVENT_REST = 5 + 2 ** 17;
 
 export interface Frame {
   type: number;
@@ -103,6 +112,9 @@ export class FrameParser {
   #chunks: Buffer[] = [];
   #buffered = 0;
 
+  /* maxRest: the longest frame the peer may send; a longer length is an error, not a wait. */
+  constructor(private readonly maxRest: number = MAX_FRAME_REST) {}
+
   push(chunk: Buffer): Frame[] {
     this.#chunks.push(chunk);
     this.#buffered += chunk.length;
@@ -111,7 +123,7 @@ export class FrameParser {
       if (this.#buffered < 4) break;
       const head = this.#peek(4);
       const rest = head.readUInt32LE(0);
-      if (rest < 5 || rest > MAX_FRAME_REST) throw new FrameError(`bad frame length ${rest}`);
+      if (rest < 5 || rest > this.maxRest) throw new FrameError(`bad frame length ${rest}`);
       if (this.#buffered < 4 + rest) break;
       const frame = this.#take(4 + rest);
       frames.push({ type: frame.readUInt8(4), id: frame.readUInt32LE(5), payload: frame.subarray(HEADER_LENGTH) });
