@@ -120,9 +120,10 @@ static void build_policy(void)
 	 * ptrace stays allowed, as in Docker on kernels >= 4.8 (gdb and strace are teaching tools):
 	 * every process a runner can see is in its own pid namespace, so it can trace only its own
 	 * processes; since 4.8 the kernel re-checks seccomp after a tracer changes a syscall, so
-	 * tracing cannot bypass this filter; the agent is non-dumpable and keeps no CAP_SYS_PTRACE,
-	 * so no execution, privileged or not, can attach to it. process_vm_readv/writev and kcmp make
-	 * the same checks as ptrace and are allowed for the same reasons.
+	 * tracing cannot bypass this filter; the agent is non-dumpable and has capabilities no
+	 * execution keeps, so no execution, privileged or not, can attach to it. That last point must
+	 * hold for every process that holds the agent's channel to the daemon. process_vm_readv/writev
+	 * and kcmp make the same checks as ptrace and are allowed for the same reasons.
 	 */
 
 	/*

@@ -253,6 +253,18 @@ describe('seccomp filter', () => {
     assert.deepEqual(result, { exitCode: 0, stdout: '0\n', stderr: '' });
   });
 
+  test('no execution can ptrace the agent, privileged or not', async () => {
+    // The reason ptrace can stay allowed: the agent is non-dumpable and has capabilities no execution keeps.
+    const script = 'import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nfor pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):\n    try:\n        comm = open(f"/proc/{pid}/comm").read().strip()\n    except OSError:\n        continue\n    if comm == "agent":\n        result = libc.ptrace(16, pid, None, None)\n        print(pid, result, os.strerror(ctypes.get_errno()) if result else "attached")\n';
+    for (const options of [UNPRIVILEGED, PRIVILEGED]) {
+      const result = await run(client, ['python3', '-'], options, script);
+      assert.equal(result.exitCode, 0, result.stderr);
+      const lines = result.stdout.trim().split('\n');
+      assert.ok(lines.length >= 1 && lines[0] !== '', 'the agent was found');
+      for (const line of lines) assert.match(line, / -1 Operation not permitted$/, `privileged=${options.privileged}: ${line}`);
+    }
+  });
+
   test('the agent\'s file operations work under the filter', async () => {
     await client.updateFiles({ delete: [], copy: [{ path: 'dir/file.txt', isDirectory: false, content: Buffer.from('content') }] });
     const listing = (await client.list('./', true)).toString();
