@@ -94,6 +94,9 @@ const localSchema = z
     idmapslots: z.number().int().min(1).max(65535).default(4096),
     /* Size of each runner's private workspace and /tmp (tmpfs, charged to the runner's memory). */
     workspacesize: z.number().int().positive().default(256),
+    /* A file listing with more entries or bytes than these answers 424 instead of filling the daemon's memory. */
+    maxlistingentries: z.number().int().positive().default(50_000),
+    maxlistingbytes: z.number().int().positive().default(32 * 1024 * 1024),
     /* Fork-bomb guard: most processes one runner may have. */
     pidslimit: z.number().int().min(8).default(512),
     cgroups: cgroupModeSchema.default('auto'),

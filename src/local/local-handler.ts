@@ -48,7 +48,10 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
         const ports = spec.networkAccess
           ? spec.exposedPorts.map((port) => ({ exposedPort: port, hostAddress: `${this.config.hostaddress}:${port}` }))
           : [];
-        return new LocalRunner(id, spec.id, sandbox, ports, { uid: this.config.uid, gid: this.config.gid }, this.logger);
+        return new LocalRunner(id, spec.id, sandbox, ports, { uid: this.config.uid, gid: this.config.gid }, this.logger, {
+          maxEntries: this.config.maxlistingentries,
+          maxBytes: this.config.maxlistingbytes,
+        });
       },
     };
   }

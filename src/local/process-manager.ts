@@ -7,6 +7,7 @@ import type { CgroupManager } from './cgroups.js';
 import { SPAWNER_BINARY } from './agent/standalone.js';
 import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from './id-ranges.js';
 import { Sandbox } from './sandbox.js';
+import { seccompProgram } from './seccomp.js';
 import { removeStaleSocketDirectories, SpawnerClient } from './spawner-client.js';
 
 /* Told about sandboxes coming and going: a sandbox that ends on its own is a lost runner. */
@@ -28,6 +29,8 @@ export class SandboxProcessManager {
   readonly #spawner: SpawnerClient;
   readonly #ids: IdRangeAllocator;
   readonly #bwrap: string;
+  /* Read at start: a daemon whose sandboxes would run without their filter must not start. */
+  readonly #seccomp = seccompProgram();
 
   constructor(
     private readonly config: LocalConfig,
@@ -78,7 +81,7 @@ export class SandboxProcessManager {
         memoryLimitMiB: spec.memoryLimit,
         workspaceSizeMiB: this.config.workspacesize,
         cgroup,
-        seccompProgram: undefined,
+        seccompProgram: this.#seccomp,
         spawner: this.#spawner,
         onCleanupError: (error) => this.logger.warn({ runnerId: id, err: error }, 'cannot remove the cgroup of an ended sandbox'),
       });

@@ -21,7 +21,7 @@ export interface SandboxOptions {
   workspaceSizeMiB: number;
   cgroup: RunnerCgroup | undefined;
   /* The BPF program every process of the sandbox runs under (bubblewrap's --seccomp). */
-  seccompProgram: Buffer | undefined;
+  seccompProgram: Buffer;
   /* Starts the sandbox's processes without forking the daemon. */
   spawner: SpawnerClient;
   onCleanupError: (error: unknown) => void;
@@ -90,7 +90,7 @@ function bwrapArguments(options: SandboxOptions): string[] {
     '--perms', '1777', '--size', String(sizes.tmp), '--tmpfs', '/tmp',
     '--chdir', WORKSPACE, '--clearenv', '--setenv', 'PATH', SANDBOX_PATH,
     ...agentCapabilityArguments(),
-    ...(options.seccompProgram ? ['--seccomp', String(DataFd.seccomp)] : []),
+    '--seccomp', String(DataFd.seccomp),
     '--', `/proc/self/fd/${AGENT_FD}`,
   ];
 }
@@ -130,7 +130,7 @@ export class Sandbox {
       agent: true,
       data: [
         ...(options.rootfs ? [] : [{ fd: DataFd.passwd, bytes: Buffer.from(accounts.passwd) }, { fd: DataFd.group, bytes: Buffer.from(accounts.group) }]),
-        ...(options.seccompProgram ? [{ fd: DataFd.seccomp, bytes: options.seccompProgram }] : []),
+        { fd: DataFd.seccomp, bytes: options.seccompProgram },
       ],
     });
     const exited = child.exited.then((exit) =>

@@ -1,9 +1,9 @@
 import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
+import type { Writable } from 'node:stream';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { hostSystemArguments } from '../host-root.js';
-import type { Writable } from 'node:stream';
 import { sandboxAccounts } from '../sandbox-accounts.js';
 import { AgentClient } from './agent-client.js';
 
@@ -34,23 +34,34 @@ export function agentCapabilityArguments(): string[] {
   return ['--cap-drop', 'ALL', ...AGENT_CAPABILITIES.flatMap((capability) => ['--cap-add', capability])];
 }
 
-/* Both binaries include the shared frame reader, so a change to it makes them stale too. */
-const SHARED_SOURCES = ['frame-reader.h'];
+/*
+ * The seccomp program of every sandbox (raw BPF for bwrap --seccomp), written at build time by
+ * build/poseidon-seccomp-bpf from the policy in seccomp-policy.c; read it with seccompProgram().
+ */
+export const SECCOMP_PROGRAM = path.join(AGENT_SOURCE_DIR, 'build/seccomp.bpf');
 
-function isStale(binary: string, sourceName: string): boolean {
-  if (!existsSync(binary)) return true;
-  const built = statSync(binary).mtimeMs;
-  return [sourceName, ...SHARED_SOURCES]
+/* What each output is made from: the agent and the spawner both include the shared frame reader. */
+const BUILT_FROM: ReadonlyArray<[output: string, sources: string[]]> = [
+  [AGENT_BINARY, ['poseidon-agent.c', 'frame-reader.h']],
+  [SPAWNER_BINARY, ['poseidon-spawner.c', 'frame-reader.h']],
+  [SECCOMP_PROGRAM, ['seccomp-policy.c']],
+];
+
+function isStale(output: string, sources: string[]): boolean {
+  if (!existsSync(output)) return true;
+  const built = statSync(output).mtimeMs;
+  return sources
     .map((name) => path.join(AGENT_SOURCE_DIR, name))
     .some((source) => existsSync(source) && statSync(source).mtimeMs > built);
 }
 
 /*
- * Builds the agent and the spawner if missing or older than their sources (needs gcc, make and
- * libc6-dev); returns the agent's path (the spawner's is SPAWNER_BINARY).
+ * Builds the agent, the spawner and the seccomp program if missing or older than their sources
+ * (needs gcc, make, libc6-dev and libseccomp-dev); returns the agent's path (the others are
+ * SPAWNER_BINARY and SECCOMP_PROGRAM).
  */
 export function ensureAgentBuilt(): string {
-  if (isStale(AGENT_BINARY, 'poseidon-agent.c') || isStale(SPAWNER_BINARY, 'poseidon-spawner.c')) {
+  if (BUILT_FROM.some(([output, sources]) => isStale(output, sources))) {
     try {
       execFileSync('make', ['-C', AGENT_SOURCE_DIR, '--no-print-directory'], { stdio: ['ignore', 'pipe', 'pipe'] });
     } catch (error) {
@@ -68,8 +79,11 @@ export interface AgentSandbox {
   stop(): Promise<void>;
 }
 
-/* A sandbox like the daemon's (host /usr read-only, private /workspace and /tmp), running the agent. */
-export async function startAgentSandbox(extraArguments: string[] = []): Promise<AgentSandbox> {
+/*
+ * A sandbox like the daemon's (host /usr read-only, private /workspace and /tmp), running the agent;
+ * with options.seccomp, bwrap loads that BPF program (seccompProgram()) through an extra pipe, fd 5.
+ */
+export async function startAgentSandbox(extraArguments: string[] = [], options: { seccomp?: Buffer } = {}): Promise<AgentSandbox> {
   const agent = ensureAgentBuilt();
   const system = hostSystemArguments();
   const child = spawn(
@@ -84,15 +98,21 @@ export async function startAgentSandbox(extraArguments: string[] = []): Promise<
       '--perms', '1777', '--tmpfs', '/tmp',
       '--ro-bind', agent, AGENT_SANDBOX_PATH,
       ...extraArguments,
+      ...(options.seccomp ? ['--seccomp', '5'] : []),
       '--chdir', '/workspace', '--clearenv',
       ...agentCapabilityArguments(),
       '--', AGENT_SANDBOX_PATH,
     ],
-    { stdio: ['pipe', 'pipe', 'inherit', 'pipe', 'pipe'] },
+    { stdio: ['pipe', 'pipe', 'inherit', 'pipe', 'pipe', ...(options.seccomp ? (['pipe'] as const) : [])] },
   );
+  // bwrap reads each blob to end of file; if it died first, its exit is reported below.
   const accounts = sandboxAccounts({ uid: 65534, gid: 65534 });
-  (child.stdio[3] as Writable | null)?.end(accounts.passwd);
-  (child.stdio[4] as Writable | null)?.end(accounts.group);
+  const blobs = [accounts.passwd, accounts.group, ...(options.seccomp ? [options.seccomp] : [])];
+  blobs.forEach((blob, index) => {
+    const pipe = child.stdio[3 + index] as Writable | null | undefined;
+    pipe?.on('error', () => undefined);
+    pipe?.end(blob);
+  });
   const { stdin, stdout } = child;
   if (!stdin || !stdout) throw new Error('bwrap has no stdio pipes');
   const client = new AgentClient(stdin, stdout);
