@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what poseidon-ts needs on a Debian/Ubuntu host: bubblewrap and the tools every
 # sandbox uses (util-linux for nsenter/setpriv, tar, findutils, coreutils), python3 for the
-# test programs, then the npm dependencies. Safe to run again.
+# test programs, nftables and iproute2 for the private networks of runners with network access,
+# then the npm dependencies. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -72,6 +72,26 @@ const nomadSchema = z
   })
   .prefault({});
 
+/*
+ * The private network of runners with `networkAccess` (src/local/network): a bridge with its own
+ * subnet and an nftables table, both made at start (replacing leftovers) and removed at stop. Two
+ * daemons on one host need different bridges, tables and subnets.
+ */
+const localNetworkSchema = z
+  .strictObject({
+    /* Bridge device the runners' veth pairs are attached to (an interface name, at most 15 characters). */
+    bridge: z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/).default('poseidon0'),
+    /* nftables table (family inet) holding the NAT and deny rules. */
+    table: z.string().regex(/^[A-Za-z][A-Za-z0-9_]{0,31}$/).default('poseidon_ts'),
+    /* IPv4 subnet runners get addresses from; the bridge takes its first address. */
+    subnet: z.cidrv4().default('10.213.0.0/16'),
+    /* Private, link-local and other non-public IPv4 ranges runners may reach after all (CIDRs), e.g. a resolver or package mirror. */
+    allowedprivate: z.array(z.cidrv4()).default([]),
+    /* Interfaces forwarding runners' traffic out; unset means the interfaces of the host's default routes. */
+    uplinks: z.array(z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/)).optional(),
+  })
+  .prefault({});
+
 const cgroupModeSchema = z.enum(['auto', 'v1', 'v2', 'off']);
 
 const localSchema = z
@@ -102,8 +122,9 @@ const localSchema = z
     cgroups: cgroupModeSchema.default('auto'),
     /* Name of the cgroup directory that holds one child per runner. */
     cgroupparent: z.string().regex(/^[A-Za-z0-9_.-]+$/).default('poseidon-ts'),
-    /* Host address that reported mappedPorts point to. */
+    /* Host address that reported mappedPorts point to; exposed ports are published on it. */
     hostaddress: z.string().min(1).default('127.0.0.1'),
+    network: localNetworkSchema,
   })
   .prefault({});
 
@@ -120,4 +141,5 @@ export const configSchema = z
 export type Config = z.infer<typeof configSchema>;
 export type NomadConfig = z.infer<typeof nomadSchema>;
 export type LocalConfig = z.infer<typeof localSchema>;
+export type LocalNetworkConfig = z.infer<typeof localNetworkSchema>;
 export type CgroupMode = z.infer<typeof cgroupModeSchema>;
