@@ -1,4 +1,5 @@
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { randomBytes, randomInt } from 'node:crypto';
 import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
@@ -164,6 +165,17 @@ function alive(pid: number): boolean {
   }
 }
 
+/* What a daemon that was SIGKILLed (or whose start failed) could not remove: its bridge and table. */
+function removeRunnerNetwork(config: ConfigTree): void {
+  const network = (config.local as ConfigTree | undefined)?.network as ConfigTree | undefined;
+  for (const command of [
+    ['ip', 'link', 'del', String(network?.bridge)],
+    ['nft', 'delete', 'table', 'inet', String(network?.table)],
+  ]) {
+    if (!command.includes('undefined')) spawnSync(command[0] as string, command.slice(1), { stdio: 'ignore' });
+  }
+}
+
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> {
@@ -171,12 +183,19 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   const stateDir = join(tempDir, 'state');
   const configPath = join(tempDir, 'config.yaml');
   const port = await freePort();
+  const networkId = randomBytes(4).toString('hex');
 
   const base: ConfigTree = {
     server: { address: '127.0.0.1', port },
     logger: { level: 'warn' },
     // Parallel checkouts on one host keep their runners' cgroups apart with TEST_CGROUP_PARENT.
-    local: { statedir: stateDir, cgroupparent: process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts' },
+    local: {
+      statedir: stateDir,
+      cgroupparent: process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts',
+      // A runner network of its own per daemon (a shared name would make each start remove the
+      // other's), and no uplinks: test daemons never switch on forwarding of the host's interfaces.
+      network: { bridge: `ptd${networkId}`, table: `pts_daemon_${networkId}`, subnet: `10.218.${randomInt(0, 256)}.0/24`, uplinks: [] },
+    },
   };
   if (options.token !== undefined) {
     base.server = { ...(base.server as ConfigTree), token: options.token };
@@ -246,6 +265,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
       }
     }
     rmSync(tempDir, { recursive: true, force: true, maxRetries: 3 });
+    removeRunnerNetwork(config);
     if (forced && survivors.length === 0) {
       throw new Error('daemon did not exit within 5 s of SIGTERM and had to be SIGKILLed');
     }
@@ -260,6 +280,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   for (;;) {
     if (exited) {
       rmSync(tempDir, { recursive: true, force: true });
+      removeRunnerNetwork(config);
       throw new Error(`daemon exited during start-up (${exitDescription}). Output:\n${output}`);
     }
     try {

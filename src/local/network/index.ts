@@ -3,6 +3,7 @@ import { existsSync } from 'node:fs';
 import { mkdir, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
+import type { LocalConfig } from '../../config/schema.js';
 import type { MappedPort } from '../../dto/runner.js';
 import { AddressAllocator, formatIpv4, formatSubnet, parseSubnet } from './addresses.js';
 import { type CommandRunner, mustRun, runCommand } from './commands.js';
@@ -71,6 +72,20 @@ export interface RunnerNetworkOptions {
   stateFile: string;
   logger?: Logger | undefined;
   run?: CommandRunner;
+}
+
+/* The options from the daemon's configuration (`local.hostaddress`, `local.network.*`). */
+export function runnerNetworkOptions(config: LocalConfig, logger?: Logger): RunnerNetworkOptions {
+  return {
+    bridge: config.network.bridge,
+    table: config.network.table,
+    subnet: config.network.subnet,
+    hostAddress: config.hostaddress,
+    allowedPrivate: config.network.allowedprivate,
+    uplinks: config.network.uplinks,
+    stateFile: path.join(config.statedir, 'network-state.json'),
+    logger,
+  };
 }
 
 interface SavedState {
