@@ -7,6 +7,7 @@ import { environmentIdOfRunner, newRunnerId, PoolingAccessorHandler } from '../e
 import { ensureAgentBuilt } from './agent/standalone.js';
 import type { CgroupManager } from './cgroups.js';
 import { LocalRunner } from './local-runner.js';
+import { type AttachedNetwork, createRunnerNetworks, runnerNetworkOptions, type RunnerNetworks } from './network/index.js';
 import { SandboxProcessManager } from './process-manager.js';
 
 /* The last handler in the chain: runners are bubblewrap sandboxes on this host. */
@@ -14,6 +15,8 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
   readonly name = 'local';
   readonly #store: EnvironmentStore;
   readonly #processes: SandboxProcessManager;
+  /* The private network of runners with networkAccess; set up at load, removed at shutdown. */
+  #networks: Promise<RunnerNetworks> | undefined;
 
   constructor(
     private readonly config: LocalConfig,
@@ -45,10 +48,19 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
       createRunner: async (spec: ExecutionEnvironmentSpec) => {
         const id = newRunnerId(spec.id);
         const sandbox = await this.#processes.prepare(id, spec);
-        const ports = spec.networkAccess
-          ? spec.exposedPorts.map((port) => ({ exposedPort: port, hostAddress: `${this.config.hostaddress}:${port}` }))
-          : [];
-        return new LocalRunner(id, spec.id, sandbox, ports, { uid: this.config.uid, gid: this.config.gid }, this.logger, {
+        let network: AttachedNetwork | undefined;
+        if (spec.networkAccess) {
+          try {
+            if (this.#networks === undefined || sandbox.processId === undefined) throw new Error('no runner network');
+            network = await (await this.#networks).attach(id, sandbox.processId, spec.exposedPorts);
+          } catch (error) {
+            await this.#processes.stopProcess(id);
+            throw error;
+          }
+          const attached = network;
+          sandbox.onExit(() => void attached.detach().catch((error: unknown) => this.logger.error({ runnerId: id, err: error }, 'cannot detach a runner network')));
+        }
+        return new LocalRunner(id, spec.id, sandbox, network?.mappedPorts ?? [], { uid: this.config.uid, gid: this.config.gid }, this.logger, {
           maxEntries: this.config.maxlistingentries,
           maxBytes: this.config.maxlistingbytes,
         });
@@ -66,6 +78,9 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
 
   protected async loadOwn(): Promise<void> {
     if (!this.config.enabled) return;
+    this.#networks = createRunnerNetworks(runnerNetworkOptions(this.config, this.logger));
+    // Without it only runners with networkAccess fail (they get no network, never the host's).
+    await this.#networks.catch((error: unknown) => this.logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'));
     const specs = await this.#store.load();
     for (const spec of specs) this.startEnvironment(spec);
     this.logger.info({ environments: specs.length }, 'environments loaded');
@@ -75,5 +90,6 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
     this.#processes.enterLameDuck();
     await super.shutdownOwn();
     await this.#processes.stop();
+    await this.#networks?.then((networks) => networks.close(), () => undefined);
   }
 }
