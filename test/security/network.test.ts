@@ -8,6 +8,8 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { promisify } from 'node:util';
 import { type AttachedNetwork, createRunnerNetworks, type RunnerNetworkOptions, type RunnerNetworks } from '../../src/local/network/index.js';
+import { CodeOceanClient, environmentSpec } from '../support/codeocean-client.js';
+import { startDaemon } from '../support/daemon.js';
 
 /*
  * The private network of runners with networkAccess, against the real host's kernel. Everything a
@@ -74,6 +76,39 @@ Promise.all(targets.map((target) => new Promise((resolve) => {
 }))).then((results) => console.log(JSON.stringify(Object.fromEntries(results))));
 `,
 );
+
+/*
+ * The learner's program: prints its own address (from a UDP socket "connected" to argv[1]) and
+ * the gateway, then tries every "host:port" given as JSON in argv[2] (the word GATEWAY stands for
+ * the gateway) and prints {target: answer or "ERR ..."} as JSON.
+ */
+const LEARNER_PROBE = `import json, socket, struct, sys
+from concurrent.futures import ThreadPoolExecutor
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.connect((sys.argv[1], 9))
+own = udp.getsockname()[0]
+gateway = None
+for line in open('/proc/net/route').read().splitlines()[1:]:
+    fields = line.split()
+    if fields[1] == '00000000':
+        gateway = socket.inet_ntoa(struct.pack('<L', int(fields[2], 16)))
+def probe(target):
+    host, port = target.replace('GATEWAY', gateway).rsplit(':', 1)
+    try:
+        with socket.create_connection((host.strip('[]'), int(port)), timeout=1.5) as connection:
+            data = b''
+            while True:
+                chunk = connection.recv(4096)
+                if not chunk:
+                    return data.decode()
+                data += chunk
+    except Exception as error:
+        return 'ERR ' + type(error).__name__
+targets = json.loads(sys.argv[2])
+with ThreadPoolExecutor(max(1, len(targets))) as pool:
+    answers = dict(zip(targets, pool.map(probe, targets)))
+print(json.dumps({'own': own, 'gateway': gateway, 'answers': answers}))
+`;
 
 function sh(command: string, args: string[]): string {
   return execFileSync(command, args, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
@@ -358,6 +393,73 @@ describe('private networks of runners with network access', () => {
     t.diagnostic(`attach p50 ${p50.toFixed(1)} ms, p90 ${p90.toFixed(1)} ms, max ${(durations.at(-1) as number).toFixed(1)} ms; detach ${detachMs.toFixed(1)} ms per runner`);
     assert.ok(p50 < 200, `attach p50 ${p50} ms`);
     await made.close();
+  });
+
+  test('through the daemon: learner programs get NAT to the public host, nothing of the host or of each other, and their own mapped ports', async (t) => {
+    const daemon = await startDaemon({ config: { local: { network: { uplinks: TEST_HOSTS.map((host) => host.hostInterface) } } } });
+    t.after(() => daemon.stop());
+    const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+    const environmentId = 81;
+    assert.equal((await client.putEnvironment(environmentSpec(environmentId, { prewarmingPoolSize: 2, networkAccess: true, exposedPorts: [RUNNER_PORT] }))).status, 201);
+    const runners: Array<{ runnerId: string; mappedPorts: Array<{ exposedPort: number; hostAddress: string }> }> = [];
+    for (let attempt = 0; runners.length < 2 && attempt < 100; attempt += 1) {
+      const claim = await client.claimRunner(environmentId);
+      if (claim.status === 200) runners.push(claim.body as (typeof runners)[number]);
+      else await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    const [alice, bob] = runners;
+    assert.ok(alice && bob, 'two runners claimed');
+
+    const addresses: string[] = [];
+    for (const [runner, name] of [[alice, 'alice'], [bob, 'bob']] as const) {
+      assert.equal((await client.copySubmission(runner.runnerId, { 'probe.py': LEARNER_PROBE, 'index.html': name })).status, 204);
+      const started = await client.run(runner.runnerId, `python3 -m http.server ${RUNNER_PORT} >/dev/null 2>&1 & python3 probe.py ${PUBLIC.address} '[]'`);
+      assert.equal(started.exitCode, 0, `${name}'s probe failed: ${started.stdout} ${started.stderr}`);
+      addresses.push((JSON.parse(started.stdout) as { own: string }).own);
+    }
+
+    const targets = [
+      target(PUBLIC.address, PUBLIC.port),
+      target(PRIVATE.address, PRIVATE.port),
+      target(METADATA.address, METADATA.port),
+      target(addresses[1] as string, RUNNER_PORT),
+      target('127.0.0.1', daemon.port),
+      target('GATEWAY', daemon.port),
+      target('GATEWAY', portOf(anyAddressService)),
+      ...hostAddresses().map((address) => target(address, daemon.port)),
+      ...hostAddresses().map((address) => target(address, portOf(anyAddressService))),
+    ];
+    for (const privilegedExecution of [false, true]) {
+      const result = await client.run(alice.runnerId, `python3 probe.py ${PUBLIC.address} '${JSON.stringify(targets)}'`, { privilegedExecution, timeLimit: 30, guardMs: 60_000 });
+      const { answers } = JSON.parse(result.stdout) as { answers: Record<string, string> };
+      const [publicAnswer, ...denied] = Object.entries(answers);
+      assert.equal(publicAnswer?.[1], `public ${PUBLIC.hostAddress}`, `privileged=${privilegedExecution}: ${result.stdout} ${result.stderr}`);
+      for (const [address, answer] of denied) assert.match(answer, /^ERR /, `privileged=${privilegedExecution}: ${address} answered a learner program: ${answer}`);
+    }
+
+    // The sandbox's root cannot change its network: the namespace belongs to the host.
+    const meddling = await client.run(alice.runnerId, 'ip addr add 10.0.0.9/8 dev eth0; ip link set eth0 down; ip route del default; echo done', { privilegedExecution: true });
+    assert.match(meddling.stdout, /done/);
+    const still = await client.run(alice.runnerId, `python3 probe.py ${PUBLIC.address} '${JSON.stringify([target(PUBLIC.address, PUBLIC.port)])}'`);
+    assert.equal(Object.values((JSON.parse(still.stdout) as { answers: Record<string, string> }).answers)[0], `public ${PUBLIC.hostAddress}`, meddling.stderr);
+
+    // Both runners expose the same port; each is reachable at its own mapped address.
+    const bodies = await Promise.all(
+      [alice, bob].map(async (runner) => {
+        const mapped = runner.mappedPorts[0];
+        assert.equal(mapped?.exposedPort, RUNNER_PORT);
+        for (let attempt = 0; attempt < 50; attempt += 1) {
+          const text = await fetch(`http://${mapped?.hostAddress}/index.html`).then((response) => response.text(), (error: unknown) => `ERR ${String(error)} ${String((error as { cause?: unknown }).cause)}`);
+          if (!text.startsWith('ERR') || attempt === 49) return text;
+          await new Promise((resolve) => setTimeout(resolve, 100));
+        }
+        return undefined;
+      }),
+    );
+    assert.deepEqual(bodies, ['alice', 'bob']);
+    assert.notEqual(alice.mappedPorts[0]?.hostAddress, bob.mappedPorts[0]?.hostAddress);
+    assert.equal((await client.deleteRunner(alice.runnerId)).status, 204);
+    assert.equal((await client.deleteRunner(bob.runnerId)).status, 204);
   });
 
   test('nothing is left after every network closed', async () => {
