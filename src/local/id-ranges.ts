@@ -54,34 +54,29 @@ export class IdRangeAllocator {
  * Host accounts whose id falls into [base, end): a runner's root would be that account. Read from
  * the host's passwd and group files, and the subordinate id files other container tools allocate from.
  */
-export function hostIdsInRange(base: number, end: number, files = ['/etc/passwd', '/etc/group']): string[] {
+export function hostIdsInRange(base: number, end: number): string[] {
   const clashes: string[] = [];
-  for (const file of files) {
-    let text: string;
-    try {
-      text = readFileSync(file, 'utf8');
-    } catch {
-      continue;
-    }
-    for (const line of text.split('\n')) {
-      const [name, , id] = line.split(':');
+  for (const file of ['/etc/passwd', '/etc/group']) {
+    for (const [name, , id] of fieldsOf(file)) {
       const value = Number(id);
       if (name && Number.isInteger(value) && value >= base && value < end) clashes.push(`${file}: ${name} (${value})`);
     }
   }
   for (const file of ['/etc/subuid', '/etc/subgid']) {
-    let text: string;
-    try {
-      text = readFileSync(file, 'utf8');
-    } catch {
-      continue;
-    }
-    for (const line of text.split('\n')) {
-      const [name, start, count] = line.split(':');
+    for (const [name, start, count] of fieldsOf(file)) {
       const first = Number(start);
       const last = first + Number(count) - 1;
       if (name && Number.isInteger(first) && Number.isInteger(last) && first < end && last >= base) clashes.push(`${file}: ${name} (${first}..${last})`);
     }
   }
   return clashes;
+}
+
+/* The colon-separated fields of each line; a missing file has none. */
+function fieldsOf(file: string): string[][] {
+  try {
+    return readFileSync(file, 'utf8').split('\n').map((line) => line.split(':'));
+  } catch {
+    return [];
+  }
 }
