@@ -5,7 +5,7 @@ import { REPO_ROOT } from '../test/support/daemon.js';
 import { describeError, type CaseRunner } from './cases/common.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
 import { nomadClaim } from './cases/nomad.js';
-import { idleRunners, poolRefill100 } from './cases/pool.js';
+import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
 import { streamConcurrent, streamSingle } from './cases/streaming.js';
 import type { Baseline } from './lib/baselines.js';
 import { BenchContext, type CaseResult, type JsonValue } from './lib/context.js';
@@ -26,6 +26,7 @@ const CASES: Record<string, CaseRunner> = {
   execute_true: executeTrue,
   idle_runners: idleRunners,
   pool_refill_100: poolRefill100,
+  pool_refill_100_network: poolRefill100Network,
   throughput,
   stream_single: streamSingle,
   stream_concurrent: streamConcurrent,

@@ -56,24 +56,23 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
   return result;
 }
 
-export async function poolRefill100(context: BenchContext): Promise<CaseResult> {
+/* Fills an emptied pool of `size` n times; the time from the resize to a full pool, per fill. */
+async function refillTimes(context: BenchContext, size: number, networkAccess: boolean, errors: ErrorLog): Promise<number[]> {
   const { client } = await context.local();
-  const size = context.quick ? 5 : 100;
   const n = context.n(3);
-  const errors = new ErrorLog();
   const samples: number[] = [];
   const idleCount = async (): Promise<number> => (await client.poolOf(ENV.refill))?.idleRunners ?? 0;
   try {
-    await client.putEnvironment(environmentSpec(ENV.refill, 0));
+    await client.putEnvironment(environmentSpec(ENV.refill, 0, networkAccess));
     const caseDeadline = Date.now() + 90_000;
     for (let i = 0; i < n && Date.now() < caseDeadline; i++) {
       // Empty the pool and let the destruction finish, so the refill does not compete with it.
-      await client.putEnvironment(environmentSpec(ENV.refill, 0));
+      await client.putEnvironment(environmentSpec(ENV.refill, 0, networkAccess));
       await until(async () => (await idleCount()) === 0, Date.now() + 10_000);
       await sleep(context.quick ? 100 : 1000);
       const start = nowMs();
       // Only the pool size changes, so the daemon resizes the existing environment's pool.
-      await client.putEnvironment(environmentSpec(ENV.refill, size));
+      await client.putEnvironment(environmentSpec(ENV.refill, size, networkAccess));
       const full = await until(async () => (await idleCount()) >= size, Date.now() + 30_000, 10);
       const elapsed = nowMs() - start;
       if (full) samples.push(elapsed);
@@ -83,6 +82,13 @@ export async function poolRefill100(context: BenchContext): Promise<CaseResult> 
     await client.deleteEnvironment(ENV.refill).catch((error: unknown) => errors.add(error));
   }
   await sleep(context.quick ? 100 : 1000);
+  return samples;
+}
+
+export async function poolRefill100(context: BenchContext): Promise<CaseResult> {
+  const size = context.quick ? 5 : 100;
+  const errors = new ErrorLog();
+  const samples = await refillTimes(context, size, false, errors);
   const baselineMs = await context.baseline(`bwrap_batch_${size}`, async () => {
     const runs: number[] = [];
     for (let i = 0; i < (context.quick ? 1 : 3); i++) runs.push(await rawBwrapBatch(size, REFILL_CONCURRENCY));
@@ -97,6 +103,31 @@ export async function poolRefill100(context: BenchContext): Promise<CaseResult> 
     baseline: baselineMs.what,
     baseline_p50_ms: baselineMs.p50_ms,
     ratio_p50: baselineMs.p50_ms > 0 ? round(summary.p50_ms / baselineMs.p50_ms, 2) : 0,
+    ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
+  };
+}
+
+/*
+ * What a private network (veth, address, routes, port relays) adds to building runners with
+ * networkAccess: the same refill with and without it, in the same run; the difference per runner.
+ */
+export async function poolRefill100Network(context: BenchContext): Promise<CaseResult> {
+  const size = context.quick ? 5 : 100;
+  const errors = new ErrorLog();
+  const baseline = await context.baseline(`pool_refill_${size}_without_network`, async () => ({
+    what: `the same refill of ${size} runners without networkAccess`,
+    ...summarize(await refillTimes(context, size, false, errors)),
+  }));
+  const summary = summarize(await refillTimes(context, size, true, errors));
+  return {
+    ...summary,
+    ops_per_s: round(size / Math.max((summary.p50_ms || 1) / 1000, 1e-9), 1),
+    errors: errors.count,
+    pool_size: size,
+    baseline: baseline.what,
+    baseline_p50_ms: baseline.p50_ms,
+    ratio_p50: baseline.p50_ms > 0 ? round(summary.p50_ms / baseline.p50_ms, 2) : 0,
+    added_ms_per_runner: round((summary.p50_ms - baseline.p50_ms) / size, 2),
     ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
   };
 }

@@ -44,8 +44,8 @@ export class ApiError extends Error {
 
 const JSON_HEADERS = { 'content-type': 'application/json' };
 
-export function environmentSpec(id: number, prewarmingPoolSize: number): EnvironmentSpec {
-  return { id, image: 'bench', prewarmingPoolSize, cpuLimit: 2000, memoryLimit: 512, networkAccess: false, exposedPorts: [] };
+export function environmentSpec(id: number, prewarmingPoolSize: number, networkAccess = false): EnvironmentSpec {
+  return { id, image: 'bench', prewarmingPoolSize, cpuLimit: 2000, memoryLimit: 512, networkAccess, exposedPorts: [] };
 }
 
 export class BenchClient {
