@@ -1,36 +1,27 @@
-import { createHash, timingSafeEqual } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';
 import websocket from '@fastify/websocket';
-import Fastify, { type FastifyError, type FastifyInstance, type FastifyServerOptions, LogController } from 'fastify';
-import type { Logger } from 'pino';
+import Fastify, {
+  type FastifyError,
+  type FastifyInstance,
+  type FastifySchemaValidationError,
+  type FastifyServerOptions,
+  LogController,
+} from 'fastify';
+import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from '../config/schema.js';
 import type { ErrorBody, ErrorCode } from '../dto/errors.js';
-import type { ExecutionRequest } from '../dto/runner.js';
-import type { AccessorHandler } from '../runner/accessor-handler.js';
 import { ApiError } from '../runner/errors.js';
-import type { Runner } from '../runner/runner.js';
+import { authenticatedScope } from './authentication.js';
+import type { AppDependencies } from './dependencies.js';
+import { API_PREFIX, registerOpenApi } from './openapi.js';
 import { environmentRoutes } from './routes/environments.js';
-import { miscellaneousRoutes } from './routes/miscellaneous.js';
+import { miscellaneousRoutes, statisticsRoutes } from './routes/miscellaneous.js';
 import { runnerRoutes } from './routes/runners.js';
 
-declare module 'fastify' {
-  interface FastifyRequest {
-    /* Set by the WebSocket route's pre-upgrade check. */
-    execution?: { runner: Runner; request: ExecutionRequest };
-  }
-}
-
-export interface AppDependencies {
-  config: Config;
-  manager: AccessorHandler;
-  logger: Logger;
-  version: string;
-}
-
-export const API_PREFIX = '/api/v1';
-const PUBLIC_ROUTES = new Set([`${API_PREFIX}/health`, `${API_PREFIX}/version`]);
+export { API_PREFIX } from './openapi.js';
+export type { AppDependencies } from './dependencies.js';
 
 const STATUS_ERROR_CODES: Record<number, ErrorCode> = {
   400: 'BAD_REQUEST',
@@ -61,16 +52,6 @@ function discardBody(stream: IncomingMessage, timeoutMs: number): Promise<void> 
   });
 }
 
-function digest(value: string): Buffer {
-  return createHash('sha256').update(value).digest();
-}
-
-/* Compares digests, so neither the content nor the length of the token leaks through timing. */
-export function tokenMatches(expected: string, presented: string | string[] | undefined): boolean {
-  if (typeof presented !== 'string') return false;
-  return timingSafeEqual(digest(expected), digest(presented));
-}
-
 function tlsOptions(config: Config): Pick<FastifyServerOptions, never> | { https: { key: Buffer; cert: Buffer; ca?: Buffer } } {
   const tls = config.server.tls;
   if (!tls.active) return {};
@@ -84,6 +65,15 @@ function tlsOptions(config: Config): Pick<FastifyServerOptions, never> | { https
   };
 }
 
+const VALIDATION_SUBJECTS: Record<string, string> = { body: 'body', params: 'path parameter', querystring: 'query', headers: 'header' };
+
+/* A schema failure names each offending field, as the hand-written checks before it did; the error handler makes it a 400. */
+function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: string): Error {
+  const subject = VALIDATION_SUBJECTS[dataVar] ?? dataVar;
+  const problems = errors.map((error) => `${error.instancePath.slice(1).replaceAll('/', '.') || subject}: ${error.message ?? 'invalid'}`);
+  return new Error(`invalid ${subject}: ${problems.join('; ')}`);
+}
+
 /* Builds the API without listening, so tests and the CLI share one factory. */
 export async function buildApp(dependencies: AppDependencies): Promise<FastifyInstance> {
   const { config, logger } = dependencies;
@@ -93,8 +83,12 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
     logController: new LogController({ disableRequestLogging: true }),
     bodyLimit: config.server.bodylimit,
     requestIdHeader: false,
+    schemaErrorFormatter: formatSchemaErrors,
     ...tlsOptions(config),
   }) as unknown as FastifyInstance;
+  // Every route validates and serializes with its zod schemas; the same schemas make the OpenAPI document.
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
 
   // CodeOcean sends `Content-Type: application/json` with body-less GETs and DELETEs; an empty body is no body.
   const parseJson = app.getDefaultJsonParser('error', 'error');
@@ -106,14 +100,6 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
       return;
     }
     parseJson(request, text, done);
-  });
-
-  app.addHook('onRequest', async (request) => {
-    const token = config.server.token;
-    const path = request.url.split('?', 1)[0] ?? '';
-    if (token && !PUBLIC_ROUTES.has(path) && !tokenMatches(token, request.headers['poseidon-token'])) {
-      throw new ApiError(401, 'UNAUTHORIZED', 'missing or wrong Poseidon-Token header');
-    }
   });
 
   // One log line per request, with its id, outcome and duration.
@@ -161,12 +147,25 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
     }, SHUTDOWN_GRACE_MS).unref();
   });
 
+  await registerOpenApi(app, dependencies.version);
   await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
+  // @fastify/websocket hides WebSocket routes from the document; ours is part of the API (Poseidon
+  // documents it too), so it is shown again. Runs after the plugin's own onRoute hook.
+  app.addHook('onRoute', (route) => {
+    if (route.websocket) route.schema = { ...route.schema, hide: false };
+  });
   await app.register(
     async (api) => {
+      // Open: CodeOcean's load balancer probes /health, and the version is no secret.
       await api.register(miscellaneousRoutes, dependencies);
-      await api.register(environmentRoutes, dependencies);
-      await api.register(runnerRoutes, dependencies);
+      await api.register(authenticatedScope, {
+        token: config.server.token,
+        routes: [
+          async (scope) => scope.register(statisticsRoutes, dependencies),
+          async (scope) => scope.register(environmentRoutes, dependencies),
+          async (scope) => scope.register(runnerRoutes, dependencies),
+        ],
+      });
     },
     { prefix: API_PREFIX },
   );

@@ -1,3 +1,5 @@
+import { z } from 'zod';
+
 export const errorCodes = [
   'NOMAD_UNREACHABLE',
   'NOMAD_OVERLOAD',
@@ -12,9 +14,14 @@ export const errorCodes = [
   'PAYLOAD_TOO_LARGE',
   'UNSUPPORTED_MEDIA_TYPE',
 ] as const;
-export type ErrorCode = (typeof errorCodes)[number];
+export const errorCodeSchema = z.enum(errorCodes);
+export type ErrorCode = z.infer<typeof errorCodeSchema>;
 
-export interface ErrorBody {
-  message: string;
-  errorCode: ErrorCode;
-}
+/* Every error the API answers: CodeOcean reads `message`, and branches on `errorCode` for 500s. */
+export const errorBodySchema = z
+  .strictObject({
+    message: z.string().describe('Explanation on why the request could not be handled'),
+    errorCode: errorCodeSchema.describe('Machine readable error description'),
+  })
+  .meta({ id: 'Error' });
+export type ErrorBody = z.infer<typeof errorBodySchema>;

@@ -1,104 +1,197 @@
-import type { FastifyPluginAsync, FastifyRequest } from 'fastify';
+import { Readable } from 'node:stream';
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import {
   claimRequestSchema,
+  claimResponseSchema,
   executeRequestSchema,
+  executeResponseSchema,
+  type ExecutionRequest,
   listFilesQuerySchema,
+  listFilesResponseSchema,
   rawFileQuerySchema,
+  runnerIdParamSchema,
   updateFilesRequestSchema,
   websocketQuerySchema,
 } from '../../dto/runner.js';
 import { ApiError } from '../../runner/errors.js';
 import { ExecutionStore } from '../../runner/execution-store.js';
-import type { Runner } from '../../runner/runner.js';
-import type { AppDependencies } from '../app.js';
+import type { AppDependencies } from '../dependencies.js';
 import { runExecutionSession } from '../execution-session.js';
-import { parseInput } from '../validation.js';
+import { errorResponses, PROTECTED_ERRORS } from '../responses.js';
+import { runnerScope } from './runner-scope.js';
 
-const runnerParamsSchema = z.object({ runnerId: z.string().min(1).max(256) });
+declare module 'fastify' {
+  interface FastifyRequest {
+    /* Set by the WebSocket route's pre-upgrade check; only that route reads it. */
+    execution: ExecutionRequest | null;
+  }
+}
 
-export const runnerRoutes: FastifyPluginAsync<AppDependencies> = async (app, { manager, config }) => {
+const tags = ['runner'];
+const params = z.strictObject({ runnerId: runnerIdParamSchema });
+
+export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, dependencies) => {
+  const { manager, config } = dependencies;
   const executions = new ExecutionStore(config.server.websocketurltimeout);
 
-  /* Every runner route starts here: an unknown runner is gone (410), never 404, and any use is activity. */
-  const runnerOf = (request: FastifyRequest): Runner => {
-    const { runnerId } = parseInput(runnerParamsSchema, request.params, 'runner id');
-    const runner = manager.get(runnerId);
-    runner.touch();
-    return runner;
-  };
-
-  app.post('/runners', async (request) => {
-    const claim = parseInput(claimRequestSchema, request.body, 'runner request');
-    const runner = await manager.claim(claim.executionEnvironmentId, claim.inactivityTimeout);
-    return { runnerId: runner.id, mappedPorts: runner.mappedPorts() };
-  });
-
-  app.delete('/runners/:runnerId', async (request, reply) => {
-    const runner = runnerOf(request);
-    await manager.return(runner);
-    return reply.code(204).send();
-  });
-
-  app.patch('/runners/:runnerId/files', async (request, reply) => {
-    const runner = runnerOf(request);
-    const update = parseInput(updateFilesRequestSchema, request.body, 'file update');
-    await runner.updateFileSystem(update);
-    return reply.code(204).send();
-  });
-
-  app.get('/runners/:runnerId/files', async (request) => {
-    const runner = runnerOf(request);
-    const query = parseInput(listFilesQuerySchema, request.query, 'query');
-    return { files: await runner.listFileSystem(query) };
-  });
-
-  app.get('/runners/:runnerId/files/raw', async (request, reply) => {
-    const runner = runnerOf(request);
-    const query = parseInput(rawFileQuerySchema, request.query, 'query');
-    const content = await runner.getFileContent(query.path, query.privilegedExecution);
-    return reply
-      .header('Content-Length', content.size)
-      .header('Content-Type', 'application/octet-stream')
-      .send(content.stream);
-  });
-
-  app.post('/runners/:runnerId/execute', async (request) => {
-    const runner = runnerOf(request);
-    const execution = parseInput(executeRequestSchema, request.body, 'execution request');
-    const executionId = executions.add(runner.id, execution);
-    const scheme = config.server.tls.active ? 'wss' : 'ws';
-    const host = request.headers.host ?? `${config.server.address}:${config.server.port}`;
-    const path = `/api/v1/runners/${encodeURIComponent(runner.id)}/websocket?executionID=${executionId}`;
-    return { websocketUrl: `${scheme}://${host}${path}` };
-  });
-
-  app.get(
-    '/runners/:runnerId/websocket',
+  app.post(
+    '/runners',
     {
-      websocket: true,
-      // Checked before the upgrade, so a bad request gets a plain HTTP status.
-      preValidation: async (request) => {
-        const runner = runnerOf(request);
-        const { executionID } = parseInput(websocketQuerySchema, request.query, 'query');
-        const execution = executions.take(runner.id, executionID);
-        if (!execution) throw new ApiError(404, 'NOT_FOUND', `execution ${executionID} is unknown, expired or already connected`);
-        request.execution = { runner, request: execution };
+      schema: {
+        summary: 'Provide a runner',
+        description: 'Claims an idle runner of the execution environment (500 NOMAD_OVERLOAD when none is idle).',
+        tags,
+        body: claimRequestSchema,
+        response: { 200: claimResponseSchema.describe('A runner was reserved'), ...errorResponses(400, 404, 413, 415, ...PROTECTED_ERRORS) },
       },
     },
-    (socket, request) => {
-      const pending = request.execution;
-      if (!pending) {
-        socket.close(1011);
-        return;
-      }
-      void runExecutionSession(socket, pending.runner, pending.request, {
-        maxOutputBytes: config.runners.maxoutputbytes,
-        logger: request.log,
-      }).catch((error: unknown) => {
-        request.log.error({ err: error }, 'execution session failed');
-        socket.close(1011);
-      });
+    async (request) => {
+      const runner = await manager.claim(request.body.executionEnvironmentId, request.body.inactivityTimeout);
+      return { runnerId: runner.id, mappedPorts: runner.mappedPorts() };
     },
+  );
+
+  // Every route below acts on one runner, which the scope resolves first (410 when it is gone).
+  await app.register(
+    runnerScope(manager, async (scope) => {
+      scope.delete(
+        // '' is the prefix itself, /runners/:runnerId, without a trailing slash.
+        '',
+        {
+          schema: {
+            summary: 'Destroy the runner',
+            description: 'The runner is no longer in use and is destroyed.',
+            tags,
+            params,
+            response: { 204: z.undefined().describe('Success'), ...errorResponses(400, 410, ...PROTECTED_ERRORS) },
+          },
+        },
+        async (request, reply) => {
+          await manager.return(request.runner);
+          return reply.code(204).send();
+        },
+      );
+
+      scope.patch(
+        '/files',
+        {
+          schema: {
+            summary: 'Manipulate the runner\'s file system',
+            description:
+              'Deletes the given paths first (exactly `./*` empties the workspace but spares dotfiles; any other entry is a literal path), then copies the files; a path ending in / is a directory (mode 1777); files get mode 0744.',
+            tags,
+            params,
+            body: updateFilesRequestSchema,
+            response: { 204: z.undefined().describe('All files were saved'), ...errorResponses(400, 410, 413, 415, 424, ...PROTECTED_ERRORS) },
+          },
+        },
+        async (request, reply) => {
+          await request.runner.updateFileSystem(request.body);
+          return reply.code(204).send();
+        },
+      );
+
+      scope.get(
+        '/files',
+        {
+          schema: {
+            summary: 'List the file system',
+            tags,
+            params,
+            querystring: listFilesQuerySchema,
+            response: { 200: listFilesResponseSchema.describe('The listing'), ...errorResponses(400, 410, 424, ...PROTECTED_ERRORS) },
+          },
+        },
+        async (request) => ({ files: await request.runner.listFileSystem(request.query) }),
+      );
+
+      scope.get(
+        '/files/raw',
+        {
+          schema: {
+            summary: 'Download a file',
+            description: 'Streams the file with Content-Length.',
+            tags,
+            params,
+            querystring: rawFileQuerySchema,
+            response: {
+              200: { description: 'The file', content: { 'application/octet-stream': { schema: z.instanceof(Readable).meta({ type: 'string', format: 'binary' }) } } },
+              ...errorResponses(400, 410, 424, ...PROTECTED_ERRORS),
+            },
+          },
+        },
+        async (request, reply) => {
+          const content = await request.runner.getFileContent(request.query.path, request.query.privilegedExecution);
+          return reply
+            .header('Content-Length', content.size)
+            .header('Content-Type', 'application/octet-stream')
+            .send(content.stream);
+        },
+      );
+
+      scope.post(
+        '/execute',
+        {
+          schema: {
+            summary: 'Execute a command',
+            description: 'Prepares an execution and returns the WebSocket URL that starts it (single use, expires after server.websocketurltimeout s).',
+            tags,
+            params,
+            body: executeRequestSchema,
+            response: { 200: executeResponseSchema.describe('The WebSocket URL to connect to'), ...errorResponses(400, 410, 413, 415, ...PROTECTED_ERRORS) },
+          },
+        },
+        async (request) => {
+          const runner = request.runner;
+          const executionId = executions.add(runner.id, request.body);
+          const scheme = config.server.tls.active ? 'wss' : 'ws';
+          const host = request.headers.host ?? `${config.server.address}:${config.server.port}`;
+          const path = `/api/v1/runners/${encodeURIComponent(runner.id)}/websocket?executionID=${executionId}`;
+          return { websocketUrl: `${scheme}://${host}${path}` };
+        },
+      );
+
+      scope.decorateRequest('execution', null);
+      scope.get(
+        '/websocket',
+        {
+          websocket: true,
+          schema: {
+            summary: 'Connect to an execution',
+            description:
+              "A WebSocket: `start`, `stdout`/`stderr`, then `exit` (0-255) or `timeout`, and the server closes (Poseidon's websocket.schema.json). Text frames from the client go to the process's stdin.",
+            tags,
+            params,
+            querystring: websocketQuerySchema,
+            response: {
+              101: z.undefined().describe('Switching protocols to WebSocket'),
+              ...errorResponses(400, 404, 410, ...PROTECTED_ERRORS),
+            },
+          },
+          // Checked before the upgrade, so a bad request gets a plain HTTP status.
+          preHandler: async (request) => {
+            const execution = executions.take(request.runner.id, request.query.executionID);
+            if (!execution) throw new ApiError(404, 'NOT_FOUND', `execution ${request.query.executionID} is unknown, expired or already connected`);
+            request.execution = execution;
+          },
+        },
+        (socket, request) => {
+          const execution = request.execution;
+          if (!execution) {
+            socket.close(1011);
+            return;
+          }
+          void runExecutionSession(socket, request.runner, execution, {
+            maxOutputBytes: config.runners.maxoutputbytes,
+            logger: request.log,
+          }).catch((error: unknown) => {
+            request.log.error({ err: error }, 'execution session failed');
+            socket.close(1011);
+          });
+        },
+      );
+    }),
+    { prefix: '/runners/:runnerId' },
   );
 };
