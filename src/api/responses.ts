@@ -1,4 +1,4 @@
-import { errorBodySchema } from '../dto/errors.js';
+import { errorBodySchema, serverErrorBodySchema } from '../dto/errors.js';
 
 /* What each error status means on this API; one wording for every route that can answer it. */
 const ERROR_DESCRIPTIONS = {
@@ -16,14 +16,15 @@ export type ErrorStatus = keyof typeof ERROR_DESCRIPTIONS;
 
 interface ErrorResponse {
   description: string;
-  content: { 'application/json': { schema: typeof errorBodySchema } };
+  content: { 'application/json': { schema: typeof errorBodySchema | typeof serverErrorBodySchema } };
 }
 
 /* The `{message, errorCode}` responses a route declares, in the provider's content-type form so each gets its description. */
 export function errorResponses<S extends ErrorStatus>(...statuses: S[]): Record<S, ErrorResponse> {
   const responses = {} as Record<S, ErrorResponse>;
   for (const status of statuses) {
-    responses[status] = { description: ERROR_DESCRIPTIONS[status], content: { 'application/json': { schema: errorBodySchema } } };
+    const schema = status >= 500 ? serverErrorBodySchema : errorBodySchema;
+    responses[status] = { description: ERROR_DESCRIPTIONS[status], content: { 'application/json': { schema } } };
   }
   return responses;
 }

@@ -25,3 +25,13 @@ export const errorBodySchema = z
   })
   .meta({ id: 'Error' });
 export type ErrorBody = z.infer<typeof errorBodySchema>;
+
+/* The codes a 5xx carries: Poseidon's list, the ones CodeOcean branches on (NOMAD_OVERLOAD: retry later). */
+export const serverErrorCodes = ['NOMAD_UNREACHABLE', 'NOMAD_OVERLOAD', 'NOMAD_INTERNAL_SERVER_ERROR', 'PREWARMING_POOL_DEPLETING', 'UNKNOWN'] as const;
+
+export const serverErrorBodySchema = z
+  .strictObject({
+    message: z.string().describe('Explanation on why the request could not be handled'),
+    errorCode: z.enum(serverErrorCodes).describe('Machine readable error description'),
+  })
+  .meta({ id: 'ServerError' });
