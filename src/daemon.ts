@@ -33,6 +33,13 @@ async function buildManager(config: Config, logger: Logger): Promise<AccessorHan
 }
 
 export async function startDaemon(config: Config, logger: Logger): Promise<Daemon> {
+  if (config.server.token === undefined) {
+    logger.warn(
+      `!!! NO API TOKEN (server.token / POSEIDON_SERVER_TOKEN is not set): anyone who can reach ${config.server.address}:${config.server.port} ` +
+        'can create environments and runners and run code in them, privileged code included, and delete every environment. ' +
+        'Set server.token to the token CodeOcean sends. !!!',
+    );
+  }
   const manager = await buildManager(config, logger);
   await manager.load();
   const app = await buildApp({ config, manager, logger, version: packageVersion() });

@@ -19,6 +19,8 @@ test('a runner cgroup carries memory, CPU share and pids limits, and is removed 
   const read = async (controller: string, name: string) => (await readFile(`${directoryOf(controller)}/${name}`, 'utf8')).trim();
   if (manager.version === 'v1') {
     assert.equal(await read('memory', 'memory.limit_in_bytes'), String(64 * MEGABYTE));
+    // v1 does not charge socket buffers to the memory limit; the runner gets a TCP limit of the same size.
+    assert.equal(await read('memory', 'memory.kmem.tcp.limit_in_bytes'), String(64 * MEGABYTE));
     assert.equal(await read('cpu', 'cpu.shares'), '512');
   } else {
     assert.equal(await read('memory', 'memory.max'), String(64 * MEGABYTE));

@@ -32,7 +32,7 @@ test('environment variables named like Poseidon override the file', async (t) =>
   assert.equal(config.server.token, '12345');
   assert.equal(config.logger.level, 'debug');
   assert.equal(config.nomad.enabled, true);
-  assert.deepEqual(config.local.images, { 'python:3': '/srv/python' });
+  assert.deepEqual(config.local.images, new Map([['python:3', '/srv/python']]));
 });
 
 test('a wrong key or value stops start-up with a message naming it', async (t) => {
@@ -48,4 +48,24 @@ test('a wrong key or value stops start-up with a message naming it', async (t) =
   });
   await assert.rejects(loadConfig(undefined, { POSEIDON_SERVER_PORT: 'abc' }), /server\.port/);
   await assert.rejects(loadConfig(path.join(directory, 'missing.yaml'), {}), /cannot read configuration file/);
+});
+
+test('any image name maps to its directory, __proto__ and constructor included', async (t) => {
+  const directory = await mkdtemp(path.join(tmpdir(), 'poseidon-config-'));
+  t.after(() => rm(directory, { recursive: true, force: true }));
+  const file = path.join(directory, 'config.yaml');
+  await writeFile(file, 'local:\n  images:\n    __proto__: /srv/proto\n    constructor: /srv/ctor\n');
+  const config = await loadConfig(file, {});
+  assert.equal(config.local.images.get('__proto__'), '/srv/proto');
+  assert.equal(config.local.images.get('constructor'), '/srv/ctor');
+  assert.equal(config.local.images.get('toString'), undefined);
+  assert.equal((await loadConfig(undefined, {})).local.images.get('__proto__'), undefined);
+  await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_IMAGES: '{"python": 3}' }), /local\.images\.python/);
+});
+
+test('memory and CPU defaults for environments that leave their limits at 0', async () => {
+  const config = await loadConfig(undefined, {});
+  assert.equal(config.local.defaultmemorylimit, 256);
+  assert.equal(config.local.defaultcpulimit, 20);
+  await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_DEFAULTMEMORYLIMIT: '0' }), /local\.defaultmemorylimit/);
 });

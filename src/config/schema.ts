@@ -92,6 +92,28 @@ const localNetworkSchema = z
   })
   .prefault({});
 
+/*
+ * Image names come from API clients, so the lookup table is a Map: on a plain object an image named
+ * `__proto__` or `constructor` would find Object.prototype's members. z.record is not used because it
+ * drops an own `__proto__` key of the parsed YAML.
+ */
+const imagesSchema = z
+  .custom<Record<string, unknown>>((value) => typeof value === 'object' && value !== null && !Array.isArray(value), {
+    message: 'expected a mapping of image names to root file system directories',
+  })
+  .transform((record, context) => {
+    const images = new Map<string, string>();
+    for (const [name, directory] of Object.entries(record)) {
+      if (name.length === 0 || typeof directory !== 'string' || directory.length === 0) {
+        context.issues.push({ code: 'custom', input: directory, path: [name], message: 'expected a non-empty directory path for a non-empty image name' });
+        continue;
+      }
+      images.set(name, directory);
+    }
+    return images;
+  })
+  .default(() => new Map<string, string>());
+
 const cgroupModeSchema = z.enum(['auto', 'v1', 'v2', 'off']);
 
 const localSchema = z
@@ -101,7 +123,7 @@ const localSchema = z
     statedir: z.string().min(1).default('./data'),
     bwrap: z.string().min(1).default('bwrap'),
     /* Maps an environment's `image` to a root file system directory; unknown images use the host's system directories read-only. */
-    images: z.record(z.string().min(1), z.string().min(1)).default({}),
+    images: imagesSchema,
     /* The learner user every non-privileged command runs as, inside the runner's user namespace. */
     uid: z.number().int().min(1).max(65535).default(1000),
     gid: z.number().int().min(1).max(65535).default(1000),
@@ -117,6 +139,12 @@ const localSchema = z
     /* A file listing with more entries or bytes than these answers 424 instead of filling the daemon's memory. */
     maxlistingentries: z.number().int().positive().default(50_000),
     maxlistingbytes: z.number().int().positive().default(32 * 1024 * 1024),
+    /*
+     * Limits for an environment whose memoryLimit or cpuLimit is 0: 0 means "use the default", never
+     * unlimited. MB and MHz-like shares, as memoryLimit and cpuLimit; the defaults are CodeOcean's own.
+     */
+    defaultmemorylimit: z.number().int().min(16).default(256),
+    defaultcpulimit: z.number().int().min(1).default(20),
     /* Fork-bomb guard: most processes one runner may have. */
     pidslimit: z.number().int().min(8).default(512),
     cgroups: cgroupModeSchema.default('auto'),

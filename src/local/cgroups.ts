@@ -5,7 +5,7 @@ import type { Logger } from 'pino';
 import type { CgroupMode } from '../config/schema.js';
 
 export interface ResourceLimits {
-  /* Bytes; 0 means unlimited. */
+  /* Bytes, socket buffers included; 0 leaves the cgroup without a memory limit (callers never ask for that). */
   memoryBytes: number;
   /*
    * Relative CPU weight, as Nomad's cpu MHz become Docker cpu_shares: a soft share that lets an
@@ -121,6 +121,15 @@ class CgroupV1Manager implements CgroupManager {
         await writeFile(path.join(memory, 'memory.limit_in_bytes'), String(limits.memoryBytes));
         // Without this, a runner could swap instead of being OOM-killed at its limit.
         await writeFile(path.join(memory, 'memory.memsw.limit_in_bytes'), String(limits.memoryBytes)).catch(() => undefined);
+        /*
+         * v1 does not charge socket buffers to memory.limit_in_bytes: without this, a runner that fills
+         * loopback TCP connections without reading them pins gigabytes of host kernel memory. The
+         * kernel only accounts sockets created after this limit is set, so it is written here, before
+         * any process joins the cgroup. (Kernels built without kmem accounting lack the file.)
+         */
+        await writeFile(path.join(memory, 'memory.kmem.tcp.limit_in_bytes'), String(limits.memoryBytes)).catch((error: unknown) => {
+          if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
+        });
       }
       await writeFile(path.join(pids, 'pids.max'), String(limits.pids));
       if (cpu && limits.cpuShares > 0) await writeFile(path.join(cpu, 'cpu.shares'), String(clampShares(limits.cpuShares)));
@@ -157,6 +166,7 @@ class CgroupV2Manager implements CgroupManager {
     await mkdir(directory, { recursive: true });
     try {
       if (limits.memoryBytes > 0) {
+        // v2 charges socket buffers to memory.max itself (the "sock" line of memory.stat): no separate TCP limit.
         await writeFile(path.join(directory, 'memory.max'), String(limits.memoryBytes));
         await writeFile(path.join(directory, 'memory.swap.max'), '0').catch(() => undefined);
       }

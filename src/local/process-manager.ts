@@ -64,10 +64,12 @@ export class SandboxProcessManager {
   /* Builds a live sandbox for an environment: cgroup with its limits, namespaces, file systems. */
   async prepare(id: string, spec: ExecutionEnvironmentSpec): Promise<Sandbox> {
     if (this.#lameDuck) throw new Error('the sandbox manager is shutting down');
+    // 0 is "not set", never unlimited: such environments get the configured defaults.
+    const memoryLimitMiB = spec.memoryLimit > 0 ? spec.memoryLimit : this.config.defaultmemorylimit;
     const cgroup = await this.cgroups.create(id, {
-      memoryBytes: spec.memoryLimit * MEGABYTE,
+      memoryBytes: memoryLimitMiB * MEGABYTE,
       // Poseidon's cpuLimit (MHz) becomes Nomad's CPU, i.e. Docker cpu_shares; the same share here.
-      cpuShares: spec.cpuLimit,
+      cpuShares: spec.cpuLimit > 0 ? spec.cpuLimit : this.config.defaultcpulimit,
       pids: this.config.pidslimit,
     });
     const ids = this.#ids.allocate();
@@ -75,10 +77,10 @@ export class SandboxProcessManager {
     try {
       sandbox = await Sandbox.start({
         bwrap: this.#bwrap,
-        rootfs: this.config.images[spec.image],
+        rootfs: this.config.images.get(spec.image),
         ids,
         learner: { uid: this.config.uid, gid: this.config.gid },
-        memoryLimitMiB: spec.memoryLimit,
+        memoryLimitMiB,
         workspaceSizeMiB: this.config.workspacesize,
         cgroup,
         seccompProgram: this.#seccomp,
