@@ -166,7 +166,8 @@ export interface MarkedProcess {
  */
 export async function startMarkedProcess(client: CodeOceanClient, runnerId: string, prefix: string, privilegedExecution: boolean): Promise<MarkedProcess> {
   const marker = sleepMarker();
-  const execution = client.run(runnerId, `${prefix}; exec sleep ${marker}`, { privilegedExecution, timeLimit: 60, guardMs: 90_000 });
+  // No stream checks: a test may kill the whole sandbox, and then no exit message can come.
+  const execution = client.websocketUrl(runnerId, `${prefix}; exec sleep ${marker}`, 60, privilegedExecution).then((url) => client.connect(url, { guardMs: 90_000 }));
   const pids = await waitFor(async () => processesMatching(`sleep ${marker}`), (found) => found.length > 0, `the marked sleep ${marker} to appear on the host`, 20_000, 50);
   const pid = pids[0] as number;
   return {
