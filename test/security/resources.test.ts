@@ -6,7 +6,7 @@ import { describe, test } from 'node:test';
 import { environmentSpec } from '../support/codeocean-client.js';
 import { descendantsOf, processesMatching } from '../support/daemon.js';
 import { useDaemon } from '../support/fixture.js';
-import { bwrapAncestor, cpuSeconds, daemonPid, runnerCgroupDirectories, runPython, startMarkedProcess, statusBytes } from '../support/security.js';
+import { bwrapAncestor, cpuSeconds, daemonPid, hostExecutable, runnerCgroupDirectories, runPython, sandboxInit, startMarkedProcess, statusBytes } from '../support/security.js';
 import { sleep, waitFor } from '../support/wait.js';
 
 /*
@@ -203,15 +203,10 @@ print('QUEUED_MB', total // 1048576, flush=True)
     const runnerId = await client.claim(MAIN_ENV);
     const marked = await startMarkedProcess(client, runnerId, 'true', false);
     try {
+      // The agent is the sandbox's pid 1; older layouts ran it below bubblewrap's init, so look for its name too.
       const bwrap = bwrapAncestor(marked.pid);
-      assert.ok(bwrap !== undefined);
-      const agent = [bwrap, ...descendantsOf(bwrap)].find((pid) => {
-        try {
-          return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0]?.endsWith('agent') === true;
-        } catch {
-          return false;
-        }
-      });
+      assert.ok(bwrap !== undefined, 'no bwrap process above the sandbox');
+      const agent = [bwrap, ...descendantsOf(bwrap)].find((pid) => /agent/.test(hostExecutable(pid))) ?? sandboxInit(marked.pid);
       assert.ok(agent !== undefined, 'no agent process in the sandbox');
       const score = (pid: number): number => Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8'));
       assert.ok(score(agent) < score(marked.pid), `the agent's oom_score_adj ${score(agent)} is not below learner code's ${score(marked.pid)}`);

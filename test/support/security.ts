@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { randomInt } from 'node:crypto';
-import { chmodSync, chownSync, existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { CodeOceanClient, ExecutionResult } from './codeocean-client.js';
 import { descendantsOf, processesMatching, REPO_ROOT, type Daemon } from './daemon.js';
@@ -219,9 +219,27 @@ export function hostPathsOf(daemon: Daemon): string[] {
   return [REPO_ROOT, daemon.tempDir, daemon.stateDir, join(REPO_ROOT, 'agent')];
 }
 
-/** Host pids of all processes inside this daemon's sandboxes. */
-export function sandboxProcesses(daemon: Daemon): number[] {
-  return daemon.sandboxPids().flatMap((pid) => [pid, ...descendantsOf(pid)]);
+/** Host pid of the sandbox's pid 1 (the agent), found from any process inside the sandbox. */
+export function sandboxInit(pidInside: number): number | undefined {
+  const bwrap = bwrapAncestor(pidInside);
+  if (bwrap === undefined) return undefined;
+  return [bwrap, ...descendantsOf(bwrap)].find((pid) => {
+    try {
+      const nspid = statusField(pid, 'NSpid').split(/\s+/);
+      return nspid.length > 1 && nspid[nspid.length - 1] === '1';
+    } catch {
+      return false;
+    }
+  });
+}
+
+/** Where a host process's executable is, as the host sees it (a memfd shows as /memfd:NAME). */
+export function hostExecutable(pid: number): string {
+  try {
+    return readlinkSync(`/proc/${pid}/exe`);
+  } catch (error) {
+    return `unreadable: ${String(error)}`;
+  }
 }
 
 export function readdirOrEmpty(path: string): string[] {
