@@ -409,9 +409,14 @@ static _Noreturn void child_main(int in, int out, int err, int privileged, uid_t
 	if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) _exit(127);
 	if (syscall(SYS_close_range, 3u, ~0u, 0u) < 0)
 		for (int fd = 3; fd < 65536; fd++) close(fd);
-	/* The daemon protects the agent from the OOM killer; the learner's processes must stay killable. */
+	/*
+	 * The spawner lowers the agent's OOM score where the host allows it (CAP_SYS_RESOURCE); learner
+	 * code is raised above the agent's in any case, which needs no privilege, so the OOM killer picks
+	 * it first even on hosts that withhold that capability (there both would otherwise sit at 0).
+	 */
+	static const char learner_oom_score_adj[] = "500";
 	int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
-	if (fd < 0 || write(fd, "0", 1) != 1) { step = "reset oom_score_adj"; goto fail; }
+	if (fd < 0 || write(fd, learner_oom_score_adj, sizeof learner_oom_score_adj - 1) != (ssize_t)(sizeof learner_oom_score_adj - 1)) { step = "raise oom_score_adj"; goto fail; }
 	close(fd);
 	if (chdir(cwd) < 0) { step = cwd; goto fail; }
 	if ((step = drop_privileges(privileged, uid, gid))) goto fail;
