@@ -26,6 +26,10 @@ function overlaps(a: IdMapping[], b: IdMapping[]): boolean {
   return a.some((x) => b.some((y) => x.outside < y.outside + y.count && y.outside < x.outside + x.count));
 }
 
+test('a daemon with a token does not warn about a missing one', () => {
+  assert.doesNotMatch(fixture.daemon.logs(), /NO API TOKEN/);
+});
+
 describe('sandbox ids are not host ids', () => {
   test('privileged execution is root inside only: its host uid and gid are not 0 and lie in the runner\'s own range', async () => {
     const { client } = fixture;
