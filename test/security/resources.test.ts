@@ -101,16 +101,16 @@ print('MADE')
     const { client, daemon } = fixture;
     const runnerId = await client.claim(MAIN_ENV);
     const marker = `writer-${randomUUID()}`;
-    const started = await client.run(runnerId, `sh -c 'while :; do echo x; done' ${marker} & echo started`, { guardMs: 20_000 });
+    // SIGPIPE ignored: the writer lives on whether or not its pipe was closed, so only dropping its output helps.
+    const started = await client.run(runnerId, `sh -c 'trap "" PIPE; while :; do echo x; done' ${marker} & echo started`, { guardMs: 20_000 });
     assert.match(started.stdout, /started/);
     const pid = daemonPid(daemon);
     await sleep(500);
     const before = cpuSeconds(pid);
     await sleep(2000);
     const used = cpuSeconds(pid) - before;
-    // Either the writer still runs (its output dropped at the source) or it died of a closed pipe: both contained.
-    const writerAlive = processesMatching(marker).length > 0;
-    assert.ok(used < 0.3, `the daemon used ${used.toFixed(2)} s of CPU in 2 s while a finished execution's writer ran (writer alive: ${writerAlive})`);
+    assert.ok(processesMatching(marker).length > 0, 'the background writer is gone, so the probe proves nothing');
+    assert.ok(used < 0.3, `the daemon used ${used.toFixed(2)} s of CPU in 2 s while a finished execution's writer ran`);
     assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
   });
 
