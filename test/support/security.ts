@@ -168,7 +168,10 @@ export async function startMarkedProcess(client: CodeOceanClient, runnerId: stri
   const marker = sleepMarker();
   // No stream checks: a test may kill the whole sandbox, and then no exit message can come.
   const execution = client.websocketUrl(runnerId, `${prefix}; exec sleep ${marker}`, 60, privilegedExecution).then((url) => client.connect(url, { guardMs: 90_000 }));
-  const pids = await waitFor(async () => processesMatching(`sleep ${marker}`), (found) => found.length > 0, `the marked sleep ${marker} to appear on the host`, 20_000, 50);
+  // Only once the shell has exec'd sleep: the shell's own command line carries the marker too, and
+  // killing it early would cut off the prefix's output.
+  const sleeping = (): number[] => processesMatching(`sleep ${marker}`).filter((pid) => /(^|\/)sleep$/.test(argv0(pid)));
+  const pids = await waitFor(async () => sleeping(), (found) => found.length > 0, `the marked sleep ${marker} to appear on the host`, 20_000, 50);
   const pid = pids[0] as number;
   return {
     pid,
