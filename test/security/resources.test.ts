@@ -72,7 +72,8 @@ print('MADE')
     if (response.status === 424) assert.match(response.text, /\w{4,}/, 'a refused listing says why');
     assert.ok(elapsed < 10_000, `the listing took ${elapsed} ms`);
     assert.ok(slowestHealth < 2000, `/health took ${slowestHealth} ms while the listing ran`);
-    assert.ok(growth < 200 * MEGABYTE, `the daemon's peak memory grew by ${Math.round(growth / MEGABYTE)} MB for one listing`);
+    // A ~36 MB answer costs ~150 MB of peak today; the issue saw 3.9 GB. The bound leaves room for noise.
+    assert.ok(growth < 256 * MEGABYTE, `the daemon's peak memory grew by ${Math.round(growth / MEGABYTE)} MB for one listing`);
     assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
   });
 
