@@ -143,7 +143,8 @@ static void write_file_or_fail(const char *path, const char *data, const char *w
 
 /*
  * Lowering the score needs CAP_SYS_RESOURCE, which some hosts withhold even from root (containers);
- * there the agent keeps the daemon's score, and its small size alone makes it the killer's last pick.
+ * there the agent keeps the daemon's score. Either way the agent raises every learner process to a
+ * score above its own, which needs no privilege, so the OOM killer picks learner code first.
  */
 static void protect_from_oom_killer(void)
 {

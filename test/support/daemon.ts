@@ -45,7 +45,7 @@ export interface Daemon {
   stateDir: string;
   /** Everything the daemon wrote to stdout and stderr so far. */
   logs(): string;
-  /** PIDs of bwrap processes whose command line mentions this daemon's state dir. */
+  /** PIDs of this daemon's bwrap processes (its sandboxes' outer processes). */
   sandboxPids(): number[];
   stop(): Promise<void>;
 }
@@ -101,15 +101,13 @@ export function processesMatching(needle: string): number[] {
   return pids;
 }
 
-function bwrapPidsMentioning(needle: string): number[] {
-  return processesMatching(needle).filter((pid) => {
-    try {
-      const argv0 = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
-      return argv0.endsWith('bwrap');
-    } catch {
-      return false;
-    }
-  });
+function isBwrap(pid: number): boolean {
+  try {
+    const argv0 = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
+    return argv0.endsWith('bwrap');
+  } catch {
+    return false;
+  }
 }
 
 function parentOf(pid: number): number | undefined {
@@ -250,7 +248,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
       }
     }
     // Sandboxes die asynchronously after their parent; give them a moment before judging.
-    const leftovers = (): number[] => [...new Set([...bwrapPidsMentioning(stateDir), ...tree.filter(alive)])];
+    const leftovers = (): number[] => tree.filter(alive);
     let survivors = leftovers();
     for (let i = 0; i < 20 && survivors.length > 0; i++) {
       await sleep(250);
@@ -304,7 +302,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     configPath,
     stateDir,
     logs: () => output,
-    sandboxPids: () => bwrapPidsMentioning(stateDir),
+    sandboxPids: () => (child.pid !== undefined && !exited ? descendantsOf(child.pid).filter(isBwrap) : []),
     stop,
   };
 }
