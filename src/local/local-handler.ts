@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
-import { EnvironmentStore } from '../environment/environment-store.js';
+import { EnvironmentStore } from './environment-store.js';
 import type { RunnerFactory } from '../environment/execution-environment.js';
 import { environmentIdOfRunner, newRunnerId, PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import { ensureAgentBuilt } from './agent/standalone.js';
