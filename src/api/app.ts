@@ -12,9 +12,9 @@ import Fastify, {
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from '../config/schema.js';
 import type { ErrorBody, ErrorCode } from '../dto/errors.js';
-import { ApiError } from '../runner/errors.js';
 import { authenticatedScope } from './authentication.js';
 import type { AppDependencies } from './dependencies.js';
+import { answerOf } from './errors.js';
 import { API_PREFIX, registerOpenApi } from './openapi.js';
 import { environmentRoutes } from './routes/environments.js';
 import { miscellaneousRoutes, statisticsRoutes } from './routes/miscellaneous.js';
@@ -110,12 +110,13 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
     );
   });
 
-  app.setErrorHandler(async (error: FastifyError | ApiError | Error, request, reply) => {
-    const statusCode = error instanceof ApiError ? error.statusCode : ((error as FastifyError).statusCode ?? 500);
-    const known = error instanceof ApiError || (statusCode >= 400 && statusCode < 500);
+  app.setErrorHandler(async (error: FastifyError | Error, request, reply) => {
+    const answer = answerOf(error);
+    const statusCode = answer?.statusCode ?? (error as FastifyError).statusCode ?? 500;
+    const known = answer !== undefined || (statusCode >= 400 && statusCode < 500);
     const body: ErrorBody = {
       message: known ? error.message : 'internal error; see the daemon log',
-      errorCode: error instanceof ApiError ? error.errorCode : (STATUS_ERROR_CODES[statusCode] ?? 'UNKNOWN'),
+      errorCode: answer?.errorCode ?? STATUS_ERROR_CODES[statusCode] ?? 'UNKNOWN',
     };
     if ((error as FastifyError).code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
       // Answering before the client finished sending would break its connection (EPIPE) and it
@@ -125,7 +126,7 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
     }
     // A refused WebSocket upgrade must not leave its socket open (it would hold up shutdown).
     if (request.headers.upgrade) reply.header('Connection', 'close');
-    if (statusCode >= 500 && !(error instanceof ApiError)) request.log.error({ err: error }, 'request failed');
+    if (statusCode >= 500 && answer === undefined) request.log.error({ err: error }, 'request failed');
     else if (statusCode >= 500) request.log.warn({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request failed');
     else request.log.info({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request rejected');
     return reply.code(statusCode).send(body);

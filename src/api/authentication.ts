@@ -1,6 +1,6 @@
 import { createHash, timingSafeEqual } from 'node:crypto';
 import type { FastifyPluginAsync } from 'fastify';
-import { ApiError } from '../runner/errors.js';
+import { HttpError } from './errors.js';
 
 function digest(value: string): Buffer {
   return createHash('sha256').update(value).digest();
@@ -35,7 +35,7 @@ export const authenticatedScope: FastifyPluginAsync<AuthenticatedScopeOptions> =
   if (token) {
     scope.addHook('onRequest', async (request) => {
       if (!tokenMatches(token, request.headers['poseidon-token'])) {
-        throw new ApiError(401, 'UNAUTHORIZED', 'missing or wrong Poseidon-Token header');
+        throw new HttpError(401, 'UNAUTHORIZED', 'missing or wrong Poseidon-Token header');
       }
     });
   }

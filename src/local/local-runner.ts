@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
-import { BadRequestError, FileNotAvailableError, ListingTooLargeError, RunnerNotFoundError } from '../runner/errors.js';
+import { FileNotAvailableError, ListingTooLargeError, RunnerNotFoundError, WorkspaceUpdateError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
 import { WORKSPACE } from '../runner/workspace-files.js';
@@ -86,7 +86,7 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
         })),
       });
     } catch (error) {
-      if (error instanceof AgentRequestError) throw new BadRequestError(`updating files failed: ${error.message}`);
+      if (error instanceof AgentRequestError) throw new WorkspaceUpdateError(`updating files failed: ${error.message}`);
       throw this.#gone(error);
     }
   }

@@ -5,10 +5,9 @@ import { executionEnvironmentSchema, type ExecutionEnvironmentSpec } from '../dt
 import { ExecutionEnvironment, type RunnerFactory } from '../environment/execution-environment.js';
 import { newRunnerId, PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import type { PutOutcome } from '../runner/accessor-handler.js';
-import { ApiError, BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
+import { BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
 import type { Allocation, AllocationListStub, EventBatch, NomadJob } from './api-types.js';
-import { NomadError } from './errors.js';
 import type { EventStreamSubscription } from './event-stream.js';
 import { ExecutorApi, type ExecutorApiOptions } from './executor-api.js';
 import {
@@ -25,6 +24,7 @@ import {
   templateJobPrefix,
   withRunnerUsage,
 } from './job-template.js';
+import { domainErrorOf } from './failures.js';
 import { NomadRunner } from './nomad-runner.js';
 
 /* The environment as CodeOcean sent it, kept in the template's config-group meta for an exact round trip. */
@@ -46,13 +46,6 @@ interface Waiter {
 }
 
 const terminalClientStatuses = new Set(['failed', 'lost', 'complete']);
-
-/* Turns whatever a Nomad call threw into an error the API answers with a clear status and code. */
-export function toApiError(error: unknown): Error {
-  if (error instanceof ApiError) return error;
-  if (error instanceof NomadError) return new BackendError(error.message, error.errorCode);
-  return error instanceof Error ? error : new Error(String(error));
-}
 
 /*
  * The Nomad backend: environments are template jobs, runners are jobs derived from them, and Nomad
@@ -125,7 +118,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     try {
       await this.#api.registerJob(job);
     } catch (error) {
-      throw toApiError(error);
+      throw domainErrorOf(error);
     }
     this.#templates.set(spec.id, job);
   }
@@ -134,7 +127,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     try {
       await this.#api.deregisterJob(templateJobId(environmentId), { purge: true });
     } catch (error) {
-      throw toApiError(error);
+      throw domainErrorOf(error);
     }
     this.#templates.delete(environmentId);
   }
@@ -173,9 +166,9 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     try {
       await this.#api.registerJob(job);
     } catch (error) {
-      this.#waiters.get(id)?.reject(toApiError(error));
+      this.#waiters.get(id)?.reject(domainErrorOf(error));
       await ready.catch(() => undefined);
-      throw toApiError(error);
+      throw domainErrorOf(error);
     }
     let allocation: Allocation;
     try {
@@ -196,7 +189,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     return new Promise<Allocation>((resolve, reject) => {
       const timer = setTimeout(() => {
         void this.#checkWaiter(jobId).then((found) => {
-          if (!found) this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${this.#readinessTimeoutMs} ms`, 'NOMAD_INTERNAL_SERVER_ERROR'));
+          if (!found) this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${this.#readinessTimeoutMs} ms`, 'backend-failed'));
         });
       }, this.#readinessTimeoutMs);
       timer.unref();
@@ -279,7 +272,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     if (waiter !== undefined) {
       if (isRunning(allocation)) waiter.resolve(allocation);
       else if (terminalClientStatuses.has(allocation.ClientStatus) || allocation.DesiredStatus !== 'run') {
-        waiter.reject(new BackendError(`runner ${allocation.JobID} failed to start: ${allocation.ClientDescription ?? allocation.ClientStatus}`, 'NOMAD_INTERNAL_SERVER_ERROR'));
+        waiter.reject(new BackendError(`runner ${allocation.JobID} failed to start: ${allocation.ClientDescription ?? allocation.ClientStatus}`, 'backend-failed'));
       }
     }
     const runner = this.#byAllocation.get(allocation.ID);

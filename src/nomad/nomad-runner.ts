@@ -3,14 +3,14 @@ import { PassThrough } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
-import { ApiError, BackendError, BadRequestError, FileNotAvailableError, RunnerNotFoundError } from '../runner/errors.js';
+import { BackendError, FileNotAvailableError, RunnerNotFoundError, WorkspaceUpdateError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
 import { buildArchive, listCommand, parseFindOutput, readCommand, updateCommand, WORKSPACE } from '../runner/workspace-files.js';
 import type { NomadJob, PortMapping } from './api-types.js';
-import { NomadError, NomadExecError } from './errors.js';
-import type { ExecutorApi } from './executor-api.js';
 import type { StdinSource } from './exec.js';
+import type { ExecutorApi } from './executor-api.js';
+import { domainErrorOf, isAllocationUnknown } from './failures.js';
 import { defaultTaskName } from './job-template.js';
 
 /*
@@ -211,7 +211,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     const workspace = await this.#workspaceDirectory();
     const archive = update.copy.length > 0 ? await buildArchive(update.copy, workspace) : undefined;
     const result = await this.#exec(updateCommand(update, archive !== undefined, workspace), { stdin: archive });
-    if (result.exitCode !== 0) throw new BadRequestError(`updating files failed: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
+    if (result.exitCode !== 0) throw new WorkspaceUpdateError(`updating files failed: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
   }
 
   async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
@@ -270,7 +270,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
         () => undefined,
         (error: unknown) => error,
       );
-      if (failure !== undefined && !(failure instanceof Error && failure.message === 'no file')) throw this.#apiError(failure);
+      if (failure !== undefined && !(failure instanceof Error && failure.message === 'no file')) throw this.#domainError(failure);
       throw new FileNotAvailableError(`cannot read ${requestedPath}: ${stderr.trim() || 'no such file'}`);
     }
     return { size, stream };
@@ -354,22 +354,17 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
       });
       return { exitCode, stdout: Buffer.concat(stdout), stderr };
     } catch (error) {
-      throw this.#apiError(error);
+      throw this.#domainError(error);
     }
   }
 
-  #apiError(error: unknown): Error {
-    if (error instanceof ApiError) return error;
-    if (error instanceof NomadExecError && error.allocationUnknown) {
-      this.onGone(this, 'allocation unknown to Nomad');
-      return new RunnerNotFoundError(this.id);
-    }
-    if (error instanceof NomadError) return new BackendError(error.message, error.errorCode);
-    return error instanceof Error ? error : new Error(String(error));
+  #domainError(error: unknown): Error {
+    if (isAllocationUnknown(error)) this.onGone(this, 'allocation unknown to Nomad');
+    return domainErrorOf(error, this.id);
   }
 
   #describeExecFailure(error: unknown): string {
-    if (error instanceof NomadExecError && error.allocationUnknown) {
+    if (isAllocationUnknown(error)) {
       this.onGone(this, 'allocation unknown to Nomad');
       return 'the runner is gone';
     }

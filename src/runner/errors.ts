@@ -1,56 +1,79 @@
-import type { ErrorCode } from '../dto/errors.js';
+/*
+ * Domain errors say what went wrong, not how to answer it: each carries a kind, and the API alone
+ * (src/api/errors.ts) turns a kind into an HTTP status and errorCode. Backends pick kinds only.
+ */
+export type ErrorKind =
+  /* The runner does not exist (any more): never claimed, returned, timed out or lost. */
+  | 'runner-gone'
+  | 'environment-unknown'
+  /* The pool of the environment is empty right now; the client may retry shortly. */
+  | 'no-idle-runner'
+  /* A file or directory of the workspace cannot be listed or read, or a listing is past its cap. */
+  | 'workspace-unreadable'
+  /* The workspace refused an update (a path outside it, a read-only file, ...). */
+  | 'workspace-unwritable'
+  | 'bad-request'
+  /* The backend (Nomad) cannot be reached. */
+  | 'backend-unreachable'
+  /* The backend answered, but with a failure. */
+  | 'backend-failed'
+  /* Anything else that went wrong in a backend. */
+  | 'backend-error';
 
-/* Errors that carry their own HTTP meaning; the API layer maps them without knowing the backend. */
-export class ApiError extends Error {
+export type BackendErrorKind = Extract<ErrorKind, `backend-${string}`>;
+
+export class DomainError extends Error {
   constructor(
-    readonly statusCode: number,
-    readonly errorCode: ErrorCode,
+    readonly kind: ErrorKind,
     message: string,
+    options?: ErrorOptions,
   ) {
-    super(message);
+    super(message, options);
     this.name = new.target.name;
   }
 }
 
-export class RunnerNotFoundError extends ApiError {
+export class RunnerNotFoundError extends DomainError {
   constructor(runnerId: string) {
-    super(410, 'RUNNER_GONE', `runner ${runnerId} does not exist (any more)`);
+    super('runner-gone', `runner ${runnerId} does not exist (any more)`);
   }
 }
 
-export class EnvironmentNotFoundError extends ApiError {
+export class EnvironmentNotFoundError extends DomainError {
   constructor(environmentId: number) {
-    super(404, 'NOT_FOUND', `execution environment ${environmentId} does not exist`);
+    super('environment-unknown', `execution environment ${environmentId} does not exist`);
   }
 }
 
-export class NoIdleRunnerError extends ApiError {
+export class NoIdleRunnerError extends DomainError {
   constructor(environmentId: number) {
-    super(500, 'NOMAD_OVERLOAD', `no idle runner is available for execution environment ${environmentId}; try again shortly`);
+    super('no-idle-runner', `no idle runner is available for execution environment ${environmentId}; try again shortly`);
   }
 }
 
-export class FileNotAvailableError extends ApiError {
+export class FileNotAvailableError extends DomainError {
   constructor(message: string) {
-    super(424, 'FILE_NOT_AVAILABLE', message);
+    super('workspace-unreadable', message);
   }
 }
 
-/* A listing past its entry or byte cap: 424 is what CodeOcean takes as "no files", so it carries on. */
-export class ListingTooLargeError extends ApiError {
+/* A listing past its entry or byte cap. */
+export class ListingTooLargeError extends FileNotAvailableError {}
+
+export class WorkspaceUpdateError extends DomainError {
   constructor(message: string) {
-    super(424, 'FILE_NOT_AVAILABLE', message);
+    super('workspace-unwritable', message);
   }
 }
 
-export class BadRequestError extends ApiError {
+export class BadRequestError extends DomainError {
   constructor(message: string) {
-    super(400, 'BAD_REQUEST', message);
+    super('bad-request', message);
   }
 }
 
-export class BackendError extends ApiError {
-  constructor(message: string, errorCode: ErrorCode = 'UNKNOWN') {
-    super(500, errorCode, message);
+export class BackendError extends DomainError {
+  constructor(message: string, kind: BackendErrorKind = 'backend-error', options?: ErrorOptions) {
+    super(kind, message, options);
   }
 }

@@ -137,7 +137,7 @@ export class FakeManager implements RunnerAccessor, EnvironmentAccessor {
   }
 }
 
-export const unreachable = (): BackendError => new BackendError('Nomad is unreachable', 'NOMAD_UNREACHABLE');
+export const unreachable = (): BackendError => new BackendError('Nomad is unreachable', 'backend-unreachable');
 
 export interface InjectOptions {
   token?: string;

@@ -14,9 +14,9 @@ import {
   updateFilesRequestSchema,
   websocketQuerySchema,
 } from '../../dto/runner.js';
-import { ApiError } from '../../runner/errors.js';
 import { ExecutionStore } from '../../runner/execution-store.js';
 import type { AppDependencies } from '../dependencies.js';
+import { HttpError } from '../errors.js';
 import { runExecutionSession } from '../execution-session.js';
 import { errorResponses, PROTECTED_ERRORS } from '../responses.js';
 import { runnerScope } from './runner-scope.js';
@@ -172,7 +172,7 @@ export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, 
           // Checked before the upgrade, so a bad request gets a plain HTTP status.
           preHandler: async (request) => {
             const execution = executions.take(request.runner.id, request.query.executionID);
-            if (!execution) throw new ApiError(404, 'NOT_FOUND', `execution ${request.query.executionID} is unknown, expired or already connected`);
+            if (!execution) throw new HttpError(404, 'NOT_FOUND', `execution ${request.query.executionID} is unknown, expired or already connected`);
             request.execution = execution;
           },
         },

@@ -1,0 +1,19 @@
+import { BackendError, DomainError, RunnerNotFoundError } from '../runner/errors.js';
+import { NomadError, NomadExecError } from './errors.js';
+
+/*
+ * The one translation of a Nomad client failure into a domain error. With a runner id, an exec that
+ * Nomad refused because the allocation is unknown means that runner is gone.
+ */
+export function domainErrorOf(error: unknown, runnerId?: string): Error {
+  if (error instanceof DomainError) return error;
+  if (runnerId !== undefined && isAllocationUnknown(error)) return new RunnerNotFoundError(runnerId);
+  if (error instanceof NomadError) {
+    return new BackendError(error.message, error.errorCode === 'NOMAD_UNREACHABLE' ? 'backend-unreachable' : 'backend-failed', { cause: error });
+  }
+  return error instanceof Error ? error : new Error(String(error));
+}
+
+export function isAllocationUnknown(error: unknown): boolean {
+  return error instanceof NomadExecError && error.allocationUnknown;
+}
