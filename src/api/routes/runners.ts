@@ -14,7 +14,7 @@ import {
   updateFilesRequestSchema,
   websocketQuerySchema,
 } from '../../dto/runner.js';
-import { ExecutionStore } from '../../runner/execution-store.js';
+import { ExecutionStore } from '../execution-store.js';
 import type { AppDependencies } from '../dependencies.js';
 import { HttpError } from '../errors.js';
 import { runExecutionSession } from '../execution-session.js';
