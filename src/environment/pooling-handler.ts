@@ -1,22 +1,11 @@
-import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import { type EnvironmentStatistics, type ExecutionEnvironmentSpec, sameRunnerShape } from '../dto/environment.js';
 import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
 import { EnvironmentNotFoundError } from '../runner/errors.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
 import type { Runner } from '../runner/runner.js';
+import { environmentIdOfRunner } from '../runner/runner-id.js';
 import { ExecutionEnvironment, type RunnerFactory } from './execution-environment.js';
-
-/* Runner ids are `<environmentId>-<uuid>`, as in Poseidon, so the owner is found without a search. */
-export function newRunnerId(environmentId: number): string {
-  return `${environmentId}-${randomUUID()}`;
-}
-
-export function environmentIdOfRunner(runnerId: string): number | undefined {
-  const prefix = runnerId.split('-', 1)[0];
-  const id = Number(prefix);
-  return prefix !== '' && Number.isSafeInteger(id) ? id : undefined;
-}
 
 /*
  * An AccessorHandler whose environments keep prewarmed pools of runners built by a backend.

@@ -1,11 +1,12 @@
 import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
-import { EnvironmentStore } from './environment-store.js';
 import type { RunnerFactory } from '../environment/execution-environment.js';
-import { environmentIdOfRunner, newRunnerId, PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import { environmentIdOfRunner, newRunnerId } from '../runner/runner-id.js';
 import { ensureAgentBuilt } from './agent/standalone.js';
 import type { CgroupManager } from './cgroups.js';
+import { EnvironmentStore } from './environment-store.js';
 import { LocalRunner } from './local-runner.js';
 import { type AttachedNetwork, createRunnerNetworks, runnerNetworkOptions, type RunnerNetworks } from './network/index.js';
 import { SandboxProcessManager } from './process-manager.js';
