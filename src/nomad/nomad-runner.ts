@@ -6,12 +6,13 @@ import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dt
 import { BackendError, FileNotAvailableError, RunnerNotFoundError, WorkspaceUpdateError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
-import { buildArchive, listCommand, parseFindOutput, readCommand, updateCommand, WORKSPACE } from '../runner/workspace-files.js';
+import { parseFindOutput, WORKSPACE } from '../runner/workspace-files.js';
 import type { NomadJob, PortMapping } from './api-types.js';
 import type { StdinSource } from './exec.js';
 import type { ExecutorApi } from './executor-api.js';
 import { domainErrorOf, isAllocationUnknown } from './failures.js';
 import { defaultTaskName } from './job-template.js';
+import { buildArchive, listCommand, readCommand, updateCommand } from './workspace-commands.js';
 
 /*
  * Unprivileged commands run as the image's `user` through /sbin/setuser, Poseidon's convention for
