@@ -5,7 +5,7 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { AgentClient, AgentExecOptions } from '../src/local/agent/agent-client.js';
-import { type AgentSandbox, ensureAgentBuilt, startAgentSandbox } from '../src/local/agent/standalone.js';
+import { type AgentSandbox, ensureAgentBuilt, startAgentSandbox } from '../src/local/binaries.js';
 import { hostSystemArguments } from '../src/local/host-root.js';
 import { seccompProgram } from '../src/local/seccomp.js';
 

@@ -3,7 +3,7 @@ import { existsSync, readFileSync, statSync } from 'node:fs';
 import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { AgentClient } from '../src/local/agent/agent-client.js';
-import { AGENT_BINARY, agentCapabilityArguments, AGENT_SANDBOX_PATH, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/agent/standalone.js';
+import { AGENT_BINARY, agentCapabilityArguments, AGENT_SANDBOX_PATH, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/binaries.js';
 import { hostSystemArguments } from '../src/local/host-root.js';
 import { type SpawnedProcess, SpawnerClient } from '../src/local/spawner-client.js';
 

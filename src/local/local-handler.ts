@@ -4,7 +4,7 @@ import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { RunnerFactory } from '../environment/execution-environment.js';
 import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import { environmentIdOfRunner, newRunnerId } from '../runner/runner-id.js';
-import { ensureAgentBuilt } from './agent/standalone.js';
+import { ensureAgentBuilt } from './binaries.js';
 import type { CgroupManager } from './cgroups.js';
 import { EnvironmentStore } from './environment-store.js';
 import { LocalRunner } from './local-runner.js';

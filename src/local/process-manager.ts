@@ -4,7 +4,7 @@ import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { CgroupManager } from './cgroups.js';
-import { SPAWNER_BINARY } from './agent/standalone.js';
+import { SPAWNER_BINARY } from './binaries.js';
 import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from './id-ranges.js';
 import { Sandbox } from './sandbox.js';
 import { seccompProgram } from './seccomp.js';

@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import { WORKSPACE } from '../runner/workspace-files.js';
 import { AgentClient } from './agent/agent-client.js';
-import { agentCapabilityArguments } from './agent/standalone.js';
+import { agentCapabilityArguments } from './binaries.js';
 import type { RunnerCgroup } from './cgroups.js';
 import { hostSystemArguments } from './host-root.js';
 import type { IdRange } from './id-ranges.js';

@@ -1,5 +1,5 @@
 import { readFileSync } from 'node:fs';
-import { SECCOMP_PROGRAM } from './agent/standalone.js';
+import { SECCOMP_PROGRAM } from './binaries.js';
 
 /*
  * The seccomp filter of every sandbox: the raw BPF program (struct sock_filter[], 8 bytes per

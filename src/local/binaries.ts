@@ -3,16 +3,16 @@ import { existsSync, statSync } from 'node:fs';
 import type { Writable } from 'node:stream';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { hostSystemArguments } from '../host-root.js';
-import { sandboxAccounts } from '../sandbox-accounts.js';
-import { AgentClient } from './agent-client.js';
+import { hostSystemArguments } from './host-root.js';
+import { sandboxAccounts } from './sandbox-accounts.js';
+import { AgentClient } from './agent/agent-client.js';
 
 /*
  * How bubblewrap must start the agent, and a minimal sandbox around it for tests and measurements
  * (no cgroup, host system directories only). The daemon's Sandbox builds the full argument list.
  */
 
-export const AGENT_SOURCE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../../agent');
+export const AGENT_SOURCE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../agent');
 export const AGENT_BINARY = path.join(AGENT_SOURCE_DIR, 'build/poseidon-agent');
 /* Forks the sandboxes for the daemon (agent/poseidon-spawner.c), built along with the agent. */
 export const SPAWNER_BINARY = path.join(AGENT_SOURCE_DIR, 'build/poseidon-spawner');
