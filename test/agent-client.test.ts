@@ -3,7 +3,7 @@ import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { AgentRequestError, type AgentClient, type AgentExecOptions } from '../src/local/agent/agent-client.js';
 import { EventType, encodeFrame, FrameParser } from '../src/local/agent/frames.js';
-import { type AgentSandbox, startAgentSandbox } from '../src/local/binaries.js';
+import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
 import type { FileHeader } from '../src/dto/runner.js';
 import { parseFindOutput } from '../src/runner/workspace-files.js';
 

@@ -3,7 +3,7 @@ import { chmodSync, statSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { AgentRequestError, type AgentClient, type AgentExecOptions, E2BIG } from '../src/local/agent/agent-client.js';
-import { type AgentSandbox, startAgentSandbox } from '../src/local/binaries.js';
+import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
 
 /*
  * The agent's file operations against what learner code can leave in a sandbox: links out of the

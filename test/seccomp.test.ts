@@ -5,9 +5,10 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { AgentClient, AgentExecOptions } from '../src/local/agent/agent-client.js';
-import { type AgentSandbox, ensureAgentBuilt, startAgentSandbox } from '../src/local/binaries.js';
+import { ensureAgentBuilt } from '../src/local/binaries.js';
 import { hostSystemArguments } from '../src/local/host-root.js';
 import { seccompProgram } from '../src/local/seccomp.js';
+import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
 
 /*
  * The seccomp filter of every sandbox (agent/seccomp-policy.c), loaded by bwrap --seccomp into a

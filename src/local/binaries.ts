@@ -1,15 +1,11 @@
-import { type ChildProcess, execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { existsSync, statSync } from 'node:fs';
-import type { Writable } from 'node:stream';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { hostSystemArguments } from './host-root.js';
-import { sandboxAccounts } from './sandbox-accounts.js';
-import { AgentClient } from './agent/agent-client.js';
 
 /*
- * How bubblewrap must start the agent, and a minimal sandbox around it for tests and measurements
- * (no cgroup, host system directories only). The daemon's Sandbox builds the full argument list.
+ * The sandbox agent, the spawner and the seccomp program: where they are built, how bubblewrap must
+ * start the agent, and the build itself. The daemon's Sandbox builds the full argument list.
  */
 
 export const AGENT_SOURCE_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../agent');
@@ -70,68 +66,4 @@ export function ensureAgentBuilt(): string {
     }
   }
   return AGENT_BINARY;
-}
-
-export interface AgentSandbox {
-  child: ChildProcess;
-  client: AgentClient;
-  /* Closes the agent's stdin and waits for bwrap to exit (SIGKILL after a grace period). */
-  stop(): Promise<void>;
-}
-
-/*
- * A sandbox like the daemon's (host /usr read-only, private /workspace and /tmp), running the agent;
- * with options.seccomp, bwrap loads that BPF program (seccompProgram()) through an extra pipe, fd 5.
- */
-export async function startAgentSandbox(extraArguments: string[] = [], options: { seccomp?: Buffer } = {}): Promise<AgentSandbox> {
-  const agent = ensureAgentBuilt();
-  const system = hostSystemArguments();
-  const child = spawn(
-    'bwrap',
-    [
-      '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--unshare-cgroup-try',
-      '--die-with-parent', '--new-session', '--hostname', 'runner',
-      ...system,
-      '--perms', '0644', '--ro-bind-data', '3', '/etc/passwd', '--perms', '0644', '--ro-bind-data', '4', '/etc/group',
-      '--proc', '/proc', '--dev', '/dev',
-      '--perms', '1777', '--tmpfs', '/workspace',
-      '--perms', '1777', '--tmpfs', '/tmp',
-      '--ro-bind', agent, AGENT_SANDBOX_PATH,
-      ...extraArguments,
-      ...(options.seccomp ? ['--seccomp', '5'] : []),
-      '--chdir', '/workspace', '--clearenv',
-      ...agentCapabilityArguments(),
-      '--', AGENT_SANDBOX_PATH,
-    ],
-    { stdio: ['pipe', 'pipe', 'inherit', 'pipe', 'pipe', ...(options.seccomp ? (['pipe'] as const) : [])] },
-  );
-  // bwrap reads each blob to end of file; if it died first, its exit is reported below.
-  const accounts = sandboxAccounts({ uid: 65534, gid: 65534 });
-  const blobs = [accounts.passwd, accounts.group, ...(options.seccomp ? [options.seccomp] : [])];
-  blobs.forEach((blob, index) => {
-    const pipe = child.stdio[3 + index] as Writable | null | undefined;
-    pipe?.on('error', () => undefined);
-    pipe?.end(blob);
-  });
-  const { stdin, stdout } = child;
-  if (!stdin || !stdout) throw new Error('bwrap has no stdio pipes');
-  const client = new AgentClient(stdin, stdout);
-  const exited = new Promise<void>((resolve) => {
-    if (child.exitCode !== null || child.signalCode !== null) resolve();
-    else child.once('exit', () => resolve());
-  });
-  const stop = async (): Promise<void> => {
-    client.close();
-    const timer = setTimeout(() => child.kill('SIGKILL'), 2000);
-    await exited;
-    clearTimeout(timer);
-  };
-  try {
-    await client.ready;
-  } catch (error) {
-    child.kill('SIGKILL');
-    await exited;
-    throw error;
-  }
-  return { child, client, stop };
 }

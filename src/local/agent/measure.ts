@@ -3,7 +3,7 @@
  * Prints the mean time of sequential `exec true` and of FILES requests copying 10 small files.
  */
 import { performance } from 'node:perf_hooks';
-import { startAgentSandbox } from '../binaries.js';
+import { startAgentSandbox } from '../../../test/support/agent-sandbox.js';
 
 const ROUNDS = 50;
 const ENV = { PATH: '/usr/local/bin:/usr/bin:/bin' };
