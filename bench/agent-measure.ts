@@ -1,9 +1,9 @@
 /*
- * Micro-measurement of the sandbox agent (not a test): node --import tsx src/local/agent/measure.ts
+ * Micro-measurement of the sandbox agent (not a test): node --import tsx bench/agent-measure.ts
  * Prints the mean time of sequential `exec true` and of FILES requests copying 10 small files.
  */
 import { performance } from 'node:perf_hooks';
-import { startAgentSandbox } from '../../../test/support/agent-sandbox.js';
+import { startAgentSandbox } from '../test/support/agent-sandbox.js';
 
 const ROUNDS = 50;
 const ENV = { PATH: '/usr/local/bin:/usr/bin:/bin' };
