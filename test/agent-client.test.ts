@@ -2,7 +2,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { AgentRequestError, type AgentClient, type AgentExecOptions } from '../src/local/agent/agent-client.js';
-import { EventType, encodeFrame, FrameParser } from '../src/local/agent/frames.js';
+import { EventType, encodeFrame, FrameParser } from '../src/local/frames.js';
 import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
 import type { FileHeader } from '../src/dto/runner.js';
 import { parseFindOutput } from '../src/runner/workspace-files.js';

@@ -3,7 +3,7 @@ import { afterEach, beforeEach, describe, test } from 'node:test';
 import { PassThrough } from 'node:stream';
 import { setImmediate as tick } from 'node:timers/promises';
 import { AgentClient, AgentClosedError, AgentProtocolError } from '../src/local/agent/agent-client.js';
-import { EventType, encodeFrame, MAX_EVENT_REST, PROTOCOL_VERSION } from '../src/local/agent/frames.js';
+import { EventType, encodeFrame, MAX_EVENT_REST, PROTOCOL_VERSION } from '../src/local/frames.js';
 
 /*
  * The daemon's side of the agent protocol, fed hostile input: privileged learner code runs as root

@@ -5,7 +5,7 @@ import { readdir, rm } from 'node:fs/promises';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { encodeFrame, type Frame, FrameParser } from './agent/frames.js';
+import { encodeFrame, type Frame, FrameParser } from './frames.js';
 
 /*
  * Client of agent/poseidon-spawner.c: starts processes without forking the daemon. Forking a large

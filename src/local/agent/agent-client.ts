@@ -12,7 +12,7 @@ import {
   PayloadWriter,
   PROTOCOL_VERSION,
   RequestType,
-} from './frames.js';
+} from '../frames.js';
 
 /*
  * Client of the in-sandbox agent (agent/poseidon-agent.c): one per sandbox, over the agent's stdin
