@@ -1,5 +1,5 @@
 import { BackendError, DomainError, RunnerNotFoundError } from '../runner/errors.js';
-import { NomadError, NomadExecError } from './errors.js';
+import { NomadError, NomadExecError } from './client/errors.js';
 
 /*
  * The one translation of a Nomad client failure into a domain error. With a runner id, an exec that

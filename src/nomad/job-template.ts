@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { z } from 'zod';
 import type { NomadConfig } from '../config/schema.js';
-import { jobSchema, type NomadJob, type NomadTask, type NomadTaskGroup } from './api-types.js';
+import { jobSchema, type NomadJob, type NomadTask, type NomadTaskGroup } from './client/api-types.js';
 
 /*
  * Poseidon's job model: an environment is the job `template-<envId>`, a runner is the job

@@ -8,9 +8,9 @@ import type { PutOutcome } from '../runner/accessor-handler.js';
 import { BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
 import { newRunnerId } from '../runner/runner-id.js';
-import type { Allocation, AllocationListStub, EventBatch, NomadJob } from './api-types.js';
-import type { EventStreamSubscription } from './event-stream.js';
-import { ExecutorApi, type ExecutorApiOptions } from './executor-api.js';
+import type { Allocation, AllocationListStub, EventBatch, NomadJob } from './client/api-types.js';
+import type { EventStreamSubscription } from './client/event-stream.js';
+import { ExecutorApi, type ExecutorApiOptions } from './client/executor-api.js';
 import {
   buildTemplateJob,
   configGroupName,

@@ -7,9 +7,9 @@ import { BackendError, FileNotAvailableError, RunnerNotFoundError, WorkspaceUpda
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
 import { parseFindOutput, WORKSPACE } from '../runner/workspace-files.js';
-import type { NomadJob, PortMapping } from './api-types.js';
-import type { StdinSource } from './exec.js';
-import type { ExecutorApi } from './executor-api.js';
+import type { NomadJob, PortMapping } from './client/api-types.js';
+import type { StdinSource } from './client/exec.js';
+import type { ExecutorApi } from './client/executor-api.js';
 import { domainErrorOf, isAllocationUnknown } from './failures.js';
 import { defaultTaskName } from './job-template.js';
 import { buildArchive, listCommand, readCommand, updateCommand } from './workspace-commands.js';

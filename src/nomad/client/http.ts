@@ -4,7 +4,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { Pool } from 'undici';
 import type { z } from 'zod';
-import type { NomadConfig } from '../config/schema.js';
+import type { NomadConfig } from '../../config/schema.js';
 import { NomadError, unreachable } from './errors.js';
 
 export type QueryValue = string | number | boolean | readonly string[] | undefined;

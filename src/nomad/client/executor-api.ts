@@ -1,7 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { z } from 'zod';
-import type { NomadConfig } from '../config/schema.js';
+import type { NomadConfig } from '../../config/schema.js';
 import {
   allocationListStubSchema,
   allocationSchema,
