@@ -9,7 +9,7 @@ import type { CgroupManager } from './cgroups.js';
 import { EnvironmentStore } from './environment-store.js';
 import { LocalRunner } from './local-runner.js';
 import { type AttachedNetwork, createRunnerNetworks, runnerNetworkOptions, type RunnerNetworks } from './network/index.js';
-import { SandboxProcessManager } from './process-manager.js';
+import { SandboxProcessManager } from './processes/spawner-process-manager.js';
 
 /* The last handler in the chain: runners are bubblewrap sandboxes on this host. */
 export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {

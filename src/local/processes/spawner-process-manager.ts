@@ -1,14 +1,14 @@
 import { accessSync, constants } from 'node:fs';
 import path from 'node:path';
 import type { Logger } from 'pino';
-import type { LocalConfig } from '../config/schema.js';
-import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
-import type { CgroupManager } from './cgroups.js';
-import { SPAWNER_BINARY } from './binaries.js';
-import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from './id-ranges.js';
-import { Sandbox } from './sandbox.js';
-import { seccompProgram } from './seccomp.js';
-import { removeStaleSocketDirectories, SpawnerClient } from './spawner-client.js';
+import type { LocalConfig } from '../../config/schema.js';
+import type { ExecutionEnvironmentSpec } from '../../dto/environment.js';
+import type { CgroupManager } from '../cgroups.js';
+import { SPAWNER_BINARY } from '../binaries.js';
+import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from '../id-ranges.js';
+import { Sandbox } from '../sandbox.js';
+import { seccompProgram } from '../seccomp.js';
+import { removeStaleSocketDirectories, SpawnerClient } from '../spawner-client.js';
 
 /* Told about sandboxes coming and going: a sandbox that ends on its own is a lost runner. */
 export interface SandboxDelegate {
