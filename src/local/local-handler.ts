@@ -9,13 +9,14 @@ import type { CgroupManager } from './cgroups.js';
 import { EnvironmentStore } from './environment-store.js';
 import { LocalRunner } from './local-runner.js';
 import { type AttachedNetwork, createRunnerNetworks, runnerNetworkOptions, type RunnerNetworks } from './network/index.js';
-import { SandboxProcessManager } from './processes/spawner-process-manager.js';
+import type { ProcessManager } from './processes/process-manager.js';
+import { SpawnerProcessManager } from './processes/spawner-process-manager.js';
 
 /* The last handler in the chain: runners are bubblewrap sandboxes on this host. */
 export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
   readonly name = 'local';
   readonly #store: EnvironmentStore;
-  readonly #processes: SandboxProcessManager;
+  readonly #processes: ProcessManager;
   /* The private network of runners with networkAccess; set up at load, removed at shutdown. */
   #networks: Promise<RunnerNetworks> | undefined;
 
@@ -27,7 +28,7 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
   ) {
     super(logger.child({ backend: 'local' }), refillConcurrency);
     this.#store = new EnvironmentStore(config.statedir);
-    this.#processes = new SandboxProcessManager(config, cgroups, this.logger, ensureAgentBuilt(), {
+    this.#processes = new SpawnerProcessManager(config, cgroups, this.logger, ensureAgentBuilt(), {
       sandboxReady: (runnerId) => this.logger.info({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'runner ready'),
       sandboxExited: (runnerId) => {
         // A runner destroyed on purpose has left its pool already; only a lost one is still there.

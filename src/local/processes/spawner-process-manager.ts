@@ -9,20 +9,12 @@ import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from '../id-ranges.j
 import { Sandbox } from '../sandbox.js';
 import { seccompProgram } from '../seccomp.js';
 import { removeStaleSocketDirectories, SpawnerClient } from '../spawner-client.js';
-
-/* Told about sandboxes coming and going: a sandbox that ends on its own is a lost runner. */
-export interface SandboxDelegate {
-  sandboxReady(id: string): void;
-  sandboxExited(id: string): void;
-}
+import type { ProcessDelegate, ProcessManager } from './process-manager.js';
 
 const MEGABYTE = 1024 * 1024;
 
-/*
- * Starts and tracks live sandboxes (after Nex's process manager): each is prepared before any
- * workload arrives, so handing one out costs nothing.
- */
-export class SandboxProcessManager {
+/* Bubblewrap sandboxes forked by the spawner, each in its own cgroup and user namespace id range. */
+export class SpawnerProcessManager implements ProcessManager {
   readonly #sandboxes = new Map<string, Sandbox>();
   #lameDuck = false;
   /* Forks the sandboxes, so that the daemon does not fork itself for each one. */
@@ -37,7 +29,7 @@ export class SandboxProcessManager {
     private readonly cgroups: CgroupManager,
     private readonly logger: Logger,
     private readonly agentBinary: string,
-    private readonly delegate: SandboxDelegate,
+    private readonly delegate: ProcessDelegate,
     spawnerBinary: string = SPAWNER_BINARY,
   ) {
     this.#spawner = new SpawnerClient(spawnerBinary, (message) => this.logger.error(message), agentBinary);
@@ -53,15 +45,6 @@ export class SandboxProcessManager {
     });
   }
 
-  list(): string[] {
-    return [...this.#sandboxes.keys()];
-  }
-
-  lookup(id: string): Sandbox | undefined {
-    return this.#sandboxes.get(id);
-  }
-
-  /* Builds a live sandbox for an environment: cgroup with its limits, namespaces, file systems. */
   async prepare(id: string, spec: ExecutionEnvironmentSpec): Promise<Sandbox> {
     if (this.#lameDuck) throw new Error('the sandbox manager is shutting down');
     // 0 is "not set", never unlimited: such environments get the configured defaults.
@@ -108,7 +91,6 @@ export class SandboxProcessManager {
     await this.#sandboxes.get(id)?.destroy();
   }
 
-  /* No new sandboxes from now on; running ones keep serving until stopped. */
   enterLameDuck(): void {
     this.#lameDuck = true;
   }
