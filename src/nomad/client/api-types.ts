@@ -180,16 +180,6 @@ export const evaluationSchema = z.looseObject({
 });
 export type Evaluation = z.infer<typeof evaluationSchema>;
 
-export const nodeSchema = z.looseObject({
-  ID: z.string(),
-  Name: z.string().nullish(),
-  Status: z.string(),
-  HTTPAddr: z.string().nullish(),
-  TLSEnabled: z.boolean().nullish(),
-  Datacenter: z.string().nullish(),
-});
-export type NomadNode = z.infer<typeof nodeSchema>;
-
 /*
  * Event payloads are parsed per topic; an event of a topic we did not ask for (or a payload
  * shape we do not know) is kept as `unknown` instead of failing the whole batch.

@@ -51,7 +51,6 @@ export class EventStreamSubscription {
   private lastProcessedIndex: number;
   /* True once lastProcessedIndex is the index of a batch we actually received (so re-delivery is expected). */
   private cursorIsBatch = false;
-  private connectedNow = false;
 
   constructor(
     private readonly http: NomadHttp,
@@ -62,14 +61,6 @@ export class EventStreamSubscription {
     this.done = this.run().catch((error: unknown) => {
       this.logger.error({ err: error }, 'Nomad event stream loop crashed');
     });
-  }
-
-  get lastIndex(): number {
-    return this.lastProcessedIndex;
-  }
-
-  get connected(): boolean {
-    return this.connectedNow;
   }
 
   async stop(): Promise<void> {
@@ -91,14 +82,12 @@ export class EventStreamSubscription {
           this.options.idleTimeoutMs ?? 90_000,
           this.abort.signal,
         );
-        this.connectedNow = true;
         this.safely(() => this.options.onConnected?.());
         await this.consume(body, () => {
           receivedAnything = true;
         });
         throw unreachable('GET /v1/event/stream', new Error('event stream ended'));
       } catch (error) {
-        this.connectedNow = false;
         if (this.abort.signal.aborted) break;
         const nomadError = error instanceof NomadError ? error : unreachable('GET /v1/event/stream', error);
         this.logger.warn({ err: nomadError, delay }, 'Nomad event stream lost, reconnecting');
@@ -108,7 +97,6 @@ export class EventStreamSubscription {
         delay = Math.min(maxDelay, delay * 2);
       }
     }
-    this.connectedNow = false;
   }
 
   private async consume(body: Readable, onLine: () => void): Promise<void> {

@@ -1,22 +1,17 @@
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import { z } from 'zod';
 import type { NomadConfig } from '../../config/schema.js';
 import {
   allocationListStubSchema,
   allocationSchema,
-  evaluationSchema,
   jobDeregisterResponseSchema,
   jobListStubSchema,
   jobRegisterResponseSchema,
   jobSchema,
-  nodeSchema,
   type Allocation,
   type AllocationListStub,
-  type Evaluation,
   type JobListStub,
   type NomadJob,
-  type NomadNode,
 } from './api-types.js';
 import { NomadError } from './errors.js';
 import { EventStreamSubscription, type EventStreamOptions } from './event-stream.js';
@@ -34,7 +29,6 @@ export interface RegisterResult {
   readonly jobModifyIndex: number | undefined;
 }
 
-const terminalEvaluationStatuses = new Set(['complete', 'failed', 'canceled']);
 
 /*
  * The daemon's only door to Nomad: typed calls for the handful of endpoints Poseidon uses. Every
@@ -51,10 +45,6 @@ export class ExecutorApi {
     options: ExecutorApiOptions = {},
   ) {
     this.http = new NomadHttp(config, logger, { ...defaultRetryPolicy, ...options.retry });
-  }
-
-  get namespace(): string {
-    return this.config.namespace;
   }
 
   async registerJob(job: NomadJob): Promise<RegisterResult> {
@@ -96,53 +86,12 @@ export class ExecutorApi {
     return allocations.sort((a, b) => (b.CreateIndex ?? 0) - (a.CreateIndex ?? 0));
   }
 
-  async listAllocations(): Promise<AllocationListStub[]> {
-    return this.http.call('GET', '/v1/allocations', { schema: z.array(allocationListStubSchema), idempotent: true });
-  }
-
   async getAllocation(allocationId: string): Promise<Allocation | undefined> {
     return this.http.call('GET', `/v1/allocation/${encodeURIComponent(allocationId)}`, {
       schema: allocationSchema,
       idempotent: true,
       notFoundIsUndefined: true,
     });
-  }
-
-  async getEvaluation(evaluationId: string): Promise<Evaluation | undefined> {
-    return this.http.call('GET', `/v1/evaluation/${encodeURIComponent(evaluationId)}`, {
-      schema: evaluationSchema,
-      idempotent: true,
-      notFoundIsUndefined: true,
-    });
-  }
-
-  async getNode(nodeId: string): Promise<NomadNode | undefined> {
-    return this.http.call('GET', `/v1/node/${encodeURIComponent(nodeId)}`, { schema: nodeSchema, idempotent: true, notFoundIsUndefined: true });
-  }
-
-  /*
-   * Waits until an evaluation is terminal and fails unless it placed everything. Poseidon waits for
-   * this through the event stream; polling keeps this helper independent of a running subscription.
-   */
-  async waitForEvaluation(evaluationId: string, options: { timeoutMs?: number; pollMs?: number } = {}): Promise<Evaluation> {
-    const deadline = Date.now() + (options.timeoutMs ?? 10_000);
-    for (;;) {
-      const evaluation = await this.getEvaluation(evaluationId);
-      if (evaluation !== undefined && terminalEvaluationStatuses.has(evaluation.Status)) {
-        const failed = Object.keys(evaluation.FailedTGAllocs ?? {});
-        if (evaluation.Status === 'complete' && failed.length === 0) return evaluation;
-        const blocked = evaluation.BlockedEval ? `; the rest waits for capacity in evaluation ${evaluation.BlockedEval}` : '';
-        throw new NomadError(
-          'NOMAD_INTERNAL_SERVER_ERROR',
-          `Nomad evaluation ${evaluationId} ended ${evaluation.Status}${failed.length > 0 ? ` without placing ${failed.join(', ')}` : ''}${blocked}`,
-          { operation: 'evaluation' },
-        );
-      }
-      if (Date.now() >= deadline) {
-        throw new NomadError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad evaluation ${evaluationId} did not finish in time`, { operation: 'evaluation' });
-      }
-      await sleep(options.pollMs ?? 100);
-    }
   }
 
   /* Runs argv (no shell is added) in a task of an allocation; resolves with its exit code. */
