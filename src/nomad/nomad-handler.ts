@@ -1,16 +1,16 @@
-import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
 import type { NomadConfig } from '../config/schema.js';
-import { executionEnvironmentSchema, type ExecutionEnvironmentSpec } from '../dto/environment.js';
+import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { ExecutionEnvironment, type RunnerFactory } from '../environment/execution-environment.js';
 import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
 import type { PutOutcome } from '../runner/accessor-handler.js';
 import { BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
 import { newRunnerId } from '../runner/runner-id.js';
-import type { Allocation, AllocationListStub, EventBatch, NomadJob } from './client/api-types.js';
+import type { Allocation, EventBatch, NomadJob } from './client/api-types.js';
 import type { EventStreamSubscription } from './client/event-stream.js';
 import { ExecutorApi, type ExecutorApiOptions } from './client/executor-api.js';
+import { domainErrorOf } from './failures.js';
 import {
   buildTemplateJob,
   configGroupName,
@@ -20,16 +20,12 @@ import {
   isTemplateJobId,
   loadBaseTemplate,
   readRunnerUsage,
-  readTemplateEnvironment,
   templateJobId,
   templateJobPrefix,
   withRunnerUsage,
 } from './job-template.js';
-import { domainErrorOf } from './failures.js';
 import { NomadRunner } from './nomad-runner.js';
-
-/* The environment as CodeOcean sent it, kept in the template's config-group meta for an exact round trip. */
-export const metaEnvironmentSpec = 'environmentSpec';
+import { isRunning, metaEnvironmentSpec, ReconciliationLoop, restartsOf, specOfTemplate } from './reconciliation.js';
 
 /* Poseidon's fallback when a used runner's meta lacks its timeout. */
 const DEFAULT_USED_TIMEOUT_SECONDS = 60;
@@ -66,10 +62,9 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   /* Environments PUT while a resync runs: the resync's older job list must not delete them. */
   readonly #putDuringResync = new Set<number>();
   readonly #readinessTimeoutMs: number;
+  readonly #reconciliation: ReconciliationLoop;
   readonly #refillConcurrency: number;
   #subscription: EventStreamSubscription | undefined;
-  #resyncing: Promise<void> | undefined;
-  #resyncAgain = false;
   #everConnected = false;
   #closed = false;
 
@@ -84,6 +79,10 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
     this.#refillConcurrency = refillConcurrency;
+    this.#reconciliation = new ReconciliationLoop(() => this.#reconcile(), this.logger, {
+      summary: () => ({ environments: this.environmentsById.size }),
+      onIdle: () => this.#putDuringResync.clear(),
+    });
   }
 
   /* With Nomad enabled every new environment lives in Nomad; local keeps only those it already stored. */
@@ -108,7 +107,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   // ---- environments ------------------------------------------------------------------------
 
   protected override async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
-    if (this.#resyncing !== undefined) this.#putDuringResync.add(spec.id);
+    if (this.#reconciliation.running) this.#putDuringResync.add(spec.id);
     return super.putOwnEnvironment(spec);
   }
 
@@ -307,50 +306,15 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     // Subscribe first, so that nothing happening during the initial load goes unseen.
     this.#subscription ??= this.#api.subscribeEvents({
       onEvents: (batch) => this.#onEvents(batch),
-      onGap: () => this.#resync('event gap'),
+      onGap: () => this.#reconciliation.request('event gap'),
       onConnected: () => {
         // Poseidon reloads after every lost stream; a reconnect may have missed events between buffers.
-        if (this.#everConnected) void this.#resync('event stream reconnected');
+        if (this.#everConnected) void this.#reconciliation.request('event stream reconnected');
         this.#everConnected = true;
       },
     });
     // The daemon starts after the first attempt even when Nomad is down; later attempts run in the background.
-    await new Promise<void>((resolve) => void this.#resync('start', resolve));
-  }
-
-  /* One reconciliation at a time; a request during one runs another afterwards. Retries until it succeeds. */
-  #resync(reason: string, onFirstAttempt?: () => void): Promise<void> {
-    if (this.#resyncing !== undefined) {
-      this.#resyncAgain = true;
-      onFirstAttempt?.();
-      return this.#resyncing;
-    }
-    const run = async (): Promise<void> => {
-      let attempt = 0;
-      do {
-        this.#resyncAgain = false;
-        try {
-          await this.#reconcile();
-          attempt = 0;
-          this.logger.info({ reason, environments: this.environmentsById.size }, 'Nomad state loaded');
-          onFirstAttempt?.();
-        } catch (error) {
-          onFirstAttempt?.();
-          attempt += 1;
-          const delay = Math.min(30_000, 500 * 2 ** Math.min(attempt, 6));
-          this.logger.error({ err: error, reason, retryInMs: delay }, 'loading state from Nomad failed');
-          if (this.#closed) return;
-          await sleep(delay, undefined, { ref: false });
-          this.#resyncAgain = true;
-        }
-      } while (this.#resyncAgain && !this.#closed);
-    };
-    const promise = run().finally(() => {
-      this.#resyncing = undefined;
-      this.#putDuringResync.clear();
-    });
-    this.#resyncing = promise;
-    return promise;
+    await new Promise<void>((resolve) => void this.#reconciliation.request('start', resolve));
   }
 
   /* Makes the in-memory environments and runners match Nomad's jobs, without double-counting. */
@@ -440,32 +404,9 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   /* Runners and jobs stay in Nomad, so that the next start recovers them with the same ids. */
   protected override async shutdownOwn(): Promise<void> {
     this.#closed = true;
+    this.#reconciliation.close();
     for (const waiter of [...this.#waiters.values()]) waiter.reject(new BackendError('daemon shutting down'));
     this.environmentsById.clear();
     await this.#api.close();
   }
-
-}
-
-function isRunning(allocation: Allocation | AllocationListStub): boolean {
-  return allocation.ClientStatus === 'running' && allocation.DesiredStatus === 'run';
-}
-
-function restartsOf(allocation: Allocation): number {
-  return allocation.TaskStates?.[defaultTaskName]?.Restarts ?? 0;
-}
-
-/* The spec CodeOcean sent (from meta), else what the template job itself says. */
-function specOfTemplate(job: NomadJob): ExecutionEnvironmentSpec | undefined {
-  const stored = job.TaskGroups?.find((group) => group.Name === configGroupName)?.Meta?.[metaEnvironmentSpec];
-  if (stored !== undefined) {
-    try {
-      const parsed = executionEnvironmentSchema.safeParse(JSON.parse(stored));
-      if (parsed.success && templateJobId(parsed.data.id) === job.ID) return parsed.data;
-    } catch {
-      // Not JSON: fall back to the job's own settings below.
-    }
-  }
-  const environment = readTemplateEnvironment(job);
-  return environment === undefined ? undefined : { ...environment, exposedPorts: [...environment.exposedPorts] };
 }
