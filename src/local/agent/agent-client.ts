@@ -16,7 +16,7 @@ import {
 
 /*
  * Client of the in-sandbox agent (agent/poseidon-agent.c): one per sandbox, over the agent's stdin
- * (requests) and stdout (events). The wire format is documented in ./frames.ts.
+ * (requests) and stdout (events). The wire format is documented in ../frames.ts.
  *
  * Backpressure is per operation: pauseOutput() asks the agent to stop reading that execution's
  * pipes (its process then blocks on a full pipe), and a read() stream pauses its file the same
