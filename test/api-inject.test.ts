@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { after, before, beforeEach, describe, test } from 'node:test';
 import type { FastifyInstance, InjectOptions } from 'fastify';
-import { BadRequestError } from '../src/runner/errors.js';
+import { ERROR_ANSWERS } from '../src/api/errors.js';
+import { DomainError, type ErrorKind, WorkspaceUpdateError } from '../src/runner/errors.js';
 import { buildInjectApp, type FakeManager, unreachable } from './support/api-fakes.js';
 import { assertErrorBody, assertMatchesOwnDocument, type HttpMethod, type Json } from './support/contract.js';
 
@@ -192,6 +193,16 @@ describe('execution environments', () => {
     assert.equal(bug.status, 500);
     assert.deepEqual(bug.body, { message: 'internal error; see the daemon log', errorCode: 'UNKNOWN' });
   });
+
+  // Straight through app.inject: a PUT documents only the statuses a backend gives it, not all of them.
+  test('every domain error kind answers the status and errorCode of the table in src/api/errors.ts, with its message', async () => {
+    for (const [kind, answer] of Object.entries(ERROR_ANSWERS) as [ErrorKind, (typeof ERROR_ANSWERS)[ErrorKind]][]) {
+      manager.failure = new DomainError(kind, `failed as ${kind}`);
+      const response = await app.inject({ method: 'PUT', url: '/api/v1/execution-environments/7', headers: { 'poseidon-token': TOKEN }, payload: SPEC });
+      assert.equal(response.statusCode, answer.statusCode, kind);
+      assert.deepEqual(response.json(), { message: `failed as ${kind}`, errorCode: answer.errorCode }, kind);
+    }
+  });
 });
 
 describe('runners', () => {
@@ -251,7 +262,7 @@ describe('runners', () => {
     for (const payload of [{ copy: 'main.py' }, { copy: [{ content: 'eA==' }] }, { delete: [5] }, { copy: [{ path: 'a', content: '%%%' }] }]) {
       assert.equal((await call('PATCH', '/runners/{runnerId}/files', { runnerId }, { payload })).status, 400, JSON.stringify(payload));
     }
-    runner.failFiles = new BadRequestError('updating files failed: read-only');
+    runner.failFiles = new WorkspaceUpdateError('updating files failed: read-only');
     assert.equal((await call('PATCH', '/runners/{runnerId}/files', { runnerId }, { payload: { copy: [] } })).status, 400);
   });
 
