@@ -37,6 +37,8 @@ export interface NomadHandlerOptions {
   /* How long a new runner may take from registration to a running allocation. */
   readonly readinessTimeoutMs?: number;
   readonly api?: ExecutorApiOptions;
+  /* server.interactivestderr: stderr apart from the executions' terminal, through a FIFO (default). */
+  readonly interactiveStderr?: boolean;
 }
 
 interface Waiter {
@@ -73,6 +75,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   readonly #putDuringResync = new Set<number>();
   readonly #readinessTimeoutMs: number;
   readonly #refillConcurrency: number;
+  readonly #interactiveStderr: boolean;
   #subscription: EventStreamSubscription | undefined;
   #resyncing: Promise<void> | undefined;
   #resyncAgain = false;
@@ -90,6 +93,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
     this.#refillConcurrency = refillConcurrency;
+    this.#interactiveStderr = options.interactiveStderr ?? true;
   }
 
   /* With Nomad enabled every new environment lives in Nomad; local keeps only those it already stored. */
@@ -245,6 +249,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
       this.#api,
       this.logger,
       (gone, reason) => this.#lose(gone, reason),
+      this.#interactiveStderr,
     );
     this.#byAllocation.set(allocation.ID, runner);
     return runner;
