@@ -15,7 +15,13 @@
  *                flags bit0 = privileged. Privileged keeps only KEPT_CAPS (needs uid 0: a non-zero uid
  *                loses every capability, as the kernel does on setuid). Answered by events below, or
  *                RESULT(status != 0) if it could not be started.
- *   0x02 STDIN   raw data for the execution's stdin; empty payload closes it.
+ *                flags bit2 = tty: stdin and stdout are a pseudo-terminal (80x24), the controlling
+ *                terminal of the execution's session, as Poseidon's executions get from Docker's
+ *                exec with a TTY; its output comes as STDOUT. stderr stays a pipe whose "\n" the
+ *                agent sends as "\r\n" (Poseidon reads it from a FIFO through a second TTY exec),
+ *                unless flags bit3 = tty stderr puts stderr on the terminal too.
+ *   0x02 STDIN   raw data for the execution's stdin; empty payload closes it (on a terminal: the
+ *                terminal's EOF character, ^D, is written instead, which ends a read at line start).
  *   0x03 KILL    (empty) SIGKILL to the execution's process group; for a READ, cancels it (RESULT ECANCELED).
  *   0x04 FILES   u32 ndelete | ndelete*str | u32 ncopy | ncopy*(u8 isDirectory | str path | bytes content)
  *                -> RESULT. Deletes first (the entry "./" "*" = every non-dot entry of /workspace), then copies.
@@ -33,7 +39,7 @@
  *                processes holding the pipes) is read and dropped; no more events for that id.
  *
  * EVENTS (agent -> daemon)
- *   0x80 READY          u32 protocol version (2); id 0; sent once at start
+ *   0x80 READY          u32 protocol version (3); id 0; sent once at start
  *   0x81 STDOUT         raw data
  *   0x82 STDERR         raw data
  *   0x83 EXIT           u32 code: exit status, or 128 + signal number
@@ -67,6 +73,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/fsuid.h>
+#include <sys/ioctl.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
@@ -74,6 +81,7 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include "frame-reader.h"
@@ -82,8 +90,12 @@ enum { REQ_EXEC = 1, REQ_STDIN, REQ_KILL, REQ_FILES, REQ_LIST, REQ_READ, REQ_PAU
 enum { EV_READY = 0x80, EV_STDOUT, EV_STDERR, EV_EXIT, EV_OUTPUT_CLOSED, EV_RESULT, EV_LISTING, EV_FILE_SIZE, EV_DATA };
 #define FLAG_PRIVILEGED 1u
 #define FLAG_RECURSIVE 2u
+#define FLAG_TTY 4u
+#define FLAG_TTY_STDERR 8u
+#define TTY_ROWS 24
+#define TTY_COLS 80
 
-#define PROTOCOL_VERSION 2u
+#define PROTOCOL_VERSION 3u
 #define MAX_FRAME (1u << 30)   /* a FILES request carries whole submissions, but not more than this */
 #define STDIN_CAP (1u << 20)   /* stdin buffered for a child that does not read; the excess is dropped */
 #define CHUNK 65536            /* one read of output or file data, one event */
@@ -104,6 +116,9 @@ struct exec {
 	int in_close;               /* close stdin once in_buf is written */
 	int exited, closed_sent, paused, done;
 	int discard;                /* DISCARD: output is read and dropped, no more events */
+	int tty;                    /* in_fd is a duplicate of the terminal's master, out_fd the master */
+	int err_crlf;               /* stderr pipe of a tty execution: "\n" goes out as "\r\n" */
+	uint8_t veof;               /* the terminal's EOF character, written when stdin is closed */
 };
 
 struct reader {
@@ -264,6 +279,7 @@ static void check_finished(struct exec *e)
 	}
 	if (e->exited && e->closed_sent) {
 		e->done = 1;
+
 		close_fd(&e->in_fd);
 	}
 }
@@ -287,12 +303,56 @@ static void sweep(void)
 
 /* ---------- executions ---------- */
 
+/*
+ * A terminal's master hands out at most what its line discipline buffers (4 KiB, often less) per
+ * read: it is read until CHUNK is full or nothing is left, so a fast writer costs the daemon one
+ * event per 64 KiB where it can, as with a pipe. A master whose slave is closed everywhere (or hung
+ * up as the session leader exited) answers EIO: that is its EOF.
+ */
+static int forward_terminal(struct exec *e)
+{
+	static char buf[CHUNK];
+	size_t got = 0;
+	int open = 1;
+	while (got < sizeof buf) {
+		ssize_t n = read(e->out_fd, buf + got, sizeof buf - got);
+		if (n > 0) { got += (size_t)n; continue; }
+		if (n < 0 && errno == EINTR) continue;
+		if (n == 0 || errno != EAGAIN) open = 0;
+		break;
+	}
+	if (got > 0 && !e->discard) send_event(EV_STDOUT, e->id, buf, got);
+	if (!open) {
+		close_fd(&e->out_fd);
+		check_finished(e);
+		return 0;
+	}
+	return got > 0;
+}
+
 /* Reads one chunk of a child's stdout or stderr; EOF closes our end. */
 static int forward_output(struct exec *e, int *fd, uint8_t type)
 {
 	static char buf[CHUNK];
+	static char crlf[2 * CHUNK];
+	if (e->tty && fd == &e->out_fd) return forward_terminal(e);
 	ssize_t n = read(*fd, buf, sizeof buf);
-	if (n > 0) { if (!e->discard) send_event(type, e->id, buf, (size_t)n); return 1; }
+	if (n > 0) {
+		if (e->discard) return 1;
+		if (type == EV_STDERR && e->err_crlf) {
+			/* What a terminal's ONLCR does, so stderr ends lines as stdout does (Poseidon's stderr
+			 * comes through a TTY too); such an event may carry up to 2 * CHUNK bytes. */
+			size_t m = 0;
+			for (ssize_t i = 0; i < n; i++) {
+				if (buf[i] == '\n') crlf[m++] = '\r';
+				crlf[m++] = buf[i];
+			}
+			send_event(type, e->id, crlf, m);
+		} else {
+			send_event(type, e->id, buf, (size_t)n);
+		}
+		return 1;
+	}
 	if (n < 0 && (errno == EAGAIN || errno == EINTR)) return 0;
 	close_fd(fd);
 	check_finished(e);
@@ -321,7 +381,16 @@ static void handle_stdin(uint32_t id, const uint8_t *data, size_t len)
 {
 	struct exec *e = find_exec(id);
 	if (!e || e->in_fd < 0) return; /* already closed or over: like writing to a closed pipe */
-	if (len == 0) {
+	if (len == 0 && e->tty) {
+		/* A terminal has no end of its own: its EOF character makes the reader's read() return
+		 * what the line holds, or 0 (EOF) at the start of a line. Then stdin takes no more. */
+		if (e->in_len < STDIN_CAP) {
+			if (!e->in_buf) e->in_buf = malloc(STDIN_CAP);
+			if (!e->in_buf) kill_all_and_exit(3);
+			e->in_buf[e->in_len++] = (char)e->veof;
+		}
+		e->in_close = 1;
+	} else if (len == 0) {
 		e->in_close = 1;
 	} else {
 		if (len > STDIN_CAP - e->in_len) len = STDIN_CAP - e->in_len;
@@ -397,7 +466,7 @@ static void exec_search(char **argv, char **envp)
 	errno = denied ? EACCES : ENOENT;
 }
 
-static _Noreturn void child_main(int in, int out, int err, int privileged, uid_t uid, gid_t gid, const char *cwd, char **argv, char **envp)
+static _Noreturn void child_main(int in, int out, int err, int tty, int privileged, uid_t uid, gid_t gid, const char *cwd, char **argv, char **envp)
 {
 	const char *step = NULL;
 	sigset_t none;
@@ -406,6 +475,10 @@ static _Noreturn void child_main(int in, int out, int err, int privileged, uid_t
 	for (int sig = 1; sig < NSIG; sig++) signal(sig, SIG_DFL); /* SIGPIPE is ignored in the agent */
 	/* A session and process group of its own: KILL reaches the whole tree of this execution. */
 	setsid();
+	/* The terminal becomes the session's controlling terminal: ^C, ^\\ and ^Z signal its foreground
+	 * process group, /dev/tty works, and the session leader's exit hangs it up, as in a container.
+	 * Done as root, before the privileges are dropped; the slave was opened by the agent. */
+	if (tty && ioctl(in, TIOCSCTTY, 0) < 0) { step = "make the terminal the controlling one"; goto fail; }
 	if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) _exit(127);
 	if (syscall(SYS_close_range, 3u, ~0u, 0u) < 0)
 		for (int fd = 3; fd < 65536; fd++) close(fd);
@@ -441,31 +514,71 @@ static void handle_exec(uint32_t id, struct cursor *c)
 	char **envp = calloc((c->bad ? 0 : envc) + 1, sizeof *envp);
 	for (uint32_t i = 0; !c->bad && i < envc; i++) envp[i] = get_str(c);
 	int pipes[3][2] = { { -1, -1 }, { -1, -1 }, { -1, -1 } };
+	int master = -1, slave = -1, master_in = -1;
+	int tty = (flags & FLAG_TTY) != 0, tty_stderr = tty && (flags & FLAG_TTY_STDERR);
+	uint8_t veof = 4; /* ^D, what a new terminal has */
 
 	if (!argv || !envp) kill_all_and_exit(3);
 	if (c->bad || c->n != 0 || argc == 0) { send_result(id, EINVAL, "malformed EXEC request"); goto out; }
 	if (find_exec(id) || find_reader(id)) { send_result(id, EEXIST, "id %u is in use", id); goto out; }
-	for (int i = 0; i < 3; i++)
+	if (tty) {
+		/*
+		 * The sandbox's own devpts instance (bwrap --dev): /dev/ptmx -> pts/ptmx. TIOCGPTPEER opens
+		 * the slave through the master, never by a path under /dev/pts that learner code could
+		 * have replaced. Opened here, as root, so the learner's uid needs no access to open it;
+		 * it is still handed to the learner (as login does), so that its programs may reopen it.
+		 */
+		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+		if (master < 0 || unlockpt(master) < 0 || (slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
+			send_result(id, (uint32_t)errno, "cannot create a terminal: %s", strerror(errno));
+			goto out;
+		}
+		struct winsize size = { .ws_row = TTY_ROWS, .ws_col = TTY_COLS };
+		struct termios termios;
+		if (ioctl(master, TIOCSWINSZ, &size) < 0 || tcgetattr(slave, &termios) < 0
+		    || (!(flags & FLAG_PRIVILEGED) && fchown(slave, uid, gid) < 0) || fchmod(slave, 0620) < 0
+		    || (master_in = fcntl(master, F_DUPFD_CLOEXEC, 3)) < 0) {
+			send_result(id, (uint32_t)errno, "cannot set up the terminal: %s", strerror(errno));
+			goto out;
+		}
+		veof = termios.c_cc[VEOF];
+	}
+	for (int i = tty ? 2 : 0; i < (tty_stderr ? 2 : 3); i++)
 		if (pipe2(pipes[i], O_CLOEXEC) < 0) { send_result(id, (uint32_t)errno, "cannot create pipes: %s", strerror(errno)); goto out; }
 	pid_t pid = fork();
 	if (pid < 0) { send_result(id, (uint32_t)errno, "cannot start the command: %s", strerror(errno)); goto out; }
-	if (pid == 0) child_main(pipes[0][0], pipes[1][1], pipes[2][1], flags & FLAG_PRIVILEGED, uid, gid, cwd, argv, envp);
+	if (pid == 0) {
+		if (tty) child_main(slave, slave, tty_stderr ? slave : pipes[2][1], 1, flags & FLAG_PRIVILEGED, uid, gid, cwd, argv, envp);
+		child_main(pipes[0][0], pipes[1][1], pipes[2][1], 0, flags & FLAG_PRIVILEGED, uid, gid, cwd, argv, envp);
+	}
 
 	struct exec *e = calloc(1, sizeof *e);
 	if (!e) kill_all_and_exit(3);
 	e->id = id;
 	e->pid = pid;
-	e->in_fd = pipes[0][1]; pipes[0][1] = -1;
-	e->out_fd = pipes[1][0]; pipes[1][0] = -1;
+	e->tty = tty;
+	e->err_crlf = tty && !tty_stderr;
+	e->veof = veof;
+	if (tty) {
+		/* Our slave closes below, so that the child's last close (or the hangup) ends the output. */
+		e->in_fd = master_in; master_in = -1;
+		e->out_fd = master; master = -1;
+	} else {
+		e->in_fd = pipes[0][1]; pipes[0][1] = -1;
+		e->out_fd = pipes[1][0]; pipes[1][0] = -1;
+	}
 	e->err_fd = pipes[2][0]; pipes[2][0] = -1;
 	/* Never block on one child: its pipes are non-blocking and only touched when poll says so. */
 	fcntl(e->in_fd, F_SETFL, O_NONBLOCK);
 	fcntl(e->out_fd, F_SETFL, O_NONBLOCK);
-	fcntl(e->err_fd, F_SETFL, O_NONBLOCK);
+	if (e->err_fd >= 0) fcntl(e->err_fd, F_SETFL, O_NONBLOCK);
 	execs = grow(execs, nexecs);
 	execs[nexecs++] = e;
 out:
 	for (int i = 0; i < 3; i++) { close_fd(&pipes[i][0]); close_fd(&pipes[i][1]); }
+	close_fd(&master);
+	close_fd(&slave);
+	close_fd(&master_in);
 	free(cwd);
 	for (uint32_t i = 0; argv && argv[i]; i++) free(argv[i]);
 	for (uint32_t i = 0; envp && envp[i]; i++) free(envp[i]);

@@ -4,6 +4,7 @@ import { after, before, describe, test } from 'node:test';
 import { AgentRequestError, type AgentClient, type AgentExecOptions } from '../src/local/agent/agent-client.js';
 import { EventType, encodeFrame, FrameParser } from '../src/local/frames.js';
 import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
+import { seccompProgram } from '../src/local/seccomp.js';
 import type { FileHeader } from '../src/dto/runner.js';
 import { parseFindOutput } from '../src/runner/workspace-files.js';
 
@@ -311,5 +312,85 @@ describe('agent lifetime', () => {
     } finally {
       sandbox.child.kill('SIGKILL');
     }
+  });
+});
+
+/*
+ * Executions with a terminal (EXEC flag tty), as the daemon runs every learner execution: in a
+ * sandbox under the seccomp filter, so opening /dev/ptmx, TIOCGPTPEER and TIOCSCTTY are shown to
+ * pass it, and as the learner's uid, who must be able to use (and reopen) the slave.
+ */
+describe('sandbox agent: terminal executions', () => {
+  let sandbox: AgentSandbox;
+  let client: AgentClient;
+  const LEARNER: AgentExecOptions = { env: { ...ENV, TERM: 'xterm' }, privileged: false, uid: 1000, gid: 1000, tty: { stderr: 'pipe' } };
+  before(async () => {
+    sandbox = await startAgentSandbox([], { seccomp: seccompProgram() });
+    client = sandbox.client;
+  });
+  after(async () => {
+    await sandbox?.stop();
+  });
+
+  test('stdin and stdout are the controlling terminal, 80x24, owned by the learner; stderr is a pipe', async () => {
+    const script = 'test -t 0 && test -t 1 && ! test -t 2 && echo tty; stat -c %u:%a "$(tty)"; stty size; echo x > /dev/tty; ps -o tty= -p $$';
+    const result = await run(client, script, LEARNER);
+    assert.deepEqual(result, { exitCode: 0, stdout: 'tty\r\n1000:620\r\n24 80\r\nx\r\npts/0\r\n', stderr: '' });
+  });
+
+  test('echo, \\r\\n and line discipline are the terminal\'s; stderr lines end in \\r\\n too', async () => {
+    let stdout = '';
+    let stderr = '';
+    const execution = client.exec(['/bin/sh', '-c', 'printf "name? "; read name; echo "hi $name"; echo "oops" >&2'], LEARNER, {
+      onStdout: (chunk) => (stdout += chunk.toString()),
+      onStderr: (chunk) => (stderr += chunk.toString()),
+    });
+    while (!stdout.includes('name? ')) await new Promise((resolve) => setTimeout(resolve, 5));
+    execution.writeStdin(Buffer.from('ab\x7fc\n')); // DEL is the terminal's erase character
+    assert.equal((await execution.result).exitCode, 0);
+    assert.equal(stdout, 'name? ab\b \bc\r\nhi ac\r\n');
+    assert.equal(stderr, 'oops\r\n');
+  });
+
+  test('stderr on the terminal when asked', async () => {
+    const result = await run(client, 'echo out; echo err >&2', { ...LEARNER, tty: { stderr: 'terminal' } });
+    assert.deepEqual(result, { exitCode: 0, stdout: 'out\r\nerr\r\n', stderr: '' });
+  });
+
+  test('closing stdin types ^D: EOF for a reader at the start of a line', async () => {
+    const result = await run(client, 'cat; echo "cat ended $?"', LEARNER, 'line\n');
+    assert.equal(result.stdout, 'line\r\nline\r\ncat ended 0\r\n');
+  });
+
+  test('the terminal\'s ^C and ^\\ signal the foreground process group', async () => {
+    let stdout = '';
+    const execution = client.exec(['/bin/sh', '-c', 'trap "echo quit; exit 3" QUIT; echo ready; while :; do sleep 0.05; done'], LEARNER, {
+      onStdout: (chunk) => (stdout += chunk.toString()),
+      onStderr: () => undefined,
+    });
+    while (!stdout.includes('ready')) await new Promise((resolve) => setTimeout(resolve, 5));
+    execution.writeStdin(Buffer.from([0x1c])); // Poseidon's way to stop an execution: SIGQUIT through the terminal
+    assert.equal((await execution.result).exitCode, 3);
+    assert.match(stdout, /quit/);
+  });
+
+  test('kill still ends the whole process tree', async () => {
+    let stdout = '';
+    const execution = client.exec(['/bin/sh', '-c', 'trap "" HUP; (trap "" HUP; sleep 100) & sleep 100 & echo started; wait'], LEARNER, {
+      onStdout: (chunk) => (stdout += chunk.toString()),
+      onStderr: () => undefined,
+    });
+    while (!stdout.includes('started')) await new Promise((resolve) => setTimeout(resolve, 5));
+    execution.kill();
+    assert.equal((await execution.result).exitCode, 137);
+    const left = await run(client, 'ps -eo comm= | grep -c "^sleep$" || true');
+    assert.equal(left.stdout.trim(), '0', 'every sleep was killed with the group');
+  });
+
+  test('binary output passes the terminal (with \\n as \\r\\n)', async () => {
+    const chunks: Buffer[] = [];
+    const execution = client.exec(['/bin/sh', '-c', 'printf "\\377\\376\\000A\\nB"'], LEARNER, { onStdout: (chunk) => chunks.push(chunk), onStderr: () => undefined });
+    await execution.result;
+    assert.deepEqual(Buffer.concat(chunks), Buffer.from([0xff, 0xfe, 0x00, 0x41, 0x0d, 0x0a, 0x42]));
   });
 });

@@ -87,18 +87,20 @@ describe('CodeOcean flow', () => {
 
     const ls = await client.run(runnerId, 'ls -A', { timeLimit: 10 });
     assert.equal(ls.exitCode, 0, ls.stderr);
-    const present = ls.stdout.split('\n').filter((line) => line.length > 0).sort();
+    // On a terminal ls prints columns, as in Poseidon.
+    const present = ls.stdout.split(/\s+/).filter((line) => line.length > 0).sort();
     assert.deepEqual(present, ['.dotfile', 'data', 'empty.txt', 'lib', 'main.py'], '`./*` must remove old files and directories but spare dotfiles');
 
     const python = await client.run(runnerId, 'python3 main.py', { stdin: ['alice\n'], timeLimit: 10 });
-    assert.equal(python.stdout.replace(/\r\n/g, '\n'), 'HELLO ALICE\n');
-    assert.equal(python.stderr.replace(/\r\n/g, '\n'), 'to stderr\n');
+    // The terminal echoes the typed input (CodeOcean stores input only through this echo) and ends lines in \r\n.
+    assert.equal(python.stdout, 'alice\r\nHELLO ALICE\r\n');
+    assert.equal(python.stderr, 'to stderr\r\n');
     assert.equal(python.exitCode, 3);
     assert.equal(python.messages.filter((m) => m.type === 'exit').length, 1, 'exactly one exit message');
 
     const sh = await client.run(runnerId, 'sh -c "read line; echo got:\\$line; echo oops >&2; exit 7"', { stdin: ['{"cmd":"result","data":"Bob"}\n'] });
-    assert.equal(sh.stdout.replace(/\r\n/g, '\n'), 'got:{"cmd":"result","data":"Bob"}\n', 'stdin frames must reach the process verbatim');
-    assert.equal(sh.stderr.replace(/\r\n/g, '\n'), 'oops\n');
+    assert.equal(sh.stdout, '{"cmd":"result","data":"Bob"}\r\ngot:{"cmd":"result","data":"Bob"}\r\n', 'stdin frames must reach the process verbatim (and be echoed)');
+    assert.equal(sh.stderr, 'oops\r\n');
     assert.equal(sh.exitCode, 7);
 
     // Files written by one execution are visible to the next, as in Poseidon.

@@ -42,7 +42,7 @@ test('environments are stored on disk and come back, with full pools, after a re
     await waitFor(() => idleRunners(client, 61), (idle) => idle === 2, 'the reloaded pool to fill');
     const runnerId = await client.claim(61);
     const result = await client.run(runnerId, 'echo back');
-    assert.equal(result.stdout, 'back\n');
+    assert.equal(result.stdout, 'back\r\n');
   } finally {
     await second.stop();
   }
@@ -55,10 +55,12 @@ test('files and background processes persist between executions; a client that l
   await client.putEnvironment(environmentSpec(63, { prewarmingPoolSize: 1 }));
   const runnerId = await client.claim(63);
 
-  const background = await client.run(runnerId, 'sleep 300 >/dev/null 2>&1 & echo $! > sleeper.pid; echo started');
+  // trap "" HUP: executions have a terminal, and its session leader's exit sends SIGHUP to the
+  // foreground process group, background jobs of `sh -c` included (as in Poseidon).
+  const background = await client.run(runnerId, 'trap "" HUP; sleep 300 >/dev/null 2>&1 & echo $! > sleeper.pid; echo started');
   assert.equal(background.exitCode, 0);
   const check = await client.run(runnerId, 'kill -0 "$(cat sleeper.pid)" && echo alive');
-  assert.equal(check.stdout, 'alive\n', 'a background process of an earlier execution is still running');
+  assert.equal(check.stdout, 'alive\r\n', 'a background process of an earlier execution is still running');
 
   const marker = `left-${randomUUID()}`;
   const url = await client.websocketUrl(runnerId, `sleep 300 # ${marker}`, 0);
@@ -121,7 +123,7 @@ test('with networkAccess, an exposed port is reachable at the reported mappedPor
   assert.match(mappedPorts[0]?.hostAddress ?? '', /^127\.0\.0\.1:\d+$/);
 
   await client.copySubmission(runnerId, { 'index.html': 'served from the runner\n' });
-  const started = await client.run(runnerId, `python3 -m http.server ${port} --bind 0.0.0.0 >/dev/null 2>&1 & echo started`);
+  const started = await client.run(runnerId, `trap "" HUP; python3 -m http.server ${port} --bind 0.0.0.0 >/dev/null 2>&1 & echo started`);
   assert.equal(started.exitCode, 0);
   const body = await waitFor(
     () => fetch(`http://${mappedPorts[0]?.hostAddress}/index.html`).then((response) => response.text(), () => ''),

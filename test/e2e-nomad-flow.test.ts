@@ -90,15 +90,17 @@ describe('CodeOcean flow on the Nomad backend', () => {
 
     const ls = await client.run(runnerId, 'ls -A', { timeLimit: 10 });
     assert.equal(ls.exitCode, 0, ls.stderr);
-    assert.deepEqual(ls.stdout.split('\n').filter((line) => line.length > 0).sort(), ['.dotfile', 'empty.txt', 'lib', 'main.sh']);
+    // On a terminal ls prints columns, as it does in Poseidon.
+    assert.deepEqual(ls.stdout.split(/\s+/).filter((line) => line.length > 0).sort(), ['.dotfile', 'empty.txt', 'lib', 'main.sh']);
 
     const sh = await client.run(runnerId, 'sh main.sh', { stdin: ['{"cmd":"result","data":"Bob"}\n'], timeLimit: 10 });
-    assert.equal(sh.stdout, 'hello {"cmd":"result","data":"Bob"}\n');
-    assert.equal(sh.stderr, 'oops\n');
+    // The terminal echoes the input and ends lines in \r\n; stderr comes through a TTY exec too.
+    assert.equal(sh.stdout, '{"cmd":"result","data":"Bob"}\r\nhello {"cmd":"result","data":"Bob"}\r\n');
+    assert.equal(sh.stderr, 'oops\r\n');
     assert.equal(sh.exitCode, 3);
 
     const env = await client.run(runnerId, 'echo "$CODEOCEAN:${NOMAD_ALLOC_ID:-unset}"');
-    assert.equal(env.stdout, 'true:unset\n', 'CODEOCEAN is set and Nomad variables are removed');
+    assert.equal(env.stdout, 'true:unset\r\n', 'CODEOCEAN is set and Nomad variables are removed');
 
     assert.equal((await client.run(runnerId, 'echo generated > out.txt')).exitCode, 0);
     const recursive = await client.listFiles(runnerId, { recursive: true });

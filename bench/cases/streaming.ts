@@ -1,4 +1,4 @@
-import { pipeRead, streamCommand } from '../lib/baselines.js';
+import { pipeRead, streamCommand, terminalBytes } from '../lib/baselines.js';
 import { environmentSpec, type ExecutionOutcome } from '../lib/client.js';
 import { fillPool, type BenchContext, type CaseResult } from '../lib/context.js';
 import { nowMs, round, timeSequential } from '../lib/stats.js';
@@ -22,9 +22,9 @@ export async function streamSingle(context: BenchContext): Promise<CaseResult> {
     errors.count = 0;
     const once = async (): Promise<void> => {
       const outcome = await client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 });
-      lostBytes += Math.max(0, bytes - outcome.stdoutBytes);
-      if (outcome.stdoutBytes !== bytes || outcome.exitCode !== 0) {
-        throw new Error(`received ${outcome.stdoutBytes} of ${bytes} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`);
+      lostBytes += Math.max(0, terminalBytes(bytes) - outcome.stdoutBytes);
+      if (outcome.stdoutBytes !== terminalBytes(bytes) || outcome.exitCode !== 0) {
+        throw new Error(`received ${outcome.stdoutBytes} of ${terminalBytes(bytes)} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`);
       }
     };
     samples = await timeSequential(once, { n, deadline: Date.now() + 60_000, onError: (error) => errors.add(error) });
@@ -83,8 +83,8 @@ export async function streamConcurrent(context: BenchContext): Promise<CaseResul
           complete = false;
         }
         const received = outcome?.stdoutBytes ?? 0;
-        if (received !== bytes) complete = false;
-        lostBytes += Math.max(0, bytes - received);
+        if (received !== terminalBytes(bytes)) complete = false;
+        lostBytes += Math.max(0, terminalBytes(bytes) - received);
       }
       if (complete) {
         samples.push(elapsed);

@@ -94,9 +94,16 @@ export async function rawBwrapBatch(count: number, concurrency: number, bwrap = 
   return nowMs() - start;
 }
 
+const STREAM_LINE = '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ';
+
 /* The command every streaming case runs: printable ASCII, so byte counts survive JSON framing unchanged. */
 export function streamCommand(bytes: number): string {
-  return `yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c ${bytes}`;
+  return `yes ${STREAM_LINE} | head -c ${bytes}`;
+}
+
+/* What the daemon streams of it: executions write to a terminal, which sends every "\n" as "\r\n". */
+export function terminalBytes(bytes: number): number {
+  return bytes + Math.floor(bytes / (STREAM_LINE.length + 1));
 }
 
 /* Reads the same command's output straight from a pipe in Node: the ceiling for streaming it. */

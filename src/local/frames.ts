@@ -12,7 +12,11 @@
  *   READ   u8 flags | u32 uid | u32 gid | str path
  *   PAUSE / RESUME  empty: stop / go on reading that execution's output or that READ's file
  *   DISCARD empty: the execution is over for the daemon; its later output is read and dropped, no more events
- *   flags: bit0 privileged, bit1 recursive (LIST only)
+ *   flags: bit0 privileged, bit1 recursive (LIST only), bit2 tty, bit3 tty stderr (EXEC only)
+ *   tty: stdin and stdout are a pseudo-terminal (80x24, controlling terminal of the execution's
+ *   session; its output arrives as STDOUT); stderr stays a pipe whose "\n" arrive as "\r\n",
+ *   unless bit3 puts stderr on the terminal too. An empty STDIN then writes the terminal's EOF
+ *   character (^D) instead of closing anything.
  * Events (agent -> daemon):
  *   READY u32 version (id 0) | STDOUT raw | STDERR raw | EXIT u32 code | OUTPUT_CLOSED empty
  *   RESULT u32 status (0 ok, else errno) + UTF-8 message | LISTING raw find -printf fields
@@ -49,7 +53,10 @@ export const EventType = {
 
 export const FLAG_PRIVILEGED = 1;
 export const FLAG_RECURSIVE = 2;
-export const PROTOCOL_VERSION = 2;
+export const FLAG_TTY = 4;
+export const FLAG_TTY_STDERR = 8;
+/* 3: EXEC's tty flags; an older agent would silently run such an execution with pipes. */
+export const PROTOCOL_VERSION = 3;
 const HEADER_LENGTH = 9;
 /* The agent refuses larger frames; so does the parser, since a bad length would make it wait forever. */
 export const MAX_FRAME_REST = 2 ** 30;

@@ -25,6 +25,8 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
     cgroups: CgroupManager,
     refillConcurrency: number,
     logger: Logger,
+    /* server.interactivestderr: stderr apart from the executions' terminal (default) or on it. */
+    private readonly options: { interactiveStderr?: boolean } = {},
   ) {
     super(logger.child({ backend: 'local' }), refillConcurrency);
     this.#store = new EnvironmentStore(config.statedir);
@@ -65,7 +67,7 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
         return new LocalRunner(id, spec.id, sandbox, network?.mappedPorts ?? [], { uid: this.config.uid, gid: this.config.gid }, this.logger, {
           maxEntries: this.config.maxlistingentries,
           maxBytes: this.config.maxlistingbytes,
-        });
+        }, this.options.interactiveStderr ?? true);
       },
     };
   }

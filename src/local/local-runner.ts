@@ -11,8 +11,9 @@ const BASE_ENVIRONMENT: Record<string, string> = {
   PATH: SANDBOX_PATH,
   HOME: WORKSPACE,
   LANG: 'C.UTF-8',
-  // Output goes to a pipe, not a TTY: without this, Python would hold prompts back in its buffer.
-  PYTHONUNBUFFERED: '1',
+  // What Docker sets for an exec with a TTY (unless the image sets its own). No PYTHONUNBUFFERED:
+  // on a terminal Python's stdout is line-buffered and input() flushes a prompt, as in Poseidon.
+  TERM: 'xterm',
   CODEOCEAN: 'true',
 };
 
@@ -34,6 +35,8 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     private readonly user: SandboxUser,
     logger: Logger,
     private readonly listLimits: AgentListLimits = DEFAULT_LIST_LIMITS,
+    /* server.interactivestderr: stderr apart from the terminal (true) or on it (false). */
+    private readonly interactiveStderr = true,
   ) {
     super();
     this.#logger = logger.child({ runnerId: id, environmentId });
@@ -59,7 +62,13 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
   async execute(request: ExecutionRequest, output: ExecutionOutput): Promise<ExecutionProcess> {
     const execution = this.sandbox.agent.exec(
       ['/bin/sh', '-c', request.command],
-      { env: { ...BASE_ENVIRONMENT, ...request.environment }, cwd: WORKSPACE, ...this.#identity(request.privilegedExecution) },
+      // A terminal for stdin and stdout, as Poseidon's executions have (Nomad exec with tty=true).
+      {
+        env: { ...BASE_ENVIRONMENT, ...request.environment },
+        cwd: WORKSPACE,
+        tty: { stderr: this.interactiveStderr ? 'pipe' : 'terminal' },
+        ...this.#identity(request.privilegedExecution),
+      },
       { onStdout: output.onStdout, onStderr: output.onStderr },
     );
     const result: Promise<ExecutionResult> = execution.result.then(

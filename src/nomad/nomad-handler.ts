@@ -34,6 +34,8 @@ export interface NomadHandlerOptions {
   /* How long a new runner may take from registration to a running allocation. */
   readonly readinessTimeoutMs?: number;
   readonly api?: ExecutorApiOptions;
+  /* server.interactivestderr: stderr apart from the executions' terminal, through a FIFO (default). */
+  readonly interactiveStderr?: boolean;
 }
 
 interface Waiter {
@@ -64,6 +66,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   readonly #readinessTimeoutMs: number;
   readonly #reconciliation: ReconciliationLoop;
   readonly #refillConcurrency: number;
+  readonly #interactiveStderr: boolean;
   #subscription: EventStreamSubscription | undefined;
   #everConnected = false;
   #closed = false;
@@ -83,6 +86,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
       summary: () => ({ environments: this.environmentsById.size }),
       onIdle: () => this.#putDuringResync.clear(),
     });
+    this.#interactiveStderr = options.interactiveStderr ?? true;
   }
 
   /* With Nomad enabled every new environment lives in Nomad; local keeps only those it already stored. */
@@ -238,6 +242,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
       this.#api,
       this.logger,
       (gone, reason) => this.#lose(gone, reason),
+      this.#interactiveStderr,
     );
     this.#byAllocation.set(allocation.ID, runner);
     return runner;

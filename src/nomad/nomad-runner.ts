@@ -27,8 +27,11 @@ const AS_USER = 'if [ "$1" = 0 ] && [ -x /sbin/setuser ]; then shift; exec /sbin
  * Poseidon does, and runs the command with the request's variables and CODEOCEAN=true.
  */
 const EXECUTE_SCRIPT = [
-  'pidfile=$1; privileged=$2; command=$3; shift 3',
+  'pidfile=$1; privileged=$2; command=$3; fifo=$4; shift 4',
   'echo $$ > "$pidfile"',
+  // Interactive stderr as in Poseidon: wait for the FIFO the stderr exec makes (for 5 s at most:
+  // without it stderr stays on the terminal), then send stderr there instead of the terminal.
+  'if [ -n "$fifo" ]; then i=0; until [ -e "$fifo" ] || [ $i -ge 500 ]; do sleep 0.01; i=$((i+1)); done; [ -e "$fifo" ] && exec 2> "$fifo"; fi',
   'for variable in $(env | sed -n "s/^\\(NOMAD_[A-Za-z0-9_]*\\)=.*/\\1/p" 2>/dev/null); do unset "$variable"; done',
   'if [ "$privileged" = 0 ] && [ -x /sbin/setuser ]; then /sbin/setuser user env CODEOCEAN=true "$@" /bin/sh -c "$command"',
   'else env CODEOCEAN=true "$@" /bin/sh -c "$command"; fi',
@@ -47,6 +50,19 @@ const KILL_SCRIPT = [
   'if [ "$group" = "$pid" ]; then kill -9 "-$pid" 2>/dev/null; else kill -9 "$pid" 2>/dev/null; fi',
   'exit 0',
 ].join('\n');
+
+/*
+ * The stderr half of interactive stderr, Poseidon's "mkfifo F && (cat F; rm F)": run as the learner
+ * (so the learner's command may open the FIFO) in a second exec with a TTY, whose output is the
+ * execution's stderr. cat ends when every writer closed the FIFO, i.e. with the execution.
+ */
+const STDERR_SCRIPT = 'mkfifo "$1" && { cat "$1"; rm -f "$1"; }';
+
+/* How long the stderr exec may take to end after the execution did (a background writer may hold the FIFO). */
+const STDERR_AFTER_EXIT_MS = 1_000;
+
+/* Poseidon sends no size (0x0 in Docker); a sane one for programs that ask, the local backend's too. */
+const TTY_SIZE = { height: 24, width: 80 };
 
 /* Where the workspace goes when the image's working directory is the root (never empty `/` with ./*). */
 const FALLBACK_WORKSPACE = WORKSPACE;
@@ -117,6 +133,8 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     private readonly api: ExecutorApi,
     logger: Logger,
     private readonly onGone: (runner: NomadRunner, reason: string) => void,
+    /* server.interactivestderr: stderr through a FIFO and a second exec (true), or on the terminal. */
+    private readonly interactiveStderr = true,
   ) {
     super();
     this.id = options.id;
@@ -166,20 +184,47 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     this.#assertAlive();
     const pidFile = `/tmp/.poseidon-${randomUUID()}.pid`;
     const environment = Object.entries(request.environment).map(([key, value]) => `${key}=${value}`);
-    const argv = ['/bin/sh', '-c', EXECUTE_SCRIPT, 'execute', pidFile, request.privilegedExecution ? '1' : '0', request.command, ...environment];
+    const fifo = this.interactiveStderr ? `/tmp/stderr_${randomUUID()}.fifo` : '';
+    const argv = ['/bin/sh', '-c', EXECUTE_SCRIPT, 'execute', pidFile, request.privilegedExecution ? '1' : '0', request.command, fifo, ...environment];
     const stdin = new StdinQueue();
     const abort = new AbortController();
     this.#executions.add(abort);
     let killed = false;
+    // Started first, as in Poseidon: the execution waits for its FIFO. Its terminal's output is our stderr.
+    const stderrAbort = new AbortController();
+    this.#executions.add(stderrAbort);
+    const stderrSession =
+      fifo === ''
+        ? Promise.resolve(0)
+        : this.api
+            .exec(this.allocationId, defaultTaskName, asUser(['/bin/sh', '-c', STDERR_SCRIPT, 'stderr', fifo], request.privilegedExecution), {
+              tty: true,
+              onStdout: (chunk) => output.onStderr(chunk),
+              signal: stderrAbort.signal,
+            })
+            .catch((error: unknown) => {
+              if (!stderrAbort.signal.aborted) this.#logger.warn({ err: error }, 'the stderr exec of an execution failed');
+              return 0;
+            });
+    // Every execution has a terminal, as in Poseidon (Nomad exec with tty=true): with it, stderr
+    // not split off comes as stdout too.
     const session = this.api.exec(this.allocationId, defaultTaskName, argv, {
       stdin,
+      tty: true,
+      ttySize: TTY_SIZE,
       onStdout: (chunk) => output.onStdout(chunk),
       onStderr: (chunk) => output.onStderr(chunk),
       signal: abort.signal,
     });
+    /* Poseidon waits for the stderr exec before it reports the exit, so no stderr comes after it. */
+    const stderrDone = async (): Promise<void> => {
+      const timer = setTimeout(() => stderrAbort.abort(new Error('stderr exec outlived its execution')), STDERR_AFTER_EXIT_MS);
+      await stderrSession;
+      clearTimeout(timer);
+    };
     const result = (async (): Promise<ExecutionResult> => {
       try {
-        const exitCode = await session;
+        const exitCode = await session.finally(stderrDone);
         if (exitCode === 137 || (exitCode === 128 && (await this.#confirmOom()))) return this.#oomKilled ? { kind: 'oomKilled' } : { kind: 'exited', exitCode };
         return { kind: 'exited', exitCode: exitCode & 0xff };
       } catch (error) {
@@ -189,6 +234,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
       } finally {
         stdin.end();
         this.#executions.delete(abort);
+        this.#executions.delete(stderrAbort);
       }
     })();
     return {
@@ -197,6 +243,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
         if (killed) return;
         killed = true;
         abort.abort(new Error('execution killed'));
+        stderrAbort.abort(new Error('execution killed'));
         void this.#exec(['/bin/sh', '-c', KILL_SCRIPT, 'kill', pidFile]).catch((error: unknown) => {
           this.#logger.warn({ err: error }, 'killing the execution in the allocation failed');
         });

@@ -65,6 +65,8 @@ export interface AllocRecord {
   groupSpec: string;
   dir: string | undefined;
   processes: Set<ChildProcess>;
+  /* Process groups of tty execs: their commands lead sessions of their own (see pty-exec.py). */
+  ttyGroups: Set<number>;
 }
 
 interface JobRecord {
@@ -456,6 +458,7 @@ export class Cluster {
       groupSpec: groupSpecKey(group),
       dir: undefined,
       processes: new Set(),
+      ttyGroups: new Set(),
     };
   }
 
@@ -620,10 +623,19 @@ export class Cluster {
   /* Kills every process of the allocation's "container" and removes its directory. */
   destroyContainer(record: AllocRecord, delayMs: number): void {
     const processes = [...record.processes];
+    const groups = [...record.ttyGroups];
     const dir = record.dir;
     record.processes.clear();
+    record.ttyGroups.clear();
     record.dir = undefined;
     const kill = (): void => {
+      for (const group of groups) {
+        try {
+          process.kill(-group, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
       for (const child of processes) {
         try {
           if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');

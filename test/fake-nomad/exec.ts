@@ -1,4 +1,7 @@
 import { spawn } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import type { Writable } from 'node:stream';
 import type { WebSocket } from 'ws';
 import type { AllocRecord, Cluster } from './cluster.js';
 import { isObject } from './model.js';
@@ -19,6 +22,10 @@ export interface ExecRequest {
 }
 
 const outputChunkBytes = 1024;
+/* tty=true runs the command on a real pseudo-terminal through this helper (Docker's exec with a TTY). */
+const PTY_HELPER = fileURLToPath(new URL('./pty-exec.py', import.meta.url));
+/* The system's python, not a version manager's shim that would cost every exec a second. */
+const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
 const closePolicy = 1008;
 const closeInternal = 1011;
 
@@ -59,12 +66,15 @@ function runProcess(
   violations: string[],
 ): void {
   const dir = record.dir ?? '/';
-  const child = spawn(file, args, {
+  const [command, commandArgs] = request.tty ? [PYTHON, [PTY_HELPER, file, ...args]] : [file, args];
+  const child = spawn(command, commandArgs, {
     cwd: dir,
     // Own process group, so killing the "container" takes the whole process tree with it.
     detached: true,
-    stdio: ['pipe', 'pipe', 'pipe'],
+    stdio: ['pipe', 'pipe', 'pipe', 'pipe'],
     env: {
+      // What Docker adds for an exec with a TTY.
+      ...(request.tty ? { TERM: 'xterm' } : {}),
       PATH: process.env['PATH'] ?? '/usr/local/bin:/usr/bin:/bin',
       HOME: dir,
       LANG: 'C.UTF-8',
@@ -82,16 +92,28 @@ function runProcess(
   record.processes.add(child);
   let spawnError: Error | undefined;
 
-  const forward = (stream: 'stdout' | 'stderr', chunk: Buffer): void => {
-    // tty=true merges stderr into stdout and turns \n into \r\n, like a terminal line discipline.
-    const target = request.tty ? 'stdout' : stream;
-    const bytes = request.tty ? Buffer.from(chunk.toString('latin1').replace(/\r?\n/g, '\r\n'), 'latin1') : chunk;
+  const forward = (stream: 'stdout' | 'stderr', bytes: Buffer): void => {
     for (let offset = 0; offset < bytes.length; offset += outputChunkBytes) {
-      send({ [target]: { data: bytes.subarray(offset, offset + outputChunkBytes).toString('base64') } });
+      send({ [stream]: { data: bytes.subarray(offset, offset + outputChunkBytes).toString('base64') } });
     }
   };
+  // With a TTY everything comes from the terminal, as stdout frames; the helper's stderr only
+  // names the command's process group, which goes with the container.
   child.stdout.on('data', (chunk: Buffer) => forward('stdout', chunk));
-  child.stderr.on('data', (chunk: Buffer) => forward('stderr', chunk));
+  let helperLines = '';
+  let ttyGroup: number | undefined;
+  child.stderr.on('data', (chunk: Buffer) => {
+    if (!request.tty) return forward('stderr', chunk);
+    if (ttyGroup !== undefined) return;
+    helperLines += chunk.toString('utf8');
+    const match = /^(\d+)\n/.exec(helperLines);
+    if (match?.[1] !== undefined) {
+      ttyGroup = Number(match[1]);
+      record.ttyGroups.add(ttyGroup);
+    }
+  });
+  const control = child.stdio[3] as Writable | null;
+  control?.on('error', () => undefined);
   child.stdin.on('error', () => undefined); // EPIPE when the process exits before reading all stdin.
   child.on('error', (error: Error) => {
     spawnError = error;
@@ -100,6 +122,7 @@ function runProcess(
     record.processes.delete(child);
     let exitCode = code ?? 0;
     if (signal !== null) exitCode = 128 + signalNumber(signal);
+    if (ttyGroup !== undefined) record.ttyGroups.delete(ttyGroup);
     if (spawnError !== undefined) {
       // Docker's answer to a missing executable: a message and exit code 126/127.
       forward('stderr', Buffer.from(`exec: "${file}": executable file not found in $PATH\n`));
@@ -127,7 +150,11 @@ function runProcess(
       if (typeof stdin['data'] === 'string' && child.stdin.writable) child.stdin.write(Buffer.from(stdin['data'], 'base64'));
       if (stdin['close'] === true) child.stdin.end();
     }
-    // `{}` heartbeats and tty_size need no action here.
+    const size = frame['tty_size'];
+    if (request.tty && isObject(size) && typeof size['height'] === 'number' && typeof size['width'] === 'number') {
+      control?.write(`${size['height']} ${size['width']}\n`);
+    }
+    // `{}` heartbeats need no action.
   });
 }
 

@@ -52,7 +52,7 @@ describe('the agent channel cannot be taken or forged', () => {
       const runnerId = await client.claim(ENV_ID);
       const result = await runPython(client, runnerId, takeChannel(false), { privilegedExecution });
       assert.match(result.stdout, /^PIDFD /m, `the probe did not run: ${result.stdout}${result.stderr}`);
-      const taken = result.stdout.split('\n').filter((line) => / OK$/.test(line) && !line.startsWith('PIDFD'));
+      const taken = result.stdout.split(/\r?\n/).filter((line) => / OK$/.test(line) && !line.startsWith('PIDFD'));
       assert.deepEqual(taken, [], `sandbox code obtained pid 1's descriptors:\n${result.stdout}`);
       assert.equal((await client.deleteRunner(runnerId)).status, 204);
     });
@@ -68,7 +68,7 @@ describe('the agent channel cannot be taken or forged', () => {
     await marked.finish();
     assert.match(initExecutable, /agent/, `the sandbox's pid 1 is not the agent but ${initExecutable}`);
     const result = await client.run(runnerId, 'tr "\\0" " " < /proc/1/cmdline; echo; readlink /proc/1/exe', { privilegedExecution: true });
-    const [cmdline = ''] = result.stdout.split('\n');
+    const [cmdline = ''] = result.stdout.split(/\r?\n/);
     assert.ok(cmdline.length > 0, `pid 1's command line is unreadable: ${result.stderr}`);
     assert.doesNotMatch(cmdline, /bwrap/, `pid 1 is bubblewrap's init: ${cmdline}`);
     for (const hostPath of hostPathsOf(daemon)) {

@@ -48,7 +48,7 @@ describe('sandbox ids are not host ids', () => {
       await marked.finish();
     }
     const result = await marked.execution;
-    assert.equal(result.stdout.trim().split('\n')[0], '0', `privileged execution is not root inside: ${result.stdout}`);
+    assert.equal(result.stdout.trim().split(/\r?\n/)[0], '0', `privileged execution is not root inside: ${result.stdout}`);
     assert.ok(ownNamespace, `the sandbox has no user namespace of its own (uid_map ${JSON.stringify(uidMap)})`);
     for (const uid of ids.uids) assert.notEqual(uid, 0, `privileged sandbox process runs as host uid 0 (${JSON.stringify(ids)})`);
     for (const gid of ids.gids) assert.notEqual(gid, 0, `privileged sandbox process runs as host gid 0 (${JSON.stringify(ids)})`);

@@ -32,10 +32,10 @@ describe('nothing of the host leaks into the sandbox', () => {
     const { client } = fixture;
     const runnerId = await client.claim(ENV_ID);
     const result = await client.run(runnerId, 'id -u; id -g; echo ---; cat /etc/passwd; echo ---; cat /etc/group');
-    const [ids = '', passwd = '', group = ''] = result.stdout.split('---\n');
-    const [learnerUid, learnerGid] = ids.trim().split('\n').map(Number);
+    const [ids = '', passwd = '', group = ''] = result.stdout.split(/---\r?\n/);
+    const [learnerUid, learnerGid] = ids.trim().split(/\r?\n/).map(Number);
     const entries = (text: string): Array<{ name: string; id: number }> =>
-      text.split('\n').filter((line) => line.includes(':')).map((line) => ({ name: line.split(':')[0] ?? '', id: Number(line.split(':')[2]) }));
+      text.split(/\r?\n/).filter((line) => line.includes(':')).map((line) => ({ name: line.split(':')[0] ?? '', id: Number(line.split(':')[2]) }));
     const users = entries(passwd);
     const groups = entries(group);
     assert.ok(users.some((user) => user.id === 0), `no root in /etc/passwd:\n${passwd}`);

@@ -413,7 +413,7 @@ describe('private networks of runners with network access', () => {
     const addresses: string[] = [];
     for (const [runner, name] of [[alice, 'alice'], [bob, 'bob']] as const) {
       assert.equal((await client.copySubmission(runner.runnerId, { 'probe.py': LEARNER_PROBE, 'index.html': name })).status, 204);
-      const started = await client.run(runner.runnerId, `python3 -m http.server ${RUNNER_PORT} >/dev/null 2>&1 & python3 probe.py ${PUBLIC.address} '[]'`);
+      const started = await client.run(runner.runnerId, `trap "" HUP; python3 -m http.server ${RUNNER_PORT} >/dev/null 2>&1 & python3 probe.py ${PUBLIC.address} '[]'`);
       assert.equal(started.exitCode, 0, `${name}'s probe failed: ${started.stdout} ${started.stderr}`);
       addresses.push((JSON.parse(started.stdout) as { own: string }).own);
     }

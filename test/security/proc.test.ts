@@ -55,7 +55,7 @@ for name in ${JSON.stringify(SYSCTLS)}:
     finally:
         os.close(fd)
 `, { privilegedExecution: true });
-    const lines = result.stdout.trim().split('\n');
+    const lines = result.stdout.trim().split(/\r?\n/);
     assert.equal(lines.length, SYSCTLS.length, `the probe did not run: ${result.stdout}${result.stderr}`);
     for (const name of SYSCTLS) assert.equal(hostSysctl(name), before[name], `host ${name} changed`);
     const written = lines.filter((line) => line.endsWith('WRITTEN'));
@@ -101,7 +101,7 @@ for path in opened:
     print('WRITABLE', path)
 `, { privilegedExecution: true, timeLimit: 30, guardMs: 60_000 });
     assert.match(result.stdout, /^CHECKED \d+$/m, `the probe did not run: ${result.stdout}${result.stderr}`);
-    const writable = result.stdout.split('\n').filter((line) => line.startsWith('WRITABLE'));
+    const writable = result.stdout.split(/\r?\n/).filter((line) => line.startsWith('WRITABLE'));
     assert.deepEqual(writable, [], `privileged code can open these for writing:\n${writable.join('\n')}`);
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
   });
@@ -124,7 +124,7 @@ for path in ${JSON.stringify(MASKED)}:
     except Exception as ex:
         print(path, 'UNREADABLE', type(ex).__name__)
 `, { privilegedExecution });
-      const lines = result.stdout.trim().split('\n');
+      const lines = result.stdout.trim().split(/\r?\n/);
       assert.equal(lines.length, MASKED.length, `the probe did not run: ${result.stdout}${result.stderr}`);
       const exposed = lines.filter((line) => / (ENTRIES|BYTES) [1-9]/.test(line));
       assert.deepEqual(exposed, [], `these /proc entries show host information:\n${result.stdout}`);
@@ -136,7 +136,7 @@ for path in ${JSON.stringify(MASKED)}:
     const { client } = fixture;
     const runnerId = await client.claim(ENV_ID);
     const result = await client.run(runnerId, 'ls -A /sys 2>/dev/null | wc -l; grep -c " sysfs " /proc/self/mountinfo', { privilegedExecution: true });
-    assert.deepEqual(result.stdout.trim().split('\n'), ['0', '0'], `/sys is visible in the sandbox: ${result.stdout}`);
+    assert.deepEqual(result.stdout.trim().split(/\r?\n/), ['0', '0'], `/sys is visible in the sandbox: ${result.stdout}`);
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
   });
 });

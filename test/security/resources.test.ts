@@ -103,7 +103,8 @@ print('MADE')
     const runnerId = await client.claim(MAIN_ENV);
     const marker = `writer-${randomUUID()}`;
     // SIGPIPE ignored: the writer lives on whether or not its pipe was closed, so only dropping its output helps.
-    const started = await client.run(runnerId, `sh -c 'trap "" PIPE; while :; do echo x; done' ${marker} & echo started`, { guardMs: 20_000 });
+    // SIGHUP ignored before it starts: the terminal's session leader exiting would end it otherwise.
+    const started = await client.run(runnerId, `trap "" HUP; sh -c 'trap "" PIPE; while :; do echo x; done' ${marker} & echo started`, { guardMs: 20_000 });
     assert.match(started.stdout, /started/);
     const pid = daemonPid(daemon);
     await sleep(500);
@@ -163,7 +164,7 @@ with lock:
 open('/dev/shm/probe', 'w').write('x')
 print('WROTE')
 `);
-    assert.deepEqual(result.stdout.trim().split('\n'), ['ok', 'WROTE'], result.stderr);
+    assert.deepEqual(result.stdout.trim().split(/\r?\n/), ['ok', 'WROTE'], result.stderr);
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
   });
 

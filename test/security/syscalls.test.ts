@@ -57,7 +57,7 @@ describe('a seccomp filter in the spirit of Docker\'s default profile', () => {
       const { client } = fixture;
       const runnerId = await client.claim(ENV_ID);
       const result = await runPython(client, runnerId, SYSCALL_PROBE, { privilegedExecution });
-      const lines = result.stdout.trim().split('\n');
+      const lines = result.stdout.trim().split(/\r?\n/);
       assert.equal(lines.length, 9, `the probe did not run: ${result.stdout}${result.stderr}`);
       const allowed = lines.filter((line) => !line.endsWith(' EPERM'));
       assert.deepEqual(allowed, [], `these calls are not refused with EPERM:\n${result.stdout}`);

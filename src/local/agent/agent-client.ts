@@ -6,6 +6,8 @@ import {
   encodeFrame,
   FLAG_PRIVILEGED,
   FLAG_RECURSIVE,
+  FLAG_TTY,
+  FLAG_TTY_STDERR,
   type Frame,
   FrameParser,
   MAX_EVENT_REST,
@@ -96,6 +98,12 @@ export interface AgentExecOptions {
   /* Defaults: 0/0 when privileged (capabilities survive only for uid 0), else 65534/65534. */
   uid?: number;
   gid?: number;
+  /*
+   * A pseudo-terminal for stdin and stdout (see frames.ts): echo, "\r\n" and line editing are the
+   * terminal's, and closeStdin() types ^D. stderr: 'pipe' keeps it apart (lines end in "\r\n" as
+   * on the terminal), 'terminal' merges it into stdout. Default: pipes for all three.
+   */
+  tty?: { stderr: 'pipe' | 'terminal' };
 }
 
 export interface AgentExecHandlers {
@@ -193,7 +201,7 @@ export class AgentClient {
     const uid = options.uid ?? (options.privileged ? 0 : DEFAULT_UID);
     const gid = options.gid ?? (options.privileged ? 0 : DEFAULT_GID);
     const payload = new PayloadWriter()
-      .u8(options.privileged ? FLAG_PRIVILEGED : 0)
+      .u8((options.privileged ? FLAG_PRIVILEGED : 0) | (options.tty ? FLAG_TTY : 0) | (options.tty?.stderr === 'terminal' ? FLAG_TTY_STDERR : 0))
       .u32(uid)
       .u32(gid)
       .str(options.cwd ?? AGENT_WORKSPACE)

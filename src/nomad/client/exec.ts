@@ -13,6 +13,8 @@ export interface ExecOptions {
   readonly onStdout?: (chunk: Buffer) => void;
   readonly onStderr?: (chunk: Buffer) => void;
   readonly tty?: boolean;
+  /* With tty: sent as `tty_size` once the session is open, as Nomad's CLI does (Docker's default is 0x0). */
+  readonly ttySize?: { readonly height: number; readonly width: number };
   /* Aborting drops the session; the process may keep running in the allocation (as with Nomad itself). */
   readonly signal?: AbortSignal;
   /* Application heartbeat `{}` so that idle sessions are not cut by proxies. */
@@ -117,6 +119,7 @@ export function execInAllocation(
     socket.on('open', () => {
       opened = true;
       heartbeat = setInterval(() => socket.send('{}'), options.heartbeatMs ?? 10_000);
+      if (options.tty === true && options.ttySize !== undefined) socket.send(JSON.stringify({ tty_size: options.ttySize }));
       void pumpStdin(socket, options.stdin, () => settled).catch((error: unknown) => {
         logger.warn({ err: error, allocationId }, 'Reading exec stdin failed; closing stdin');
         if (!settled && socket.readyState === WebSocket.OPEN) socket.send(JSON.stringify({ stdin: { close: true } }));
