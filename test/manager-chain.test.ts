@@ -1,11 +1,12 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pino from 'pino';
-import type { ExecutionEnvironmentSpec } from '../src/dto/environment.js';
-import type { RunnerFactory } from '../src/environment/execution-environment.js';
-import { PoolingAccessorHandler } from '../src/environment/pooling-handler.js';
+import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../src/dto/environment.js';
+import { EnvironmentPools } from '../src/environment/environment-pools.js';
+import { AccessorHandler, type PutOutcome } from '../src/runner/accessor-handler.js';
 import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from '../src/runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../src/runner/managed-runner.js';
+import type { Runner } from '../src/runner/runner.js';
 
 /* An in-memory runner: the chain logic under test never touches a backend. */
 class MemoryRunner extends InactivityTrackingRunner implements ManagedRunner {
@@ -35,35 +36,65 @@ class MemoryRunner extends InactivityTrackingRunner implements ManagedRunner {
   }
 }
 
-class MemoryHandler extends PoolingAccessorHandler<MemoryRunner> {
+/* A handler as the backends build theirs: the chain from AccessorHandler, the pools an object it owns. */
+class MemoryHandler extends AccessorHandler {
   readonly stored = new Map<number, ExecutionEnvironmentSpec>();
   #counter = 0;
   /* While set, runner builds wait for it: a pool that cannot refill instantly. */
   hold: Promise<void> | undefined;
+  readonly #pools: EnvironmentPools<MemoryRunner>;
   constructor(
     readonly name: string,
     private readonly accepts: (spec: ExecutionEnvironmentSpec) => boolean,
   ) {
-    super(pino({ level: 'silent' }), 4);
+    super();
+    this.#pools = new EnvironmentPools({
+      runners: {
+        createRunner: async (spec) => {
+          await this.hold;
+          return new MemoryRunner(`${spec.id}-${this.name}-${(this.#counter += 1)}`, spec.id);
+        },
+      },
+      storage: {
+        put: async (spec) => void this.stored.set(spec.id, spec),
+        delete: async (id) => void this.stored.delete(id),
+      },
+      deleteOrder: 'storage-first',
+      refillConcurrency: 4,
+      logger: pino({ level: 'silent' }),
+    });
   }
   acceptsEnvironment(spec: ExecutionEnvironmentSpec) {
     return this.accepts(spec);
   }
-  protected runnerFactory(): RunnerFactory<MemoryRunner> {
-    return {
-      createRunner: async (spec) => {
-        await this.hold;
-        return new MemoryRunner(`${spec.id}-${this.name}-${(this.#counter += 1)}`, spec.id);
-      },
-    };
+  knowsEnvironment(id: number): boolean {
+    return this.#pools.has(id);
   }
-  protected async storeEnvironment(spec: ExecutionEnvironmentSpec) {
-    this.stored.set(spec.id, spec);
+  ownEnvironments(): ExecutionEnvironmentSpec[] {
+    return this.#pools.specs();
   }
-  protected async removeStoredEnvironment(id: number) {
-    this.stored.delete(id);
+  ownStatistics(): EnvironmentStatistics[] {
+    return this.#pools.statistics();
+  }
+  ownRunner(runnerId: string): MemoryRunner | undefined {
+    return this.#pools.usedRunner(runnerId);
+  }
+  protected async claimOwn(id: number, inactivityTimeout: number): Promise<Runner | undefined> {
+    return this.#pools.claim(id, inactivityTimeout);
+  }
+  protected async returnOwn(runner: Runner) {
+    this.#pools.return(runner);
+  }
+  protected putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+    return this.#pools.put(spec);
+  }
+  protected deleteOwnEnvironment(id: number) {
+    return this.#pools.delete(id);
   }
   protected async loadOwn() {}
+  protected shutdownOwn() {
+    return this.#pools.shutdown();
+  }
 }
 
 const spec = (id: number, prewarmingPoolSize = 2): ExecutionEnvironmentSpec => ({

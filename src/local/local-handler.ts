@@ -1,8 +1,9 @@
 import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
-import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
-import type { RunnerFactory } from '../environment/execution-environment.js';
-import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
+import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
+import { EnvironmentPools } from '../environment/environment-pools.js';
+import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
+import type { Runner } from '../runner/runner.js';
 import { environmentIdOfRunner, newRunnerId } from '../runner/runner-id.js';
 import { ensureAgentBuilt } from './binaries.js';
 import type { CgroupManager } from './cgroups.js';
@@ -13,9 +14,11 @@ import type { ProcessManager } from './processes/process-manager.js';
 import { SpawnerProcessManager } from './processes/spawner-process-manager.js';
 
 /* The last handler in the chain: runners are bubblewrap sandboxes on this host. */
-export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
+export class LocalAccessorHandler extends AccessorHandler {
   readonly name = 'local';
+  readonly #logger: Logger;
   readonly #store: EnvironmentStore;
+  readonly #pools: EnvironmentPools<LocalRunner>;
   readonly #processes: ProcessManager;
   /* The private network of runners with networkAccess; set up at load, removed at shutdown. */
   #networks: Promise<RunnerNetworks> | undefined;
@@ -28,15 +31,22 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
     /* server.interactivestderr: stderr apart from the executions' terminal (default) or on it. */
     private readonly options: { interactiveStderr?: boolean } = {},
   ) {
-    super(logger.child({ backend: 'local' }), refillConcurrency);
+    super();
+    this.#logger = logger.child({ backend: 'local' });
     this.#store = new EnvironmentStore(config.statedir);
-    this.#processes = new SpawnerProcessManager(config, cgroups, this.logger, ensureAgentBuilt(), {
-      sandboxReady: (runnerId) => this.logger.info({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'runner ready'),
+    this.#pools = new EnvironmentPools({
+      runners: { createRunner: (spec) => this.#createRunner(spec) },
+      storage: this.#store,
+      deleteOrder: 'pools-first',
+      refillConcurrency,
+      logger: this.#logger,
+    });
+    this.#processes = new SpawnerProcessManager(config, cgroups, this.#logger, ensureAgentBuilt(), {
+      sandboxReady: (runnerId) => this.#logger.info({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'runner ready'),
       sandboxExited: (runnerId) => {
         // A runner destroyed on purpose has left its pool already; only a lost one is still there.
-        const environmentId = environmentIdOfRunner(runnerId);
-        if (environmentId !== undefined && this.environmentsById.get(environmentId)?.forget(runnerId)) {
-          this.logger.warn({ runnerId, environmentId }, 'sandbox ended unexpectedly: runner removed');
+        if (this.#pools.forget(runnerId)) {
+          this.#logger.warn({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'sandbox ended unexpectedly: runner removed');
         }
       },
     });
@@ -47,52 +57,72 @@ export class LocalAccessorHandler extends PoolingAccessorHandler<LocalRunner> {
     return this.config.enabled;
   }
 
-  protected runnerFactory(): RunnerFactory<LocalRunner> {
-    return {
-      createRunner: async (spec: ExecutionEnvironmentSpec) => {
-        const id = newRunnerId(spec.id);
-        const sandbox = await this.#processes.prepare(id, spec);
-        let network: AttachedNetwork | undefined;
-        if (spec.networkAccess) {
-          try {
-            if (this.#networks === undefined || sandbox.processId === undefined) throw new Error('no runner network');
-            network = await (await this.#networks).attach(id, sandbox.processId, spec.exposedPorts);
-          } catch (error) {
-            await this.#processes.stopProcess(id);
-            throw error;
-          }
-          const attached = network;
-          sandbox.onExit(() => void attached.detach().catch((error: unknown) => this.logger.error({ runnerId: id, err: error }, 'cannot detach a runner network')));
-        }
-        return new LocalRunner(id, spec.id, sandbox, network?.mappedPorts ?? [], { uid: this.config.uid, gid: this.config.gid }, this.logger, {
-          maxEntries: this.config.maxlistingentries,
-          maxBytes: this.config.maxlistingbytes,
-        }, this.options.interactiveStderr ?? true);
-      },
-    };
+  knowsEnvironment(environmentId: number): boolean {
+    return this.#pools.has(environmentId);
   }
 
-  protected storeEnvironment(spec: ExecutionEnvironmentSpec): Promise<void> {
-    return this.#store.put(spec);
+  ownEnvironments(): ExecutionEnvironmentSpec[] {
+    return this.#pools.specs();
   }
 
-  protected removeStoredEnvironment(environmentId: number): Promise<void> {
-    return this.#store.delete(environmentId);
+  ownStatistics(): EnvironmentStatistics[] {
+    return this.#pools.statistics();
+  }
+
+  ownRunner(runnerId: string): LocalRunner | undefined {
+    return this.#pools.usedRunner(runnerId);
+  }
+
+  protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
+    return this.#pools.claim(environmentId, inactivityTimeout);
+  }
+
+  protected async returnOwn(runner: Runner): Promise<void> {
+    this.#pools.return(runner);
+  }
+
+  protected putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+    return this.#pools.put(spec);
+  }
+
+  protected deleteOwnEnvironment(environmentId: number): Promise<void> {
+    return this.#pools.delete(environmentId);
+  }
+
+  async #createRunner(spec: ExecutionEnvironmentSpec): Promise<LocalRunner> {
+    const id = newRunnerId(spec.id);
+    const sandbox = await this.#processes.prepare(id, spec);
+    let network: AttachedNetwork | undefined;
+    if (spec.networkAccess) {
+      try {
+        if (this.#networks === undefined || sandbox.processId === undefined) throw new Error('no runner network');
+        network = await (await this.#networks).attach(id, sandbox.processId, spec.exposedPorts);
+      } catch (error) {
+        await this.#processes.stopProcess(id);
+        throw error;
+      }
+      const attached = network;
+      sandbox.onExit(() => void attached.detach().catch((error: unknown) => this.#logger.error({ runnerId: id, err: error }, 'cannot detach a runner network')));
+    }
+    return new LocalRunner(id, spec.id, sandbox, network?.mappedPorts ?? [], { uid: this.config.uid, gid: this.config.gid }, this.#logger, {
+      maxEntries: this.config.maxlistingentries,
+      maxBytes: this.config.maxlistingbytes,
+    }, this.options.interactiveStderr ?? true);
   }
 
   protected async loadOwn(): Promise<void> {
     if (!this.config.enabled) return;
-    this.#networks = createRunnerNetworks(runnerNetworkOptions(this.config, this.logger));
+    this.#networks = createRunnerNetworks(runnerNetworkOptions(this.config, this.#logger));
     // Without it only runners with networkAccess fail (they get no network, never the host's).
-    await this.#networks.catch((error: unknown) => this.logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'));
+    await this.#networks.catch((error: unknown) => this.#logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'));
     const specs = await this.#store.load();
-    for (const spec of specs) this.startEnvironment(spec);
-    this.logger.info({ environments: specs.length }, 'environments loaded');
+    for (const spec of specs) this.#pools.start(spec);
+    this.#logger.info({ environments: specs.length }, 'environments loaded');
   }
 
-  protected override async shutdownOwn(): Promise<void> {
+  protected async shutdownOwn(): Promise<void> {
     this.#processes.enterLameDuck();
-    await super.shutdownOwn();
+    await this.#pools.shutdown();
     await this.#processes.stop();
     await this.#networks?.then((networks) => networks.close(), () => undefined);
   }

@@ -1,10 +1,10 @@
 import type { Logger } from 'pino';
 import type { NomadConfig } from '../config/schema.js';
-import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
-import { ExecutionEnvironment, type RunnerFactory } from '../environment/execution-environment.js';
-import { PoolingAccessorHandler } from '../environment/pooling-handler.js';
-import type { PutOutcome } from '../runner/accessor-handler.js';
-import { BackendError, EnvironmentNotFoundError } from '../runner/errors.js';
+import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
+import { EnvironmentPools } from '../environment/environment-pools.js';
+import type { ExecutionEnvironment } from '../environment/execution-environment.js';
+import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
+import { BackendError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
 import { newRunnerId } from '../runner/runner-id.js';
 import type { Allocation, EventBatch, NomadJob } from './client/api-types.js';
@@ -51,8 +51,10 @@ const terminalClientStatuses = new Set(['failed', 'lost', 'complete']);
  * itself is the store (no local file). Runner readiness and loss come from the event stream; any
  * doubt about the stream (reconnect, gap) triggers a full reconciliation with Nomad's job list.
  */
-export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
+export class NomadAccessorHandler extends AccessorHandler {
   readonly name = 'nomad';
+  readonly #logger: Logger;
+  readonly #pools: EnvironmentPools<NomadRunner>;
   readonly #api: ExecutorApi;
   readonly #base: NomadJob;
   readonly #templates = new Map<number, NomadJob>();
@@ -65,7 +67,6 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   readonly #putDuringResync = new Set<number>();
   readonly #readinessTimeoutMs: number;
   readonly #reconciliation: ReconciliationLoop;
-  readonly #refillConcurrency: number;
   readonly #interactiveStderr: boolean;
   #subscription: EventStreamSubscription | undefined;
   #everConnected = false;
@@ -77,13 +78,21 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     logger: Logger,
     options: NomadHandlerOptions = {},
   ) {
-    super(logger.child({ backend: 'nomad' }), refillConcurrency);
-    this.#api = new ExecutorApi(config, this.logger, options.api);
+    super();
+    this.#logger = logger.child({ backend: 'nomad' });
+    this.#api = new ExecutorApi(config, this.#logger, options.api);
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
-    this.#refillConcurrency = refillConcurrency;
-    this.#reconciliation = new ReconciliationLoop(() => this.#reconcile(), this.logger, {
-      summary: () => ({ environments: this.environmentsById.size }),
+    this.#pools = new EnvironmentPools({
+      runners: { createRunner: (spec) => this.#createRunner(spec) },
+      storage: { put: (spec) => this.#storeTemplate(spec), delete: (environmentId) => this.#removeTemplate(environmentId) },
+      // Nomad is the store a resync reads back: a failed deregistration leaves everything in place.
+      deleteOrder: 'storage-first',
+      refillConcurrency,
+      logger: this.#logger,
+    });
+    this.#reconciliation = new ReconciliationLoop(() => this.#reconcile(), this.#logger, {
+      summary: () => ({ environments: this.#pools.size }),
       onIdle: () => this.#putDuringResync.clear(),
     });
     this.#interactiveStderr = options.interactiveStderr ?? true;
@@ -94,11 +103,27 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     return this.config.enabled;
   }
 
+  knowsEnvironment(environmentId: number): boolean {
+    return this.#pools.has(environmentId);
+  }
+
+  ownEnvironments(): ExecutionEnvironmentSpec[] {
+    return this.#pools.specs();
+  }
+
+  ownStatistics(): EnvironmentStatistics[] {
+    return this.#pools.statistics();
+  }
+
+  ownRunner(runnerId: string): NomadRunner | undefined {
+    return this.#pools.usedRunner(runnerId);
+  }
+
   // ---- claims and returns ------------------------------------------------------------------
 
   /* Takes an idle runner without any Nomad call; the "used" mark is written afterwards. */
-  protected override async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    const runner = this.environmentsById.get(environmentId)?.sample(inactivityTimeout);
+  protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
+    const runner = this.#pools.claim(environmentId, inactivityTimeout);
     if (runner === undefined) return undefined;
     runner.enqueueJobWrite('mark used', async (job) => {
       const used = withRunnerUsage(job, true, inactivityTimeout);
@@ -108,14 +133,18 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     return runner;
   }
 
-  // ---- environments ------------------------------------------------------------------------
-
-  protected override async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
-    if (this.#reconciliation.running) this.#putDuringResync.add(spec.id);
-    return super.putOwnEnvironment(spec);
+  protected async returnOwn(runner: Runner): Promise<void> {
+    this.#pools.return(runner);
   }
 
-  protected async storeEnvironment(spec: ExecutionEnvironmentSpec): Promise<void> {
+  // ---- environments ------------------------------------------------------------------------
+
+  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+    if (this.#reconciliation.running) this.#putDuringResync.add(spec.id);
+    return this.#pools.put(spec);
+  }
+
+  async #storeTemplate(spec: ExecutionEnvironmentSpec): Promise<void> {
     const job = buildTemplateJob(this.#base, spec, this.config);
     const configGroup = job.TaskGroups?.find((group) => group.Name === configGroupName);
     if (configGroup) configGroup.Meta = { ...(configGroup.Meta ?? {}), [metaEnvironmentSpec]: JSON.stringify(spec) };
@@ -127,38 +156,30 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     this.#templates.set(spec.id, job);
   }
 
-  protected async removeStoredEnvironment(environmentId: number): Promise<void> {
+  /* Once the template is gone its runner jobs are to go too; a resync purges any this delete misses. */
+  async #removeTemplate(environmentId: number): Promise<void> {
     try {
       await this.#api.deregisterJob(templateJobId(environmentId), { purge: true });
     } catch (error) {
       throw domainErrorOf(error);
     }
     this.#templates.delete(environmentId);
+    for (const runner of this.#runnersOf(environmentId)) this.#discarded.add(runner.id);
   }
 
   /* The template goes first (so a failure leaves everything in place), then every runner job. */
-  protected override async deleteOwnEnvironment(environmentId: number): Promise<void> {
-    const environment = this.environmentsById.get(environmentId);
-    if (!environment) throw new EnvironmentNotFoundError(environmentId);
-    await this.removeStoredEnvironment(environmentId);
-    this.environmentsById.delete(environmentId);
-    for (const runner of this.#runnersOf(environmentId)) this.#discarded.add(runner.id);
-    await environment.delete('environment deleted');
+  protected async deleteOwnEnvironment(environmentId: number): Promise<void> {
+    await this.#pools.delete(environmentId);
     // Runner jobs this process does not know (a refill in flight, leftovers of an earlier process).
     try {
       const leftovers = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId);
       await Promise.all(leftovers.map((stub) => this.#api.deregisterJob(stub.ID, { purge: true })));
     } catch (error) {
-      this.logger.warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
+      this.#logger.warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
     }
-    this.logger.info({ environmentId }, 'environment deleted');
   }
 
   // ---- runner creation ---------------------------------------------------------------------
-
-  protected runnerFactory(): RunnerFactory<NomadRunner> {
-    return { createRunner: (spec) => this.#createRunner(spec) };
-  }
 
   async #createRunner(spec: ExecutionEnvironmentSpec): Promise<NomadRunner> {
     const template = this.#templates.get(spec.id);
@@ -180,12 +201,12 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     } catch (error) {
       this.#discarded.add(id);
       void this.#api.deregisterJob(id, { purge: true }).catch((purgeError: unknown) => {
-        this.logger.warn({ err: purgeError, runnerId: id }, 'purging a runner job that never ran failed');
+        this.#logger.warn({ err: purgeError, runnerId: id }, 'purging a runner job that never ran failed');
       });
       throw error;
     }
     const runner = this.#newRunner(id, spec.id, allocation, job);
-    this.logger.info({ runnerId: id, environmentId: spec.id, allocationId: allocation.ID }, 'runner ready');
+    this.#logger.info({ runnerId: id, environmentId: spec.id, allocationId: allocation.ID }, 'runner ready');
     return runner;
   }
 
@@ -224,7 +245,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
       this.#waiters.get(jobId)?.resolve(allocation);
       return true;
     } catch (error) {
-      this.logger.warn({ err: error, runnerId: jobId }, 'checking a starting runner failed');
+      this.#logger.warn({ err: error, runnerId: jobId }, 'checking a starting runner failed');
       return false;
     }
   }
@@ -240,7 +261,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
         restarts: restartsOf(allocation),
       },
       this.#api,
-      this.logger,
+      this.#logger,
       (gone, reason) => this.#lose(gone, reason),
       this.#interactiveStderr,
     );
@@ -253,7 +274,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     this.#byAllocation.delete(runner.allocationId);
     this.#discarded.add(runner.id);
     runner.markLost(reason);
-    this.environmentsById.get(runner.environmentId)?.forget(runner.id);
+    this.#pools.get(runner.environmentId)?.forget(runner.id);
   }
 
   #runnersOf(environmentId: number): NomadRunner[] {
@@ -300,7 +321,7 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   #onJobDeregistered(jobId: string): void {
     const environmentId = environmentIdOfJob(jobId);
     if (environmentId === undefined || isTemplateJobId(jobId)) return;
-    const runner = this.environmentsById.get(environmentId)?.runner(jobId);
+    const runner = this.#pools.get(environmentId)?.runner(jobId);
     if (runner !== undefined && !runner.destroyed) this.#lose(runner, 'job deregistered');
   }
 
@@ -331,21 +352,20 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
       const spec = job === undefined ? undefined : specOfTemplate(job);
       if (job === undefined || spec === undefined || this.#closed) continue;
       inNomad.add(spec.id);
-      let environment = this.environmentsById.get(spec.id);
+      let environment = this.#pools.get(spec.id);
       if (environment === undefined) {
         this.#templates.set(spec.id, job);
-        environment = new ExecutionEnvironment(spec, this.runnerFactory(), { refillConcurrency: this.#refillConcurrency, logger: this.logger });
-        this.environmentsById.set(spec.id, environment);
+        // Not filling yet: the runners Nomad still runs are adopted first.
+        environment = this.#pools.add(spec);
       }
       await this.#reconcileRunners(environment);
       environment.refill();
     }
-    for (const [environmentId, environment] of this.environmentsById) {
+    for (const [environmentId] of this.#pools.entries()) {
       if (inNomad.has(environmentId) || this.#putDuringResync.has(environmentId)) continue;
-      this.logger.warn({ environmentId }, 'template job vanished from Nomad: environment removed');
-      this.environmentsById.delete(environmentId);
+      this.#logger.warn({ environmentId }, 'template job vanished from Nomad: environment removed');
       this.#templates.delete(environmentId);
-      await environment.delete('template job gone');
+      await this.#pools.discard(environmentId, 'template job gone');
     }
     // Runners that started while events were missed.
     await Promise.all([...this.#waiters.keys()].map((jobId) => this.#checkWaiter(jobId)));
@@ -397,21 +417,21 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
       // Activity times are not persisted (that would cost a Nomad call per request): the full timeout restarts.
       runner.setInactivityTimeout(usage.timeoutSeconds ?? DEFAULT_USED_TIMEOUT_SECONDS, () => undefined);
       environment.adopt(runner, true, () => {
-        this.logger.info({ runnerId: runner.id, environmentId: environment.id }, 'recovered runner inactive: destroying');
+        this.#logger.info({ runnerId: runner.id, environmentId: environment.id }, 'recovered runner inactive: destroying');
         void environment.remove(runner, 'inactivity timeout');
       });
     } else {
       environment.adopt(runner, false);
     }
-    this.logger.info({ runnerId: runner.id, environmentId: environment.id, used: usage.used }, 'runner recovered');
+    this.#logger.info({ runnerId: runner.id, environmentId: environment.id, used: usage.used }, 'runner recovered');
   }
 
   /* Runners and jobs stay in Nomad, so that the next start recovers them with the same ids. */
-  protected override async shutdownOwn(): Promise<void> {
+  protected async shutdownOwn(): Promise<void> {
     this.#closed = true;
     this.#reconciliation.close();
     for (const waiter of [...this.#waiters.values()]) waiter.reject(new BackendError('daemon shutting down'));
-    this.environmentsById.clear();
+    this.#pools.release();
     await this.#api.close();
   }
 }

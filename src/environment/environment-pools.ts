@@ -1,0 +1,161 @@
+import type { Logger } from 'pino';
+import { type EnvironmentStatistics, type ExecutionEnvironmentSpec, sameRunnerShape } from '../dto/environment.js';
+import type { PutOutcome } from '../runner/accessor-handler.js';
+import { EnvironmentNotFoundError } from '../runner/errors.js';
+import type { ManagedRunner } from '../runner/managed-runner.js';
+import type { Runner } from '../runner/runner.js';
+import { environmentIdOfRunner } from '../runner/runner-id.js';
+import { ExecutionEnvironment, type RunnerFactory } from './execution-environment.js';
+
+/* Where a backend keeps its environments (a local file, Nomad template jobs). */
+export interface EnvironmentStorage {
+  put(spec: ExecutionEnvironmentSpec): Promise<void>;
+  delete(environmentId: number): Promise<void>;
+}
+
+/*
+ * When a deleted environment leaves the pools, relative to its removal from the storage:
+ * 'pools-first' answers requests during the removal as if it were gone already, so a PUT in between
+ * creates and stores it afresh (the local file); 'storage-first' leaves everything in place when the
+ * removal fails, because the storage is the truth a resync reads back (Nomad).
+ */
+export type DeleteOrder = 'pools-first' | 'storage-first';
+
+export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
+  readonly runners: RunnerFactory<R>;
+  readonly storage: EnvironmentStorage;
+  readonly deleteOrder: DeleteOrder;
+  readonly refillConcurrency: number;
+  readonly logger: Logger;
+}
+
+/*
+ * One backend's environments, each with its prewarmed pool: what a handler answers for itself in the
+ * chain. A handler owns one and delegates to it; what differs between backends (how runners are
+ * built, where environments are stored) comes in as strategies, not as overridden methods.
+ */
+export class EnvironmentPools<R extends ManagedRunner> {
+  readonly #byId = new Map<number, ExecutionEnvironment<R>>();
+  readonly #options: EnvironmentPoolsOptions<R>;
+
+  constructor(options: EnvironmentPoolsOptions<R>) {
+    this.#options = options;
+  }
+
+  get size(): number {
+    return this.#byId.size;
+  }
+
+  has(environmentId: number): boolean {
+    return this.#byId.has(environmentId);
+  }
+
+  get(environmentId: number): ExecutionEnvironment<R> | undefined {
+    return this.#byId.get(environmentId);
+  }
+
+  /* The live map's entries: a recovery loop sees environments added or deleted while it awaits. */
+  entries(): IterableIterator<[number, ExecutionEnvironment<R>]> {
+    return this.#byId.entries();
+  }
+
+  specs(): ExecutionEnvironmentSpec[] {
+    return [...this.#byId.values()].map((environment) => environment.spec);
+  }
+
+  statistics(): EnvironmentStatistics[] {
+    return [...this.#byId.values()].map((environment) => environment.statistics());
+  }
+
+  /* A claimed runner that is still alive; idle runners are nobody's to address. */
+  usedRunner(runnerId: string): R | undefined {
+    const environmentId = environmentIdOfRunner(runnerId);
+    if (environmentId === undefined) return undefined;
+    const runner = this.#byId.get(environmentId)?.usedRunner(runnerId);
+    return runner && !runner.destroyed ? runner : undefined;
+  }
+
+  /* An idle runner, or undefined when the environment is unknown or its pool is empty. */
+  claim(environmentId: number, inactivityTimeout: number): R | undefined {
+    return this.#byId.get(environmentId)?.sample(inactivityTimeout);
+  }
+
+  return(runner: Runner): void {
+    const environment = this.#byId.get(runner.environmentId);
+    const managed = environment?.runner(runner.id);
+    if (!environment || !managed) return;
+    // The runner is gone for every caller as soon as it left the pool; tearing its sandbox or job
+    // down takes tens of milliseconds and need not hold up the client.
+    environment.remove(managed, 'returned').catch((error: unknown) => {
+      this.#options.logger.error({ err: error, runnerId: runner.id, environmentId: runner.environmentId }, 'destroying a returned runner failed');
+    });
+  }
+
+  /* Forgets a runner its backend lost (it must not be destroyed again); true when it was in a pool. */
+  forget(runnerId: string): boolean {
+    const environmentId = environmentIdOfRunner(runnerId);
+    return environmentId !== undefined && (this.#byId.get(environmentId)?.forget(runnerId) ?? false);
+  }
+
+  async put(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+    const { logger } = this.#options;
+    const existing = this.#byId.get(spec.id);
+    await this.#options.storage.put(spec);
+    if (existing && sameRunnerShape(existing.spec, spec)) {
+      existing.setPoolSize(spec.prewarmingPoolSize);
+      logger.info({ environmentId: spec.id, prewarmingPoolSize: spec.prewarmingPoolSize }, 'environment updated');
+      return 'replaced';
+    }
+    // Any other change makes existing runners stale: Poseidon destroys them too.
+    if (existing) void existing.delete('environment replaced');
+    this.start(spec);
+    logger.info({ environmentId: spec.id, replaced: Boolean(existing) }, 'environment stored');
+    return existing ? 'replaced' : 'created';
+  }
+
+  /* Removes the environment from the pools and the storage, then destroys all its runners. */
+  async delete(environmentId: number): Promise<void> {
+    const environment = this.#byId.get(environmentId);
+    if (!environment) throw new EnvironmentNotFoundError(environmentId);
+    if (this.#options.deleteOrder === 'pools-first') this.#byId.delete(environmentId);
+    await this.#options.storage.delete(environmentId);
+    this.#byId.delete(environmentId);
+    await environment.delete('environment deleted');
+    this.#options.logger.info({ environmentId }, 'environment deleted');
+  }
+
+  /* An environment that is already stored, with its pool filling. */
+  start(spec: ExecutionEnvironmentSpec): ExecutionEnvironment<R> {
+    const environment = this.add(spec);
+    environment.refill();
+    return environment;
+  }
+
+  /* An environment that is already stored, not yet filling: recovery adopts its runners first. */
+  add(spec: ExecutionEnvironmentSpec): ExecutionEnvironment<R> {
+    const { runners, refillConcurrency, logger } = this.#options;
+    const environment = new ExecutionEnvironment(spec, runners, { refillConcurrency, logger });
+    this.#byId.set(spec.id, environment);
+    return environment;
+  }
+
+  /* Drops an environment whose storage vanished underneath it, destroying its runners. */
+  async discard(environmentId: number, reason: string): Promise<void> {
+    const environment = this.#byId.get(environmentId);
+    if (!environment) return;
+    this.#byId.delete(environmentId);
+    await environment.delete(reason);
+  }
+
+  /* Destroys every runner; environments stay stored. */
+  async shutdown(): Promise<void> {
+    const environments = [...this.#byId.values()];
+    this.#byId.clear();
+    await Promise.allSettled(environments.map((environment) => environment.delete('shutdown')));
+  }
+
+  /* Lets go of every environment without destroying a runner (they outlive the process in Nomad). */
+  release(): void {
+    this.#byId.clear();
+  }
+}
