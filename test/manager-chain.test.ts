@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pino from 'pino';
-import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../src/dto/environment.js';
+import type { ExecutionEnvironmentSpec } from '../src/dto/environment.js';
 import { EnvironmentPools } from '../src/environment/environment-pools.js';
 import { AccessorHandler, type PutOutcome } from '../src/runner/accessor-handler.js';
 import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from '../src/runner/errors.js';
@@ -42,13 +42,13 @@ class MemoryHandler extends AccessorHandler {
   #counter = 0;
   /* While set, runner builds wait for it: a pool that cannot refill instantly. */
   hold: Promise<void> | undefined;
-  readonly #pools: EnvironmentPools<MemoryRunner>;
+  protected readonly pools: EnvironmentPools<MemoryRunner>;
   constructor(
     readonly name: string,
     private readonly accepts: (spec: ExecutionEnvironmentSpec) => boolean,
   ) {
     super();
-    this.#pools = new EnvironmentPools({
+    this.pools = new EnvironmentPools({
       runners: {
         createRunner: async (spec) => {
           await this.hold;
@@ -59,7 +59,7 @@ class MemoryHandler extends AccessorHandler {
         put: async (spec) => void this.stored.set(spec.id, spec),
         delete: async (id) => void this.stored.delete(id),
       },
-      deleteOrder: 'storage-first',
+      deleteOrder: 'pools-first',
       refillConcurrency: 4,
       logger: pino({ level: 'silent' }),
     });
@@ -67,33 +67,21 @@ class MemoryHandler extends AccessorHandler {
   acceptsEnvironment(spec: ExecutionEnvironmentSpec) {
     return this.accepts(spec);
   }
-  knowsEnvironment(id: number): boolean {
-    return this.#pools.has(id);
-  }
-  ownEnvironments(): ExecutionEnvironmentSpec[] {
-    return this.#pools.specs();
-  }
-  ownStatistics(): EnvironmentStatistics[] {
-    return this.#pools.statistics();
-  }
-  ownRunner(runnerId: string): MemoryRunner | undefined {
-    return this.#pools.usedRunner(runnerId);
-  }
   protected async claimOwn(id: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    return this.#pools.claim(id, inactivityTimeout);
+    return this.pools.claim(id, inactivityTimeout);
   }
   protected async returnOwn(runner: Runner) {
-    this.#pools.return(runner);
+    this.pools.return(runner);
   }
   protected putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
-    return this.#pools.put(spec);
+    return this.pools.put(spec);
   }
   protected deleteOwnEnvironment(id: number) {
-    return this.#pools.delete(id);
+    return this.pools.delete(id);
   }
   protected async loadOwn() {}
   protected shutdownOwn() {
-    return this.#pools.shutdown();
+    return this.pools.shutdown();
   }
 }
 
@@ -202,4 +190,28 @@ test('an inactive runner is destroyed after its timeout, but not while it execut
   runner.endExecution();
   t.mock.timers.tick(5001);
   assert.throws(() => first.get(runner.id), RunnerNotFoundError);
+});
+
+test('a failed storage removal leaves the environment in place only when the storage goes first', async () => {
+  for (const [deleteOrder, knownAfterFailure] of [
+    ['storage-first', true],
+    ['pools-first', false],
+  ] as const) {
+    const pools = new EnvironmentPools<MemoryRunner>({
+      runners: { createRunner: async (candidate) => new MemoryRunner(`${candidate.id}-pool-1`, candidate.id) },
+      storage: {
+        put: async () => {},
+        delete: async () => {
+          throw new Error('storage unavailable');
+        },
+      },
+      deleteOrder,
+      refillConcurrency: 1,
+      logger: pino({ level: 'silent' }),
+    });
+    assert.equal(await pools.put(spec(10, 1)), 'created');
+    await assert.rejects(pools.delete(10), /storage unavailable/);
+    assert.equal(pools.has(10), knownAfterFailure, deleteOrder);
+    await pools.shutdown();
+  }
 });

@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
-import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
+import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentPools } from '../environment/environment-pools.js';
 import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
 import type { Runner } from '../runner/runner.js';
@@ -18,7 +18,7 @@ export class LocalAccessorHandler extends AccessorHandler {
   readonly name = 'local';
   readonly #logger: Logger;
   readonly #store: EnvironmentStore;
-  readonly #pools: EnvironmentPools<LocalRunner>;
+  protected readonly pools: EnvironmentPools<LocalRunner>;
   readonly #processes: ProcessManager;
   /* The private network of runners with networkAccess; set up at load, removed at shutdown. */
   #networks: Promise<RunnerNetworks> | undefined;
@@ -34,7 +34,7 @@ export class LocalAccessorHandler extends AccessorHandler {
     super();
     this.#logger = logger.child({ backend: 'local' });
     this.#store = new EnvironmentStore(config.statedir);
-    this.#pools = new EnvironmentPools({
+    this.pools = new EnvironmentPools({
       runners: { createRunner: (spec) => this.#createRunner(spec) },
       storage: this.#store,
       deleteOrder: 'pools-first',
@@ -45,7 +45,7 @@ export class LocalAccessorHandler extends AccessorHandler {
       sandboxReady: (runnerId) => this.#logger.info({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'runner ready'),
       sandboxExited: (runnerId) => {
         // A runner destroyed on purpose has left its pool already; only a lost one is still there.
-        if (this.#pools.forget(runnerId)) {
+        if (this.pools.forget(runnerId)) {
           this.#logger.warn({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'sandbox ended unexpectedly: runner removed');
         }
       },
@@ -57,36 +57,20 @@ export class LocalAccessorHandler extends AccessorHandler {
     return this.config.enabled;
   }
 
-  knowsEnvironment(environmentId: number): boolean {
-    return this.#pools.has(environmentId);
-  }
-
-  ownEnvironments(): ExecutionEnvironmentSpec[] {
-    return this.#pools.specs();
-  }
-
-  ownStatistics(): EnvironmentStatistics[] {
-    return this.#pools.statistics();
-  }
-
-  ownRunner(runnerId: string): LocalRunner | undefined {
-    return this.#pools.usedRunner(runnerId);
-  }
-
   protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    return this.#pools.claim(environmentId, inactivityTimeout);
+    return this.pools.claim(environmentId, inactivityTimeout);
   }
 
   protected async returnOwn(runner: Runner): Promise<void> {
-    this.#pools.return(runner);
+    this.pools.return(runner);
   }
 
   protected putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
-    return this.#pools.put(spec);
+    return this.pools.put(spec);
   }
 
   protected deleteOwnEnvironment(environmentId: number): Promise<void> {
-    return this.#pools.delete(environmentId);
+    return this.pools.delete(environmentId);
   }
 
   async #createRunner(spec: ExecutionEnvironmentSpec): Promise<LocalRunner> {
@@ -116,13 +100,13 @@ export class LocalAccessorHandler extends AccessorHandler {
     // Without it only runners with networkAccess fail (they get no network, never the host's).
     await this.#networks.catch((error: unknown) => this.#logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'));
     const specs = await this.#store.load();
-    for (const spec of specs) this.#pools.start(spec);
+    for (const spec of specs) this.pools.start(spec);
     this.#logger.info({ environments: specs.length }, 'environments loaded');
   }
 
   protected async shutdownOwn(): Promise<void> {
     this.#processes.enterLameDuck();
-    await this.#pools.shutdown();
+    await this.pools.shutdown();
     await this.#processes.stop();
     await this.#networks?.then((networks) => networks.close(), () => undefined);
   }

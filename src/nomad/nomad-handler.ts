@@ -1,6 +1,6 @@
 import type { Logger } from 'pino';
 import type { NomadConfig } from '../config/schema.js';
-import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
+import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentPools } from '../environment/environment-pools.js';
 import type { ExecutionEnvironment } from '../environment/execution-environment.js';
 import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
@@ -54,7 +54,7 @@ const terminalClientStatuses = new Set(['failed', 'lost', 'complete']);
 export class NomadAccessorHandler extends AccessorHandler {
   readonly name = 'nomad';
   readonly #logger: Logger;
-  readonly #pools: EnvironmentPools<NomadRunner>;
+  protected readonly pools: EnvironmentPools<NomadRunner>;
   readonly #api: ExecutorApi;
   readonly #base: NomadJob;
   readonly #templates = new Map<number, NomadJob>();
@@ -83,7 +83,7 @@ export class NomadAccessorHandler extends AccessorHandler {
     this.#api = new ExecutorApi(config, this.#logger, options.api);
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
-    this.#pools = new EnvironmentPools({
+    this.pools = new EnvironmentPools({
       runners: { createRunner: (spec) => this.#createRunner(spec) },
       storage: { put: (spec) => this.#storeTemplate(spec), delete: (environmentId) => this.#removeTemplate(environmentId) },
       // Nomad is the store a resync reads back: a failed deregistration leaves everything in place.
@@ -92,7 +92,7 @@ export class NomadAccessorHandler extends AccessorHandler {
       logger: this.#logger,
     });
     this.#reconciliation = new ReconciliationLoop(() => this.#reconcile(), this.#logger, {
-      summary: () => ({ environments: this.#pools.size }),
+      summary: () => ({ environments: this.pools.size }),
       onIdle: () => this.#putDuringResync.clear(),
     });
     this.#interactiveStderr = options.interactiveStderr ?? true;
@@ -103,27 +103,11 @@ export class NomadAccessorHandler extends AccessorHandler {
     return this.config.enabled;
   }
 
-  knowsEnvironment(environmentId: number): boolean {
-    return this.#pools.has(environmentId);
-  }
-
-  ownEnvironments(): ExecutionEnvironmentSpec[] {
-    return this.#pools.specs();
-  }
-
-  ownStatistics(): EnvironmentStatistics[] {
-    return this.#pools.statistics();
-  }
-
-  ownRunner(runnerId: string): NomadRunner | undefined {
-    return this.#pools.usedRunner(runnerId);
-  }
-
   // ---- claims and returns ------------------------------------------------------------------
 
   /* Takes an idle runner without any Nomad call; the "used" mark is written afterwards. */
   protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    const runner = this.#pools.claim(environmentId, inactivityTimeout);
+    const runner = this.pools.claim(environmentId, inactivityTimeout);
     if (runner === undefined) return undefined;
     runner.enqueueJobWrite('mark used', async (job) => {
       const used = withRunnerUsage(job, true, inactivityTimeout);
@@ -134,14 +118,14 @@ export class NomadAccessorHandler extends AccessorHandler {
   }
 
   protected async returnOwn(runner: Runner): Promise<void> {
-    this.#pools.return(runner);
+    this.pools.return(runner);
   }
 
   // ---- environments ------------------------------------------------------------------------
 
   protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
     if (this.#reconciliation.running) this.#putDuringResync.add(spec.id);
-    return this.#pools.put(spec);
+    return this.pools.put(spec);
   }
 
   async #storeTemplate(spec: ExecutionEnvironmentSpec): Promise<void> {
@@ -169,7 +153,7 @@ export class NomadAccessorHandler extends AccessorHandler {
 
   /* The template goes first (so a failure leaves everything in place), then every runner job. */
   protected async deleteOwnEnvironment(environmentId: number): Promise<void> {
-    await this.#pools.delete(environmentId);
+    await this.pools.delete(environmentId);
     // Runner jobs this process does not know (a refill in flight, leftovers of an earlier process).
     try {
       const leftovers = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId);
@@ -274,7 +258,7 @@ export class NomadAccessorHandler extends AccessorHandler {
     this.#byAllocation.delete(runner.allocationId);
     this.#discarded.add(runner.id);
     runner.markLost(reason);
-    this.#pools.get(runner.environmentId)?.forget(runner.id);
+    this.pools.get(runner.environmentId)?.forget(runner.id);
   }
 
   #runnersOf(environmentId: number): NomadRunner[] {
@@ -321,7 +305,7 @@ export class NomadAccessorHandler extends AccessorHandler {
   #onJobDeregistered(jobId: string): void {
     const environmentId = environmentIdOfJob(jobId);
     if (environmentId === undefined || isTemplateJobId(jobId)) return;
-    const runner = this.#pools.get(environmentId)?.runner(jobId);
+    const runner = this.pools.get(environmentId)?.runner(jobId);
     if (runner !== undefined && !runner.destroyed) this.#lose(runner, 'job deregistered');
   }
 
@@ -352,20 +336,20 @@ export class NomadAccessorHandler extends AccessorHandler {
       const spec = job === undefined ? undefined : specOfTemplate(job);
       if (job === undefined || spec === undefined || this.#closed) continue;
       inNomad.add(spec.id);
-      let environment = this.#pools.get(spec.id);
+      let environment = this.pools.get(spec.id);
       if (environment === undefined) {
         this.#templates.set(spec.id, job);
         // Not filling yet: the runners Nomad still runs are adopted first.
-        environment = this.#pools.add(spec);
+        environment = this.pools.add(spec);
       }
       await this.#reconcileRunners(environment);
       environment.refill();
     }
-    for (const [environmentId] of this.#pools.entries()) {
+    for (const [environmentId] of this.pools.entries()) {
       if (inNomad.has(environmentId) || this.#putDuringResync.has(environmentId)) continue;
       this.#logger.warn({ environmentId }, 'template job vanished from Nomad: environment removed');
       this.#templates.delete(environmentId);
-      await this.#pools.discard(environmentId, 'template job gone');
+      await this.pools.discard(environmentId, 'template job gone');
     }
     // Runners that started while events were missed.
     await Promise.all([...this.#waiters.keys()].map((jobId) => this.#checkWaiter(jobId)));
@@ -431,7 +415,7 @@ export class NomadAccessorHandler extends AccessorHandler {
     this.#closed = true;
     this.#reconciliation.close();
     for (const waiter of [...this.#waiters.values()]) waiter.reject(new BackendError('daemon shutting down'));
-    this.#pools.release();
+    this.pools.release();
     await this.#api.close();
   }
 }

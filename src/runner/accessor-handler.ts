@@ -4,6 +4,15 @@ import type { Runner } from './runner.js';
 
 export type PutOutcome = 'created' | 'replaced';
 
+/* What the chain reads of one handler's own environments and runners: its pools (EnvironmentPools). */
+export interface OwnEnvironments {
+  has(environmentId: number): boolean;
+  specs(): ExecutionEnvironmentSpec[];
+  statistics(): EnvironmentStatistics[];
+  /* A claimed runner that is still alive. */
+  usedRunner(runnerId: string): Runner | undefined;
+}
+
 /*
  * One backend's view of environments and runners, linked into a chain of responsibility
  * (as Poseidon's runner.AccessorHandler): each public operation is answered by the first
@@ -13,6 +22,8 @@ export abstract class AccessorHandler {
   #next: AccessorHandler | undefined;
 
   abstract readonly name: string;
+  /* The handler's own environments and runners (its EnvironmentPools), which the chain reads directly. */
+  protected abstract readonly pools: OwnEnvironments;
 
   setNextHandler(next: AccessorHandler): void {
     this.#next = next;
@@ -31,14 +42,27 @@ export abstract class AccessorHandler {
     for (let handler: AccessorHandler | undefined = this; handler; handler = handler.nextHandler()) yield handler;
   }
 
-  // What each backend answers for itself.
-  abstract knowsEnvironment(environmentId: number): boolean;
+  // Reads are the same for every backend: they only look at its pools.
+  knowsEnvironment(environmentId: number): boolean {
+    return this.pools.has(environmentId);
+  }
+
+  ownEnvironments(): ExecutionEnvironmentSpec[] {
+    return this.pools.specs();
+  }
+
+  ownStatistics(): EnvironmentStatistics[] {
+    return this.pools.statistics();
+  }
+
+  /* The runner of this backend with that id, if any. */
+  ownRunner(runnerId: string): Runner | undefined {
+    return this.pools.usedRunner(runnerId);
+  }
+
+  // What each backend does for itself: claims and changes differ (Nomad writes jobs, purges leftovers).
   /* Whether a new environment should live in this backend. */
   abstract acceptsEnvironment(spec: ExecutionEnvironmentSpec): boolean;
-  abstract ownEnvironments(): ExecutionEnvironmentSpec[];
-  abstract ownStatistics(): EnvironmentStatistics[];
-  /* The runner of this backend with that id, if any. */
-  abstract ownRunner(runnerId: string): Runner | undefined;
   /* An idle runner, or undefined when the pool is empty. */
   protected abstract claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined>;
   protected abstract returnOwn(runner: Runner): Promise<void>;
