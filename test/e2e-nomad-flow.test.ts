@@ -99,6 +99,7 @@ describe('CodeOcean flow on the Nomad backend', () => {
     assert.equal(sh.stderr, 'oops\r\n');
     assert.equal(sh.exitCode, 3);
 
+    // biome-ignore lint/suspicious/noTemplateCurlyInString: a shell expansion, for the runner's shell.
     const env = await client.run(runnerId, 'echo "$CODEOCEAN:${NOMAD_ALLOC_ID:-unset}"');
     assert.equal(env.stdout, 'true:unset\r\n', 'CODEOCEAN is set and Nomad variables are removed');
 

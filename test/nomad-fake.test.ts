@@ -115,7 +115,7 @@ describe('fake Nomad', () => {
     const second = String(lost?.['NextAllocation']);
     fake.control.failAllocation(second);
     await fake.control.waitFor(() => fake.control.allocations('fragile').find((alloc) => alloc['ID'] === second)?.['ClientStatus'] === 'failed');
-    await fake.control.waitFor(() => ((fake.control.events().at(-1)?.Events[0]?.['Payload'] as Record<string, Record<string, unknown>>)['Job']?.['Status']) === 'dead');
+    await fake.control.waitFor(() => (fake.control.events().at(-1)?.Events[0]?.['Payload'] as Record<string, Record<string, unknown>> | undefined)?.['Job']?.['Status'] === 'dead');
   });
 
   it('fails allocation starts for chosen jobs', async () => {

@@ -61,6 +61,7 @@ export function defaultTemplateJob(): NomadJob {
         Name: defaultGroupName,
         Count: 1,
         EphemeralDisk: { SizeMB: 10, Migrate: false, Sticky: false },
+        // biome-ignore lint/suspicious/noTemplateCurlyInString: Nomad interpolates ${node.unique.name}, not JavaScript.
         Spreads: [{ Attribute: '${node.unique.name}', Weight: 100 }],
         RestartPolicy: { Attempts: 3, Delay: 15 * second, Interval: 3600 * second, Mode: 'fail' },
         ReschedulePolicy: {

@@ -190,7 +190,7 @@ class DocumentContract {
     if (jsonEntry === undefined) return; // e.g. the raw download: bytes, nothing to validate
     const [, validate] = jsonEntry;
     assert.ok(
-      contentType === undefined || (contentType !== null && contentType.includes('application/json')),
+      contentType === undefined || contentType?.includes('application/json') === true,
       `${key} ${status} must be application/json, got Content-Type ${String(contentType)}`,
     );
     assert.ok(body !== undefined, `${key} ${status} must carry a JSON body, got none`);

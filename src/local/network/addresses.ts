@@ -58,7 +58,7 @@ export class AddressAllocator {
   }
 
   allocate(): number {
-    let address = this.#next <= this.#last ? this.#next++ : this.#free.shift();
+    const address = this.#next <= this.#last ? this.#next++ : this.#free.shift();
     if (address === undefined) throw new Error(`no free address left in the runner subnet ${formatSubnet(this.subnet)}`);
     this.#used.add(address);
     return address;

@@ -28,7 +28,7 @@ export class SpawnerProcessManager implements ProcessManager {
     private readonly config: LocalConfig,
     private readonly cgroups: CgroupManager,
     private readonly logger: Logger,
-    private readonly agentBinary: string,
+    agentBinary: string,
     private readonly delegate: ProcessDelegate,
     spawnerBinary: string = SPAWNER_BINARY,
   ) {

@@ -1,3 +1,4 @@
+import type { Dispatcher } from 'undici';
 import { readFileSync } from 'node:fs';
 import type { Readable } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -109,7 +110,7 @@ export class NomadHttp {
 
   private async callOnce<S extends z.ZodType>(method: string, path: string, options: CallOptions<S>): Promise<z.infer<S> | undefined> {
     const operation = `${method} ${path}`;
-    let response;
+    let response: Dispatcher.ResponseData;
     try {
       response = await this.pool.request({
         method,
@@ -159,7 +160,7 @@ export class NomadHttp {
    */
   async stream(path: string, query: Query, idleTimeoutMs: number, signal: AbortSignal): Promise<StreamResponse> {
     const operation = `GET ${path}`;
-    let response;
+    let response: Dispatcher.ResponseData;
     try {
       response = await this.pool.request({
         method: 'GET',
