@@ -1,5 +1,6 @@
 import type { Logger } from 'pino';
 import { type EnvironmentStatistics, type ExecutionEnvironmentSpec, sameRunnerShape } from '../dto/environment.js';
+import type { ContextLogger } from '../monitoring/logger.js';
 import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
 import { EnvironmentNotFoundError } from '../runner/errors.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
@@ -44,49 +45,56 @@ export abstract class PoolingAccessorHandler<R extends ManagedRunner> extends Ac
     return runner && !runner.destroyed ? runner : undefined;
   }
 
-  protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    return this.environmentsById.get(environmentId)?.sample(inactivityTimeout);
+  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined> {
+    return this.environmentsById.get(environmentId)?.sample(inactivityTimeout, log);
   }
 
-  protected async returnOwn(runner: Runner): Promise<void> {
+  /* The request's logger, or this backend's for work nobody asked for. */
+  protected log(log: ContextLogger | undefined): ContextLogger {
+    return log?.child({ backend: this.name }) ?? this.logger;
+  }
+
+  protected async returnOwn(runner: Runner, log?: ContextLogger): Promise<void> {
     const environment = this.environmentsById.get(runner.environmentId);
     const managed = environment?.runner(runner.id);
     if (!environment || !managed) return;
     // The runner is gone for every caller as soon as it left the pool; tearing its sandbox or job
     // down takes tens of milliseconds and need not hold up the client.
-    environment.remove(managed, 'returned').catch((error: unknown) => {
-      this.logger.error({ err: error, runnerId: runner.id, environmentId: runner.environmentId }, 'destroying a returned runner failed');
+    environment.remove(managed, 'returned', log).catch((error: unknown) => {
+      this.log(log).error({ err: error, runnerId: runner.id, environmentId: runner.environmentId }, 'destroying a returned runner failed');
     });
   }
 
-  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
     const existing = this.environmentsById.get(spec.id);
     await this.storeEnvironment(spec);
     if (existing && sameRunnerShape(existing.spec, spec)) {
       existing.setPoolSize(spec.prewarmingPoolSize);
-      this.logger.info({ environmentId: spec.id, prewarmingPoolSize: spec.prewarmingPoolSize }, 'environment updated');
+      this.log(log).info({ environmentId: spec.id, prewarmingPoolSize: spec.prewarmingPoolSize }, 'environment updated');
       return 'replaced';
     }
     // Any other change makes existing runners stale: Poseidon destroys them too.
-    if (existing) void existing.delete('environment replaced');
+    if (existing) void existing.delete('environment replaced', log);
     this.startEnvironment(spec);
-    this.logger.info({ environmentId: spec.id, replaced: Boolean(existing) }, 'environment stored');
+    this.log(log).info({ environmentId: spec.id, replaced: Boolean(existing) }, 'environment stored');
     return existing ? 'replaced' : 'created';
   }
 
-  protected async deleteOwnEnvironment(environmentId: number): Promise<void> {
+  protected async deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
     const environment = this.environmentsById.get(environmentId);
     if (!environment) throw new EnvironmentNotFoundError(environmentId);
     this.environmentsById.delete(environmentId);
     await this.removeStoredEnvironment(environmentId);
-    await environment.delete('environment deleted');
-    this.logger.info({ environmentId }, 'environment deleted');
+    await environment.delete('environment deleted', log);
+    this.log(log).info({ environmentId }, 'environment deleted');
   }
 
   protected startEnvironment(spec: ExecutionEnvironmentSpec): ExecutionEnvironment<R> {
     const environment = new ExecutionEnvironment(spec, this.runnerFactory(), {
       refillConcurrency: this.refillConcurrency,
       logger: this.logger,
+      // Read at each build, so instrument() after start (daemon wiring) still reaches every environment.
+      instruments: { runnerBuilt: (...args) => this.instruments.runnerBuilt(...args), nomadCall: (...args) => this.instruments.nomadCall(...args) },
     });
     this.environmentsById.set(spec.id, environment);
     environment.refill();

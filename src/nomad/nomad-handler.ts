@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import type { ContextLogger } from '../monitoring/logger.js';
 import type { NomadConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { ExecutionEnvironment, type RunnerFactory } from '../environment/execution-environment.js';
@@ -78,7 +79,8 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
     options: NomadHandlerOptions = {},
   ) {
     super(logger.child({ backend: 'nomad' }), refillConcurrency);
-    this.#api = new ExecutorApi(config, this.logger, options.api);
+    // Every Nomad call is reported (latency, errors) to whatever instruments the daemon attached later.
+    this.#api = new ExecutorApi(config, this.logger, { ...options.api, onCall: (...args) => this.instruments.nomadCall(...args) });
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
     this.#refillConcurrency = refillConcurrency;
@@ -97,8 +99,8 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   // ---- claims and returns ------------------------------------------------------------------
 
   /* Takes an idle runner without any Nomad call; the "used" mark is written afterwards. */
-  protected override async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    const runner = this.environmentsById.get(environmentId)?.sample(inactivityTimeout);
+  protected override async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined> {
+    const runner = this.environmentsById.get(environmentId)?.sample(inactivityTimeout, log);
     if (runner === undefined) return undefined;
     runner.enqueueJobWrite('mark used', async (job) => {
       const used = withRunnerUsage(job, true, inactivityTimeout);
@@ -110,9 +112,9 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
 
   // ---- environments ------------------------------------------------------------------------
 
-  protected override async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+  protected override async putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
     if (this.#reconciliation.running) this.#putDuringResync.add(spec.id);
-    return super.putOwnEnvironment(spec);
+    return super.putOwnEnvironment(spec, log);
   }
 
   protected async storeEnvironment(spec: ExecutionEnvironmentSpec): Promise<void> {
@@ -137,21 +139,21 @@ export class NomadAccessorHandler extends PoolingAccessorHandler<NomadRunner> {
   }
 
   /* The template goes first (so a failure leaves everything in place), then every runner job. */
-  protected override async deleteOwnEnvironment(environmentId: number): Promise<void> {
+  protected override async deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
     const environment = this.environmentsById.get(environmentId);
     if (!environment) throw new EnvironmentNotFoundError(environmentId);
     await this.removeStoredEnvironment(environmentId);
     this.environmentsById.delete(environmentId);
     for (const runner of this.#runnersOf(environmentId)) this.#discarded.add(runner.id);
-    await environment.delete('environment deleted');
+    await environment.delete('environment deleted', log);
     // Runner jobs this process does not know (a refill in flight, leftovers of an earlier process).
     try {
       const leftovers = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId);
       await Promise.all(leftovers.map((stub) => this.#api.deregisterJob(stub.ID, { purge: true })));
     } catch (error) {
-      this.logger.warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
+      this.log(log).warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
     }
-    this.logger.info({ environmentId }, 'environment deleted');
+    this.log(log).info({ environmentId }, 'environment deleted');
   }
 
   // ---- runner creation ---------------------------------------------------------------------
