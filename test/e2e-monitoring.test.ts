@@ -130,7 +130,9 @@ describe('metrics and request ids', () => {
     // The first runner, and its replacement after the claim.
     assert.ok(delta('poseidon_runner_builds_total', { ...env, outcome: 'success' }) >= 2);
     assert.ok(delta('poseidon_runner_build_duration_seconds_sum', env) > 0);
-    assert.equal(delta('poseidon_transferred_bytes_total', { ...env, direction: 'stdout' }), 'hello\n'.length * 10);
+    // What the client received (a terminal execution turns \n into \r\n).
+    assert.equal(run.stdout.replace(/\r\n/g, '\n'), 'hello\n'.repeat(10));
+    assert.equal(delta('poseidon_transferred_bytes_total', { ...env, direction: 'stdout' }), Buffer.byteLength(run.stdout));
     assert.equal(delta('poseidon_transferred_bytes_total', { ...env, direction: 'upload' }), upload.length);
     assert.equal(delta('poseidon_transferred_bytes_total', { ...env, direction: 'download' }), upload.length);
     assert.equal(delta('poseidon_websocket_upgrades_total', { outcome: 'accepted' }), 1);
