@@ -5,6 +5,8 @@ import { buildApp } from './api/app.js';
 import type { Config } from './config/schema.js';
 import { createCgroupManager } from './local/cgroups.js';
 import { LocalAccessorHandler } from './local/local-handler.js';
+import { healthMonitorFor } from './monitoring/health.js';
+import { fanOut, Metrics } from './monitoring/metrics.js';
 import { NomadAccessorHandler } from './nomad/nomad-handler.js';
 import type { AccessorHandler } from './runner/accessor-handler.js';
 
@@ -41,8 +43,12 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
     );
   }
   const manager = await buildManager(config, logger);
+  const metrics = new Metrics();
+  const health = healthMonitorFor(config.server.alert);
+  // Before load, so that the first pool fill after a restart is measured and watched too.
+  manager.instrument(fanOut(metrics, health));
   await manager.load();
-  const app = await buildApp({ config, manager, logger, version: packageVersion() });
+  const app = await buildApp({ config, manager, logger, version: packageVersion(), metrics, health });
   const url = await app.listen({ host: config.server.address, port: config.server.port });
   logger.info({ url }, 'poseidon-ts listening');
   let closing: Promise<void> | undefined;

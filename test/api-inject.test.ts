@@ -19,7 +19,7 @@ let app: FastifyInstance;
 let manager: FakeManager;
 
 before(async () => {
-  ({ app, manager } = await buildInjectApp({ token: TOKEN, server: { bodylimit: 4096, alert: { prewarmingpoolthreshold: 0.5 } } }));
+  ({ app, manager } = await buildInjectApp({ token: TOKEN, server: { bodylimit: 4096, alert: { prewarmingpoolthreshold: 0.5, depletiongraceperiod: 0 } } }));
 });
 after(async () => app.close());
 beforeEach(() => {

@@ -80,10 +80,10 @@ test('a pool that cannot be filled: health 503, claims 500 NOMAD_OVERLOAD, the d
   t.after(() => daemon.stop());
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   assert.equal((await client.putEnvironment(environmentSpec(64, { image: 'broken:image', prewarmingPoolSize: 2 }))).status, 201);
-  await sleep(500);
-  const health = await client.health();
+  // Not at once: 503 needs server.alert.buildfailurethreshold (3) failed builds in a row, about half a second.
+  const health = await waitFor(() => client.health(), (answer) => answer.status !== 204, 'health to report the unbuildable pool', 15_000, 100);
   assert.equal(health.status, 503);
-  assert.match((health.body as { message: string }).message, /64/);
+  assert.match((health.body as { message: string }).message, /runners of execution environment 64 cannot be built \(\d+ failures in a row, last: .*no-such-rootfs/);
   const claim = await client.claimRunner(64);
   assert.equal(claim.status, 500);
   assert.equal((claim.body as { errorCode: string }).errorCode, 'NOMAD_OVERLOAD');

@@ -1,3 +1,4 @@
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type { IncomingMessage } from 'node:http';
 import type { Socket } from 'node:net';
@@ -12,12 +13,14 @@ import Fastify, {
 import { serializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import type { Config } from '../config/schema.js';
 import type { ErrorBody, ErrorCode } from '../dto/errors.js';
+import { healthMonitorFor } from '../monitoring/health.js';
+import { Metrics } from '../monitoring/metrics.js';
 import { authenticatedScope } from './authentication.js';
-import type { AppDependencies } from './dependencies.js';
+import type { AppDependencies, RouteDependencies } from './dependencies.js';
 import { answerOf } from './errors.js';
 import { API_PREFIX, registerOpenApi } from './openapi.js';
 import { environmentRoutes } from './routes/environments.js';
-import { miscellaneousRoutes, statisticsRoutes } from './routes/miscellaneous.js';
+import { metricsRoutes, miscellaneousRoutes, statisticsRoutes } from './routes/miscellaneous.js';
 import { runnerRoutes } from './routes/runners.js';
 
 export { API_PREFIX } from './openapi.js';
@@ -34,6 +37,28 @@ const STATUS_ERROR_CODES: Record<number, ErrorCode> = {
 };
 
 const BODY_DISCARD_MS = 10_000;
+/* How often the health monitor looks at the pools, so its grace period runs without anyone polling /health. */
+const HEALTH_SAMPLE_MS = 1_000;
+
+/*
+ * A caller's X-Request-Id is taken when it is a plausible id (a proxy's or CodeOcean's UUID); anything
+ * else, also an over-long or multi-line value that would garble the log, gets a fresh UUID.
+ */
+const REQUEST_ID = /^[A-Za-z0-9._:@/+=-]{1,128}$/;
+export const REQUEST_ID_HEADER = 'x-request-id';
+
+function requestId(request: IncomingMessage): string {
+  const presented = request.headers[REQUEST_ID_HEADER];
+  return typeof presented === 'string' && REQUEST_ID.test(presented) ? presented : randomUUID();
+}
+
+/* Probes answer every few seconds; at info they would bury everything else. */
+const PROBE_ROUTES = new Set([`${API_PREFIX}/health`, `${API_PREFIX}/version`, '/metrics']);
+
+/* The route template (`/api/v1/runners/:runnerId/files`) keeps ids out of metric labels. */
+function routeLabel(url: string | undefined): string {
+  return url ?? 'unmatched';
+}
 const SHUTDOWN_GRACE_MS = 2_000;
 
 function discardBody(stream: IncomingMessage, timeoutMs: number): Promise<void> {
@@ -75,14 +100,23 @@ function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: str
 }
 
 /* Builds the API without listening, so tests and the CLI share one factory. */
-export async function buildApp(dependencies: AppDependencies): Promise<FastifyInstance> {
-  const { config, logger } = dependencies;
+export async function buildApp(appDependencies: AppDependencies): Promise<FastifyInstance> {
+  const { config, logger } = appDependencies;
+  const dependencies: RouteDependencies = {
+    ...appDependencies,
+    metrics: appDependencies.metrics ?? new Metrics({ processMetrics: false }),
+    health: appDependencies.health ?? healthMonitorFor(config.server.alert),
+  };
+  const { metrics, health, manager } = dependencies;
+  metrics.observePools(() => manager.statistics());
   const app = Fastify({
     loggerInstance: logger,
     // Our own onResponse hook writes the single line per request.
-    logController: new LogController({ disableRequestLogging: true }),
+    logController: new LogController({ disableRequestLogging: true, requestIdLogLabel: 'requestId' }),
     bodyLimit: config.server.bodylimit,
+    // Read (and checked) by requestId itself rather than taken verbatim by Fastify.
     requestIdHeader: false,
+    genReqId: requestId,
     schemaErrorFormatter: formatSchemaErrors,
     ...tlsOptions(config),
   }) as unknown as FastifyInstance;
@@ -102,13 +136,31 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
     parseJson(request, text, done);
   });
 
-  // One log line per request, with its id, outcome and duration.
-  app.addHook('onResponse', async (request, reply) => {
-    request.log.info(
-      { method: request.method, url: request.url, statusCode: reply.statusCode, durationMs: Math.round(reply.elapsedTime * 10) / 10 },
-      'request',
-    );
+  // The id is echoed, so a client (or a proxy) can quote it when it reports a problem.
+  app.addHook('onRequest', async (request, reply) => {
+    reply.header(REQUEST_ID_HEADER, request.id);
   });
+
+  // One log line and one metric sample per request, with its id, client, outcome and duration.
+  app.addHook('onResponse', async (request, reply) => {
+    const route = routeLabel(request.routeOptions.url);
+    metrics.httpRequest(request.method, route, reply.statusCode, reply.elapsedTime / 1000);
+    const line = {
+      method: request.method,
+      url: request.url,
+      statusCode: reply.statusCode,
+      durationMs: Math.round(reply.elapsedTime * 10) / 10,
+      remoteAddress: request.ip,
+      userAgent: request.headers['user-agent'],
+    };
+    if (PROBE_ROUTES.has(route) && reply.statusCode < 400) request.log.debug(line, 'request');
+    else request.log.info(line, 'request');
+  });
+
+  // The pools are sampled in the background so that "below the threshold since" is known when /health is asked.
+  const sampler = setInterval(() => health.observe(manager.statistics()), HEALTH_SAMPLE_MS);
+  sampler.unref();
+  app.addHook('onClose', async () => clearInterval(sampler));
 
   app.setErrorHandler(async (error: FastifyError | Error, request, reply) => {
     const answer = answerOf(error);
@@ -125,7 +177,11 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
       reply.header('Connection', 'close');
     }
     // A refused WebSocket upgrade must not leave its socket open (it would hold up shutdown).
-    if (request.headers.upgrade) reply.header('Connection', 'close');
+    if (request.headers.upgrade) {
+      reply.header('Connection', 'close');
+      metrics.websocketUpgrade('refused');
+      request.log.info({ url: request.url, statusCode, reason: error.message, remoteAddress: request.ip, userAgent: request.headers['user-agent'] }, 'websocket upgrade refused');
+    }
     if (statusCode >= 500 && answer === undefined) request.log.error({ err: error }, 'request failed');
     else if (statusCode >= 500) request.log.warn({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request failed');
     else request.log.info({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request rejected');
@@ -149,6 +205,14 @@ export async function buildApp(dependencies: AppDependencies): Promise<FastifyIn
   });
 
   await registerOpenApi(app, dependencies.version);
+  // At the root, where Prometheus looks by default; behind the token unless server.metrics.requiretoken is false.
+  if (config.server.metrics.enabled) {
+    if (config.server.metrics.requiretoken) {
+      await app.register(authenticatedScope, { token: config.server.token, routes: [async (scope) => scope.register(metricsRoutes, dependencies)] });
+    } else {
+      await app.register(metricsRoutes, dependencies);
+    }
+  }
   await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
   // @fastify/websocket hides WebSocket routes from the document; ours is part of the API (Poseidon
   // documents it too), so it is shown again. Runs after the plugin's own onRoute hook.

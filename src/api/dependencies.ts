@@ -1,5 +1,8 @@
 import type { Logger } from 'pino';
 import type { Config } from '../config/schema.js';
+import type { HealthMonitor } from '../monitoring/health.js';
+import type { ContextLogger } from '../monitoring/logger.js';
+import type { Metrics } from '../monitoring/metrics.js';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { PutOutcome } from '../runner/accessor-handler.js';
 import type { Runner } from '../runner/runner.js';
@@ -9,20 +12,24 @@ import type { Runner } from '../runner/runner.js';
  * rather than the whole manager. The AccessorHandler chain implements both structurally, and the
  * API tests implement them in memory.
  */
+/*
+ * `log` is the request's logger: what the call logs (claimed, destroyed, stored) carries the
+ * request's id. Omitted, the backend logs through its own.
+ */
 export interface RunnerAccessor {
   /* An idle runner of the environment; EnvironmentNotFoundError or NoIdleRunnerError otherwise. */
-  claim(environmentId: number, inactivityTimeout: number): Promise<Runner>;
+  claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner>;
   /* The runner with that id; RunnerNotFoundError (410) otherwise. */
   get(runnerId: string): Runner;
-  return(runner: Runner): Promise<void>;
+  return(runner: Runner, log?: ContextLogger): Promise<void>;
 }
 
 export interface EnvironmentAccessor {
   environments(): ExecutionEnvironmentSpec[];
   /* EnvironmentNotFoundError when unknown. */
   environment(environmentId: number): ExecutionEnvironmentSpec;
-  putEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome>;
-  deleteEnvironment(environmentId: number): Promise<void>;
+  putEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome>;
+  deleteEnvironment(environmentId: number, log?: ContextLogger): Promise<void>;
   statistics(): EnvironmentStatistics[];
 }
 
@@ -32,4 +39,11 @@ export interface AppDependencies {
   manager: RunnerAccessor & EnvironmentAccessor;
   logger: Logger;
   version: string;
+  /* The app's Prometheus registry; a fresh one (without process metrics) when omitted, as in tests. */
+  metrics?: Metrics;
+  /* What /health answers; made from server.alert when omitted. */
+  health?: HealthMonitor;
 }
+
+/* What the routes get: buildApp fills in what AppDependencies may omit. */
+export type RouteDependencies = AppDependencies & Required<Pick<AppDependencies, 'metrics' | 'health'>>;

@@ -2,12 +2,14 @@ import { StringDecoder } from 'node:string_decoder';
 import type { FastifyBaseLogger } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { ExecutionRequest } from '../dto/runner.js';
+import { executionOutcome, type ExecutionOutcome, type Metrics } from '../monitoring/metrics.js';
 import type { WebSocketMessage } from '../dto/websocket.js';
 import type { ExecutionProcess, Runner } from '../runner/runner.js';
 
 export interface SessionOptions {
   maxOutputBytes: number;
   logger: FastifyBaseLogger;
+  metrics: Metrics;
 }
 
 /* Output is paused above the high mark of unsent WebSocket data and resumed below the low one. */
@@ -20,8 +22,10 @@ const LOW_WATER_BYTES = 1024 * 1024;
  * enforce, and a client that leaves ends the execution.
  */
 export async function runExecutionSession(socket: WebSocket, runner: Runner, request: ExecutionRequest, options: SessionOptions): Promise<void> {
-  const logger = options.logger;
+  const logger = options.logger.child({ runnerId: runner.id, environmentId: runner.environmentId });
+  const metrics = options.metrics;
   const started = Date.now();
+  const record = (outcome: ExecutionOutcome): void => metrics.execution(runner.environmentId, outcome, (Date.now() - started) / 1000);
   let outputBytes = 0;
   let outputLimitReported = false;
   let paused = false;
@@ -52,6 +56,7 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
       write(chunk: Buffer): void {
         if (finished) return;
         outputBytes += chunk.length;
+        metrics.bytes(runner.environmentId, type, chunk.length);
         if (outputBytes > options.maxOutputBytes) {
           if (!outputLimitReported) {
             outputLimitReported = true;
@@ -78,12 +83,16 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
   } catch (error) {
     logger.error({ err: error }, 'execution could not start');
     send({ type: 'error', data: `the execution could not start: ${(error as Error).message}` });
+    record('error');
     runner.endExecution();
     close();
     return;
   }
   const running = execution;
+  // The command and limits, never the environment variables: CodeOcean may pass secrets in them.
+  logger.info({ command: request.command.slice(0, 200), timeLimit: request.timeLimit, privilegedExecution: request.privilegedExecution }, 'execution started');
   let timedOut = false;
+  let cancelled = false;
   const timer =
     request.timeLimit > 0
       ? setTimeout(() => {
@@ -102,8 +111,9 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
   });
   socket.on('close', () => {
     if (!finished) {
-      logger.info({ runnerId: runner.id }, 'client left: execution killed');
+      logger.info({}, 'client left: execution killed');
       finished = true;
+      cancelled = true;
       running.kill();
     }
   });
@@ -115,12 +125,14 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
   stderr.flush();
   const durationMs = Date.now() - started;
   if (timedOut) {
-    logger.info({ runnerId: runner.id, durationMs, timeLimit: request.timeLimit }, 'execution timed out');
+    record('timeout');
+    logger.info({ durationMs, timeLimit: request.timeLimit }, 'execution timed out');
     return;
   }
+  record(cancelled ? 'cancelled' : executionOutcome(result));
   if (result.kind === 'exited') send({ type: 'exit', data: result.exitCode });
   else if (result.kind === 'oomKilled') send({ type: 'exit', data: 137 });
   else send({ type: 'error', data: result.message });
-  logger.info({ runnerId: runner.id, durationMs, result }, 'execution finished');
+  logger.info({ durationMs, result }, 'execution finished');
   close();
 }

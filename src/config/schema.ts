@@ -30,6 +30,21 @@ const serverSchema = z
       .strictObject({
         prewarmingpoolthreshold: z.number().min(0).lt(1).default(0.5),
         prewarmingpoolreloadtimeout: z.number().int().min(0).default(300),
+        /*
+         * Seconds a pool may stay below prewarmingpoolthreshold before /health answers 503 (ours, not
+         * Poseidon's): a pool that is filling after a create or resize is not depleted.
+         */
+        depletiongraceperiod: z.number().min(0).default(60),
+        /* Consecutive failed runner builds of one environment after which /health answers 503 (ours). */
+        buildfailurethreshold: z.number().int().min(1).default(3),
+      })
+      .prefault({}),
+    /* GET /metrics, Prometheus text format (ours; Poseidon writes to InfluxDB instead). */
+    metrics: z
+      .strictObject({
+        enabled: z.boolean().default(true),
+        /* With server.token set, scrapes must send it as Poseidon-Token too; false opens /metrics to anyone who reaches the port. */
+        requiretoken: z.boolean().default(true),
       })
       .prefault({}),
   })
@@ -43,6 +58,17 @@ const loggerSchema = z
       .pipe(z.enum(['trace', 'debug', 'info', 'warn', 'warning', 'error', 'fatal', 'silent']))
       .transform((level) => (level === 'warning' ? 'warn' : level))
       .default('info'),
+    /*
+     * Poseidon's logger.formatter: its values are logrus's TextFormatter and JSONFormatter; `text`
+     * and `json` are accepted too. Text is for people (pino-pretty, one line per entry), JSON for log
+     * shippers. The default stays JSON, as this daemon always wrote, where Poseidon's is text.
+     */
+    formatter: z
+      .string()
+      .transform((formatter) => formatter.toLowerCase())
+      .pipe(z.enum(['textformatter', 'text', 'jsonformatter', 'json']))
+      .transform((formatter): 'text' | 'json' => (formatter.startsWith('text') ? 'text' : 'json'))
+      .default('json'),
   })
   .prefault({});
 

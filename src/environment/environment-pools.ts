@@ -1,5 +1,7 @@
 import type { Logger } from 'pino';
 import { type EnvironmentStatistics, type ExecutionEnvironmentSpec, sameRunnerShape } from '../dto/environment.js';
+import type { ContextLogger } from '../monitoring/logger.js';
+import { type Instruments, noInstruments } from '../monitoring/metrics.js';
 import type { PutOutcome } from '../runner/accessor-handler.js';
 import { EnvironmentNotFoundError } from '../runner/errors.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
@@ -27,6 +29,8 @@ export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
   readonly deleteOrder: DeleteOrder;
   readonly refillConcurrency: number;
   readonly logger: Logger;
+  /* Read at each build, so instrumenting the chain after start (daemon wiring) reaches every environment. */
+  readonly instruments?: () => Instruments;
 }
 
 /*
@@ -76,18 +80,23 @@ export class EnvironmentPools<R extends ManagedRunner> {
   }
 
   /* An idle runner, or undefined when the environment is unknown or its pool is empty. */
-  claim(environmentId: number, inactivityTimeout: number): R | undefined {
-    return this.#byId.get(environmentId)?.sample(inactivityTimeout);
+  claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): R | undefined {
+    return this.#byId.get(environmentId)?.sample(inactivityTimeout, log);
   }
 
-  return(runner: Runner): void {
+  /* The request's logger, so what it causes carries its id; the backend's for work nobody asked for. */
+  #log(log: ContextLogger | undefined): ContextLogger {
+    return log ?? this.#options.logger;
+  }
+
+  return(runner: Runner, log?: ContextLogger): void {
     const environment = this.#byId.get(runner.environmentId);
     const managed = environment?.runner(runner.id);
     if (!environment || !managed) return;
     // The runner is gone for every caller as soon as it left the pool; tearing its sandbox or job
     // down takes tens of milliseconds and need not hold up the client.
-    environment.remove(managed, 'returned').catch((error: unknown) => {
-      this.#options.logger.error({ err: error, runnerId: runner.id, environmentId: runner.environmentId }, 'destroying a returned runner failed');
+    environment.remove(managed, 'returned', log).catch((error: unknown) => {
+      this.#log(log).error({ err: error, runnerId: runner.id, environmentId: runner.environmentId }, 'destroying a returned runner failed');
     });
   }
 
@@ -97,8 +106,8 @@ export class EnvironmentPools<R extends ManagedRunner> {
     return environmentId !== undefined && (this.#byId.get(environmentId)?.forget(runnerId) ?? false);
   }
 
-  async put(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
-    const { logger } = this.#options;
+  async put(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
+    const logger = this.#log(log);
     const existing = this.#byId.get(spec.id);
     await this.#options.storage.put(spec);
     if (existing && sameRunnerShape(existing.spec, spec)) {
@@ -107,21 +116,21 @@ export class EnvironmentPools<R extends ManagedRunner> {
       return 'replaced';
     }
     // Any other change makes existing runners stale: Poseidon destroys them too.
-    if (existing) void existing.delete('environment replaced');
+    if (existing) void existing.delete('environment replaced', log);
     this.start(spec);
     logger.info({ environmentId: spec.id, replaced: Boolean(existing) }, 'environment stored');
     return existing ? 'replaced' : 'created';
   }
 
   /* Removes the environment from the pools and the storage, then destroys all its runners. */
-  async delete(environmentId: number): Promise<void> {
+  async delete(environmentId: number, log?: ContextLogger): Promise<void> {
     const environment = this.#byId.get(environmentId);
     if (!environment) throw new EnvironmentNotFoundError(environmentId);
     if (this.#options.deleteOrder === 'pools-first') this.#byId.delete(environmentId);
     await this.#options.storage.delete(environmentId);
     this.#byId.delete(environmentId);
-    await environment.delete('environment deleted');
-    this.#options.logger.info({ environmentId }, 'environment deleted');
+    await environment.delete('environment deleted', log);
+    this.#log(log).info({ environmentId }, 'environment deleted');
   }
 
   /* An environment that is already stored, with its pool filling. */
@@ -134,7 +143,12 @@ export class EnvironmentPools<R extends ManagedRunner> {
   /* An environment that is already stored, not yet filling: recovery adopts its runners first. */
   add(spec: ExecutionEnvironmentSpec): ExecutionEnvironment<R> {
     const { runners, refillConcurrency, logger } = this.#options;
-    const environment = new ExecutionEnvironment(spec, runners, { refillConcurrency, logger });
+    const instruments = this.#options.instruments ?? (() => noInstruments);
+    const environment = new ExecutionEnvironment(spec, runners, {
+      refillConcurrency,
+      logger,
+      instruments: { runnerBuilt: (...args) => instruments().runnerBuilt(...args), nomadCall: (...args) => instruments().nomadCall(...args) },
+    });
     this.#byId.set(spec.id, environment);
     return environment;
   }

@@ -1,5 +1,7 @@
 import type { Logger } from 'pino';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
+import type { ContextLogger } from '../monitoring/logger.js';
+import { type Instruments, noInstruments, secondsSince } from '../monitoring/metrics.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
 
 /* The one thing an environment needs from a backend: a new, ready, idle runner. */
@@ -10,6 +12,8 @@ export interface RunnerFactory<R extends ManagedRunner> {
 export interface PoolOptions {
   refillConcurrency: number;
   logger: Logger;
+  /* Told about every runner build (its time and whether it failed): metrics and the health check. */
+  instruments?: Instruments;
 }
 
 const MAX_REFILL_BACKOFF_MS = 30_000;
@@ -41,8 +45,13 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     return this.spec.id;
   }
 
+  /* The requesting client's logger (with its request id) when there is one, else the environment's. */
+  #log(log: ContextLogger | undefined): ContextLogger {
+    return log?.child({ environmentId: this.spec.id }) ?? this.#logger;
+  }
+
   /* Takes an idle runner, or undefined when the pool is empty. */
-  sample(inactivityTimeoutSeconds: number): R | undefined {
+  sample(inactivityTimeoutSeconds: number, log?: ContextLogger): R | undefined {
     const next = this.#idle.entries().next();
     if (next.done) {
       this.refill();
@@ -55,7 +64,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
       this.#logger.info({ runnerId, inactivityTimeout: inactivityTimeoutSeconds }, 'runner inactive: destroying');
       void this.remove(runner, 'inactivity timeout');
     });
-    this.#logger.info({ runnerId, idleRunners: this.#idle.size }, 'runner claimed');
+    this.#log(log).info({ runnerId, idleRunners: this.#idle.size }, 'runner claimed');
     this.refill();
     return runner;
   }
@@ -79,10 +88,10 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   }
 
   /* Removes and destroys a runner; the pool refills. Destroying twice is harmless. */
-  async remove(runner: R, reason: string): Promise<void> {
+  async remove(runner: R, reason: string, log?: ContextLogger): Promise<void> {
     const known = this.#used.delete(runner.id) || this.#idle.delete(runner.id);
     if (known) this.refill();
-    const teardown = runner.destroy(reason);
+    const teardown = runner.destroy(reason, log);
     this.#pending.add(teardown);
     try {
       await teardown;
@@ -123,8 +132,17 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   }
 
   async #createOne(): Promise<void> {
+    const instruments = this.options.instruments ?? noInstruments;
+    const started = process.hrtime.bigint();
     try {
-      const runner = await this.factory.createRunner(this.spec);
+      let runner: R;
+      try {
+        runner = await this.factory.createRunner(this.spec);
+      } catch (error) {
+        instruments.runnerBuilt(this.spec.id, secondsSince(started), error);
+        throw error;
+      }
+      instruments.runnerBuilt(this.spec.id, secondsSince(started));
       if (this.#deleted || this.#idle.size >= this.spec.prewarmingPoolSize) {
         // The environment was deleted or its pool shrunk while this runner was built.
         await runner.destroy(this.#deleted ? 'environment deleted' : 'prewarming pool already full');
@@ -159,14 +177,14 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   }
 
   /* Stops refilling and destroys every runner, idle and used. */
-  async delete(reason: string): Promise<void> {
+  async delete(reason: string, log?: ContextLogger): Promise<void> {
     this.#deleted = true;
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
     const runners = [...this.#idle.values(), ...this.#used.values()];
     this.#idle.clear();
     this.#used.clear();
-    await Promise.allSettled([...runners.map((runner) => runner.destroy(reason)), ...this.#pending]);
-    this.#logger.info({ destroyedRunners: runners.length, reason }, 'environment runners destroyed');
+    await Promise.allSettled([...runners.map((runner) => runner.destroy(reason, log)), ...this.#pending]);
+    this.#log(log).info({ destroyedRunners: runners.length, reason }, 'environment runners destroyed');
   }
 }

@@ -2,6 +2,7 @@ import type { Logger } from 'pino';
 import type { LocalConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentPools } from '../environment/environment-pools.js';
+import type { ContextLogger } from '../monitoring/logger.js';
 import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js';
 import type { Runner } from '../runner/runner.js';
 import { environmentIdOfRunner, newRunnerId } from '../runner/runner-id.js';
@@ -40,6 +41,7 @@ export class LocalAccessorHandler extends AccessorHandler {
       deleteOrder: 'pools-first',
       refillConcurrency,
       logger: this.#logger,
+      instruments: () => this.instruments,
     });
     this.#processes = new SpawnerProcessManager(config, cgroups, this.#logger, ensureAgentBuilt(), {
       sandboxReady: (runnerId) => this.#logger.info({ runnerId, environmentId: environmentIdOfRunner(runnerId) }, 'runner ready'),
@@ -57,20 +59,20 @@ export class LocalAccessorHandler extends AccessorHandler {
     return this.config.enabled;
   }
 
-  protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    return this.pools.claim(environmentId, inactivityTimeout);
+  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined> {
+    return this.pools.claim(environmentId, inactivityTimeout, log);
   }
 
-  protected async returnOwn(runner: Runner): Promise<void> {
-    this.pools.return(runner);
+  protected async returnOwn(runner: Runner, log?: ContextLogger): Promise<void> {
+    this.pools.return(runner, log);
   }
 
-  protected putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
-    return this.pools.put(spec);
+  protected putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
+    return this.pools.put(spec, log);
   }
 
-  protected deleteOwnEnvironment(environmentId: number): Promise<void> {
-    return this.pools.delete(environmentId);
+  protected deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
+    return this.pools.delete(environmentId, log);
   }
 
   async #createRunner(spec: ExecutionEnvironmentSpec): Promise<LocalRunner> {

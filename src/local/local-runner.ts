@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import type { ContextLogger } from '../monitoring/logger.js';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
 import { FileNotAvailableError, ListingTooLargeError, RunnerNotFoundError, WorkspaceUpdateError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
@@ -127,11 +128,12 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     return error instanceof AgentClosedError ? new RunnerNotFoundError(this.id) : error;
   }
 
-  async destroy(reason: string): Promise<void> {
+  async destroy(reason: string, log?: ContextLogger): Promise<void> {
     if (this.#destroyed) return;
     this.#destroyed = true;
     this.stopInactivityTimer();
     await this.sandbox.destroy();
-    this.#logger.info({ reason }, 'runner destroyed');
+    // On a client's request the line carries its request id.
+    (log?.child({ runnerId: this.id, environmentId: this.environmentId }) ?? this.#logger).info({ reason }, 'runner destroyed');
   }
 }

@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import type { ContextLogger } from '../monitoring/logger.js';
 import type { NomadConfig } from '../config/schema.js';
 import type { ExecutionEnvironmentSpec } from '../dto/environment.js';
 import { EnvironmentPools } from '../environment/environment-pools.js';
@@ -80,7 +81,8 @@ export class NomadAccessorHandler extends AccessorHandler {
   ) {
     super();
     this.#logger = logger.child({ backend: 'nomad' });
-    this.#api = new ExecutorApi(config, this.#logger, options.api);
+    // Every Nomad call is reported (latency, errors) to whatever instruments the daemon attached later.
+    this.#api = new ExecutorApi(config, this.#logger, { ...options.api, onCall: (...args) => this.instruments.nomadCall(...args) });
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
     this.pools = new EnvironmentPools({
@@ -90,6 +92,7 @@ export class NomadAccessorHandler extends AccessorHandler {
       deleteOrder: 'storage-first',
       refillConcurrency,
       logger: this.#logger,
+      instruments: () => this.instruments,
     });
     this.#reconciliation = new ReconciliationLoop(() => this.#reconcile(), this.#logger, {
       summary: () => ({ environments: this.pools.size }),
@@ -106,8 +109,8 @@ export class NomadAccessorHandler extends AccessorHandler {
   // ---- claims and returns ------------------------------------------------------------------
 
   /* Takes an idle runner without any Nomad call; the "used" mark is written afterwards. */
-  protected async claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    const runner = this.pools.claim(environmentId, inactivityTimeout);
+  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined> {
+    const runner = this.pools.claim(environmentId, inactivityTimeout, log);
     if (runner === undefined) return undefined;
     runner.enqueueJobWrite('mark used', async (job) => {
       const used = withRunnerUsage(job, true, inactivityTimeout);
@@ -117,15 +120,15 @@ export class NomadAccessorHandler extends AccessorHandler {
     return runner;
   }
 
-  protected async returnOwn(runner: Runner): Promise<void> {
-    this.pools.return(runner);
+  protected async returnOwn(runner: Runner, log?: ContextLogger): Promise<void> {
+    this.pools.return(runner, log);
   }
 
   // ---- environments ------------------------------------------------------------------------
 
-  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
     if (this.#reconciliation.running) this.#putDuringResync.add(spec.id);
-    return this.pools.put(spec);
+    return this.pools.put(spec, log);
   }
 
   async #storeTemplate(spec: ExecutionEnvironmentSpec): Promise<void> {
@@ -152,14 +155,14 @@ export class NomadAccessorHandler extends AccessorHandler {
   }
 
   /* The template goes first (so a failure leaves everything in place), then every runner job. */
-  protected async deleteOwnEnvironment(environmentId: number): Promise<void> {
-    await this.pools.delete(environmentId);
+  protected async deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
+    await this.pools.delete(environmentId, log);
     // Runner jobs this process does not know (a refill in flight, leftovers of an earlier process).
     try {
       const leftovers = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId);
       await Promise.all(leftovers.map((stub) => this.#api.deregisterJob(stub.ID, { purge: true })));
     } catch (error) {
-      this.#logger.warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
+      (log ?? this.#logger).warn({ err: error, environmentId }, 'purging leftover runner jobs failed; the next resync retries');
     }
   }
 

@@ -2,6 +2,7 @@ import { randomUUID } from 'node:crypto';
 import { PassThrough } from 'node:stream';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Logger } from 'pino';
+import type { ContextLogger } from '../monitoring/logger.js';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../dto/runner.js';
 import { BackendError, FileNotAvailableError, RunnerNotFoundError, WorkspaceUpdateError } from '../runner/errors.js';
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
@@ -325,13 +326,14 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   }
 
   /* Removes the runner for good: running executions end and its job is purged. */
-  async destroy(reason: string): Promise<void> {
+  async destroy(reason: string, log?: ContextLogger): Promise<void> {
     if (this.#destroyed) return;
     this.#destroyed = true;
     this.stopInactivityTimer();
     for (const execution of this.#executions) execution.abort(new Error(`runner destroyed: ${reason}`));
     await this.purge(reason);
-    this.#logger.info({ reason }, 'runner destroyed');
+    // On a client's request the line carries its request id.
+    (log?.child({ runnerId: this.id, environmentId: this.environmentId }) ?? this.#logger).info({ reason }, 'runner destroyed');
   }
 
   /*

@@ -1,4 +1,6 @@
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
+import type { ContextLogger } from '../monitoring/logger.js';
+import { type Instruments, noInstruments } from '../monitoring/metrics.js';
 import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from './errors.js';
 import type { Runner } from './runner.js';
 
@@ -20,6 +22,8 @@ export interface OwnEnvironments {
  */
 export abstract class AccessorHandler {
   #next: AccessorHandler | undefined;
+  /* Where runner builds and backend calls are reported (metrics, health); nothing until instrument(). */
+  protected instruments: Instruments = noInstruments;
 
   abstract readonly name: string;
   /* The handler's own environments and runners (its EnvironmentPools), which the chain reads directly. */
@@ -31,6 +35,11 @@ export abstract class AccessorHandler {
 
   nextHandler(): AccessorHandler | undefined {
     return this.#next;
+  }
+
+  /* Reports to `instruments` from now on, for this handler and every later one in the chain. */
+  instrument(instruments: Instruments): void {
+    for (const handler of this.chain()) handler.instruments = instruments;
   }
 
   hasNextHandler(): boolean {
@@ -64,20 +73,21 @@ export abstract class AccessorHandler {
   /* Whether a new environment should live in this backend. */
   abstract acceptsEnvironment(spec: ExecutionEnvironmentSpec): boolean;
   /* An idle runner, or undefined when the pool is empty. */
-  protected abstract claimOwn(environmentId: number, inactivityTimeout: number): Promise<Runner | undefined>;
-  protected abstract returnOwn(runner: Runner): Promise<void>;
-  protected abstract putOwnEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome>;
-  protected abstract deleteOwnEnvironment(environmentId: number): Promise<void>;
+  // `log` is the logger of the request that asked, so that what it causes carries the request's id.
+  protected abstract claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined>;
+  protected abstract returnOwn(runner: Runner, log?: ContextLogger): Promise<void>;
+  protected abstract putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome>;
+  protected abstract deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void>;
   protected abstract loadOwn(): Promise<void>;
   /* Destroys every runner; environments stay stored. */
   protected abstract shutdownOwn(): Promise<void>;
 
-  async claim(environmentId: number, inactivityTimeout: number): Promise<Runner> {
+  async claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner> {
     if (!this.knowsEnvironment(environmentId)) {
-      if (this.#next) return this.#next.claim(environmentId, inactivityTimeout);
+      if (this.#next) return this.#next.claim(environmentId, inactivityTimeout, log);
       throw new EnvironmentNotFoundError(environmentId);
     }
-    const runner = await this.claimOwn(environmentId, inactivityTimeout);
+    const runner = await this.claimOwn(environmentId, inactivityTimeout, log);
     if (!runner) throw new NoIdleRunnerError(environmentId);
     return runner;
   }
@@ -89,9 +99,9 @@ export abstract class AccessorHandler {
     throw new RunnerNotFoundError(runnerId);
   }
 
-  async return(runner: Runner): Promise<void> {
-    if (this.ownRunner(runner.id)) return this.returnOwn(runner);
-    if (this.#next) return this.#next.return(runner);
+  async return(runner: Runner, log?: ContextLogger): Promise<void> {
+    if (this.ownRunner(runner.id)) return this.returnOwn(runner, log);
+    if (this.#next) return this.#next.return(runner, log);
     throw new RunnerNotFoundError(runner.id);
   }
 
@@ -101,17 +111,17 @@ export abstract class AccessorHandler {
   }
 
   /* Stored by the handler that knows it, else by the first that accepts it. */
-  async putEnvironment(spec: ExecutionEnvironmentSpec): Promise<PutOutcome> {
+  async putEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
     const owner = [...this.chain()].find((handler) => handler.knowsEnvironment(spec.id));
-    if (owner) return owner.putOwnEnvironment(spec);
+    if (owner) return owner.putOwnEnvironment(spec, log);
     const acceptor = [...this.chain()].find((handler) => handler.acceptsEnvironment(spec));
     if (!acceptor) throw new EnvironmentNotFoundError(spec.id);
-    return acceptor.putOwnEnvironment(spec);
+    return acceptor.putOwnEnvironment(spec, log);
   }
 
-  async deleteEnvironment(environmentId: number): Promise<void> {
-    if (this.knowsEnvironment(environmentId)) return this.deleteOwnEnvironment(environmentId);
-    if (this.#next) return this.#next.deleteEnvironment(environmentId);
+  async deleteEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
+    if (this.knowsEnvironment(environmentId)) return this.deleteOwnEnvironment(environmentId, log);
+    if (this.#next) return this.#next.deleteEnvironment(environmentId, log);
     throw new EnvironmentNotFoundError(environmentId);
   }
 

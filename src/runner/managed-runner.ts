@@ -1,3 +1,4 @@
+import type { ContextLogger } from '../monitoring/logger.js';
 import type { Runner } from './runner.js';
 
 /* The part of a runner only its environment uses: lifetime and inactivity. */
@@ -6,7 +7,8 @@ export interface ManagedRunner extends Runner {
   setInactivityTimeout(seconds: number, onExpire: () => void): void;
   /* Seconds of inactivity allowed; 0 when unlimited. */
   inactivityTimeout(): number;
-  destroy(reason: string): Promise<void>;
+  /* `log`: the requesting client's logger when a request caused it, for its request id. */
+  destroy(reason: string, log?: ContextLogger): Promise<void>;
   readonly destroyed: boolean;
 }
 

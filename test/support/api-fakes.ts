@@ -1,9 +1,11 @@
 import { Readable } from 'node:stream';
 import type { FastifyInstance } from 'fastify';
-import pino from 'pino';
+import pino, { type Logger } from 'pino';
 import { buildApp } from '../../src/api/app.js';
 import type { EnvironmentAccessor, RunnerAccessor } from '../../src/api/dependencies.js';
 import { parseConfig } from '../../src/config/load.js';
+import type { HealthMonitor } from '../../src/monitoring/health.js';
+import type { Metrics } from '../../src/monitoring/metrics.js';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../../src/dto/environment.js';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../../src/dto/runner.js';
 import type { PutOutcome } from '../../src/runner/accessor-handler.js';
@@ -143,12 +145,23 @@ export interface InjectOptions {
   token?: string;
   /* Configuration overrides, as the YAML would give them. */
   server?: Record<string, unknown>;
+  /* Silent unless given (e.g. one writing into an array, to check log lines). */
+  logger?: Logger;
+  metrics?: Metrics;
+  health?: HealthMonitor;
 }
 
 export async function buildInjectApp(options: InjectOptions = {}): Promise<{ app: FastifyInstance; manager: FakeManager }> {
   const manager = new FakeManager();
   const server = { ...options.server, ...(options.token ? { token: options.token } : {}) };
-  const app = await buildApp({ config: parseConfig({ server }), manager, logger: pino({ level: 'silent' }), version: '1.2.3' });
+  const app = await buildApp({
+    config: parseConfig({ server }),
+    manager,
+    logger: options.logger ?? pino({ level: 'silent' }),
+    version: '1.2.3',
+    ...(options.metrics ? { metrics: options.metrics } : {}),
+    ...(options.health ? { health: options.health } : {}),
+  });
   await app.ready();
   return { app, manager };
 }

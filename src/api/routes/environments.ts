@@ -8,7 +8,7 @@ import {
 } from '../../dto/environment.js';
 import { queryBoolean } from '../../dto/runner.js';
 import { BadRequestError } from '../../runner/errors.js';
-import type { AppDependencies } from '../dependencies.js';
+import type { RouteDependencies } from '../dependencies.js';
 import { errorResponses, PROTECTED_ERRORS } from '../responses.js';
 
 const params = z.strictObject({ executionEnvironmentId: environmentIdParamSchema });
@@ -18,7 +18,7 @@ const querystring = z.strictObject({
 });
 const tags = ['execution environment'];
 
-export const environmentRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, { manager }) => {
+export const environmentRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app, { manager }) => {
   app.get(
     '/execution-environments',
     {
@@ -69,7 +69,7 @@ export const environmentRoutes: FastifyPluginAsyncZod<AppDependencies> = async (
       if (body.id !== undefined && body.id !== executionEnvironmentId) {
         throw new BadRequestError(`the body's id ${body.id} differs from the path's id ${executionEnvironmentId}`);
       }
-      const outcome = await manager.putEnvironment({ ...body, id: executionEnvironmentId });
+      const outcome = await manager.putEnvironment({ ...body, id: executionEnvironmentId }, request.log);
       return reply.code(outcome === 'created' ? 201 : 204).send();
     },
   );
@@ -86,7 +86,7 @@ export const environmentRoutes: FastifyPluginAsyncZod<AppDependencies> = async (
       },
     },
     async (request, reply) => {
-      await manager.deleteEnvironment(request.params.executionEnvironmentId);
+      await manager.deleteEnvironment(request.params.executionEnvironmentId, request.log);
       return reply.code(204).send();
     },
   );

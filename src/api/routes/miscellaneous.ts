@@ -1,35 +1,28 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { type EnvironmentStatistics, statisticsResponseSchema } from '../../dto/environment.js';
-import type { AppDependencies } from '../dependencies.js';
+import type { RouteDependencies } from '../dependencies.js';
 import { errorResponses, PROTECTED_ERRORS } from '../responses.js';
 
 const tags = ['miscellaneous'];
 
 /* Open routes: CodeOcean's own health check calls /health, and the version is no secret. */
-export const miscellaneousRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, { manager, config, version }) => {
+export const miscellaneousRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app, { manager, health, version }) => {
   app.get(
     '/health',
     {
       schema: {
         summary: 'Check if the API is available',
-        description: 'Also 503 while a prewarming pool is below server.alert.prewarmingpoolthreshold.',
+        description:
+          'Also 503 when a prewarming pool stayed below server.alert.prewarmingpoolthreshold for longer than server.alert.depletiongraceperiod seconds, ' +
+          "or when an environment's runners failed to build server.alert.buildfailurethreshold times in a row; the message names the environments and the cause.",
         tags,
         response: { 204: z.undefined().describe('Everything okay'), ...errorResponses(500, 503) },
       },
     },
     async (_request, reply) => {
-      const threshold = config.server.alert.prewarmingpoolthreshold;
-      const depleted = manager
-        .statistics()
-        .filter((stats) => threshold > 0 && stats.prewarmingPoolSize > 0 && stats.idleRunners / stats.prewarmingPoolSize < threshold);
-      if (depleted.length > 0) {
-        const ids = depleted.map((stats) => stats.id).join(', ');
-        return reply.code(503).send({
-          message: `prewarming pool below ${threshold * 100}% for execution environment(s) ${ids}`,
-          errorCode: 'PREWARMING_POOL_DEPLETING',
-        });
-      }
+      const problem = health.check(manager.statistics());
+      if (problem) return reply.code(503).send({ message: problem.message, errorCode: 'PREWARMING_POOL_DEPLETING' });
       return reply.code(204).send();
     },
   );
@@ -48,7 +41,7 @@ export const miscellaneousRoutes: FastifyPluginAsyncZod<AppDependencies> = async
   );
 };
 
-export const statisticsRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, { manager }) => {
+export const statisticsRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app, { manager }) => {
   app.get(
     '/statistics/execution-environments',
     {
@@ -64,5 +57,28 @@ export const statisticsRoutes: FastifyPluginAsyncZod<AppDependencies> = async (a
       for (const stats of manager.statistics()) byId[String(stats.id)] = stats;
       return byId;
     },
+  );
+};
+
+/* Prometheus' scrape target, at the root (not under /api/v1), where Prometheus looks by default. */
+export const metricsRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app, { metrics }) => {
+  app.get(
+    '/metrics',
+    {
+      schema: {
+        summary: 'Prometheus metrics',
+        description:
+          'Prometheus text exposition format: HTTP requests, claims, executions, runner pools and builds, WebSocket connections, bytes transferred, Nomad calls and process metrics. ' +
+          'Needs the token unless server.metrics.requiretoken is false; absent when server.metrics.enabled is false.',
+        tags,
+        // The only route outside /api/v1.
+        servers: [{ url: '/' }],
+        response: {
+          200: { description: 'The metrics', content: { 'text/plain; version=0.0.4': { schema: z.string() } } },
+          ...errorResponses(...PROTECTED_ERRORS),
+        },
+      },
+    },
+    async (_request, reply) => reply.code(200).type(metrics.contentType()).send(await metrics.scrape()),
   );
 };

@@ -14,9 +14,11 @@ import {
   updateFilesRequestSchema,
   websocketQuerySchema,
 } from '../../dto/runner.js';
-import { ExecutionStore } from '../execution-store.js';
-import type { AppDependencies } from '../dependencies.js';
+import { secondsSince } from '../../monitoring/metrics.js';
+import { DomainError } from '../../runner/errors.js';
+import type { RouteDependencies } from '../dependencies.js';
 import { HttpError } from '../errors.js';
+import { ExecutionStore } from '../execution-store.js';
 import { runExecutionSession } from '../execution-session.js';
 import { errorResponses, PROTECTED_ERRORS } from '../responses.js';
 import { runnerScope } from './runner-scope.js';
@@ -31,8 +33,8 @@ declare module 'fastify' {
 const tags = ['runner'];
 const params = z.strictObject({ runnerId: runnerIdParamSchema });
 
-export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, dependencies) => {
-  const { manager, config } = dependencies;
+export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app, dependencies) => {
+  const { manager, config, metrics } = dependencies;
   const executions = new ExecutionStore(config.server.websocketurltimeout);
 
   app.post(
@@ -47,8 +49,18 @@ export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, 
       },
     },
     async (request) => {
-      const runner = await manager.claim(request.body.executionEnvironmentId, request.body.inactivityTimeout);
-      return { runnerId: runner.id, mappedPorts: runner.mappedPorts() };
+      const environmentId = request.body.executionEnvironmentId;
+      const started = process.hrtime.bigint();
+      try {
+        const runner = await manager.claim(environmentId, request.body.inactivityTimeout, request.log);
+        metrics.claim(environmentId, 'success', secondsSince(started));
+        return { runnerId: runner.id, mappedPorts: runner.mappedPorts() };
+      } catch (error) {
+        const kind = error instanceof DomainError ? error.kind : undefined;
+        const outcome = kind === 'no-idle-runner' ? 'no_idle_runner' : kind === 'environment-unknown' ? 'environment_not_found' : 'error';
+        metrics.claim(environmentId, outcome, secondsSince(started));
+        throw error;
+      }
     },
   );
 
@@ -68,7 +80,7 @@ export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, 
           },
         },
         async (request, reply) => {
-          await manager.return(request.runner);
+          await manager.return(request.runner, request.log);
           return reply.code(204).send();
         },
       );
@@ -88,6 +100,8 @@ export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, 
         },
         async (request, reply) => {
           await request.runner.updateFileSystem(request.body);
+          const uploaded = request.body.copy.reduce((sum, file) => sum + (file.content ? Buffer.byteLength(file.content, 'base64') : 0), 0);
+          metrics.bytes(request.runner.environmentId, 'upload', uploaded);
           return reply.code(204).send();
         },
       );
@@ -123,6 +137,8 @@ export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, 
         },
         async (request, reply) => {
           const content = await request.runner.getFileContent(request.query.path, request.query.privilegedExecution);
+          // Counted as announced: a client that hangs up early is rare enough not to need a byte-counting stream.
+          metrics.bytes(request.runner.environmentId, 'download', content.size);
           return reply
             .header('Content-Length', content.size)
             .header('Content-Type', 'application/octet-stream')
@@ -182,9 +198,18 @@ export const runnerRoutes: FastifyPluginAsyncZod<AppDependencies> = async (app, 
             socket.close(1011);
             return;
           }
+          // The upgrade never reaches onResponse (the socket is taken over), so its request line is written here.
+          metrics.websocketUpgrade('accepted');
+          request.log.info(
+            { method: request.method, url: request.url, statusCode: 101, runnerId: request.runner.id, remoteAddress: request.ip, userAgent: request.headers['user-agent'] },
+            'websocket upgrade accepted',
+          );
+          const closed = metrics.websocketOpened();
+          socket.once('close', closed);
           void runExecutionSession(socket, request.runner, execution, {
             maxOutputBytes: config.runners.maxoutputbytes,
             logger: request.log,
+            metrics,
           }).catch((error: unknown) => {
             request.log.error({ err: error }, 'execution session failed');
             socket.close(1011);

@@ -16,10 +16,11 @@ import {
 import { NomadError } from './errors.js';
 import { EventStreamSubscription, type EventStreamOptions } from './event-stream.js';
 import { execInAllocation, type ExecOptions } from './exec.js';
-import { NomadHttp, defaultRetryPolicy, type RetryPolicy } from './http.js';
+import { NomadHttp, defaultRetryPolicy, type CallObserver, type RetryPolicy } from './http.js';
 
 export interface ExecutorApiOptions {
   readonly retry?: Partial<RetryPolicy>;
+  readonly onCall?: CallObserver;
 }
 
 export interface RegisterResult {
@@ -44,7 +45,7 @@ export class ExecutorApi {
     private readonly logger: Logger,
     options: ExecutorApiOptions = {},
   ) {
-    this.http = new NomadHttp(config, logger, { ...defaultRetryPolicy, ...options.retry });
+    this.http = new NomadHttp(config, logger, { ...defaultRetryPolicy, ...options.retry }, options.onCall);
   }
 
   async registerJob(job: NomadJob): Promise<RegisterResult> {

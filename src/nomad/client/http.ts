@@ -6,6 +6,7 @@ import type { Logger } from 'pino';
 import { Pool } from 'undici';
 import type { z } from 'zod';
 import type { NomadConfig } from '../../config/schema.js';
+import { nomadEndpoint, secondsSince } from '../../monitoring/metrics.js';
 import { NomadError, unreachable } from './errors.js';
 
 export type QueryValue = string | number | boolean | readonly string[] | undefined;
@@ -17,6 +18,9 @@ export interface RetryPolicy {
   readonly baseDelayMs: number;
   readonly maxDelayMs: number;
 }
+
+/* Told about every single HTTP attempt (latency and failure), for metrics; ids are stripped from the path first. */
+export type CallObserver = (method: string, endpoint: string, seconds: number, error?: { errorCode?: string }) => void;
 
 export const defaultRetryPolicy: RetryPolicy = { retries: 3, baseDelayMs: 100, maxDelayMs: 2_000 };
 
@@ -58,6 +62,7 @@ export class NomadHttp {
     config: NomadConfig,
     private readonly logger: Logger,
     private readonly retry: RetryPolicy = defaultRetryPolicy,
+    private readonly onCall: CallObserver = () => undefined,
   ) {
     const scheme = config.tls.active ? 'https' : 'http';
     const host = config.address.includes(':') && !config.address.startsWith('[') ? `[${config.address}]` : config.address;
@@ -97,9 +102,13 @@ export class NomadHttp {
   async call<S extends z.ZodType>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, options: CallOptions<S>): Promise<z.infer<S> | undefined> {
     const attempts = options.idempotent === true ? this.retry.retries + 1 : 1;
     for (let attempt = 1; ; attempt++) {
+      const started = process.hrtime.bigint();
       try {
-        return await this.callOnce(method, path, options);
+        const result = await this.callOnce(method, path, options);
+        this.onCall(method, nomadEndpoint(path), secondsSince(started));
+        return result;
       } catch (error) {
+        this.onCall(method, nomadEndpoint(path), secondsSince(started), { errorCode: error instanceof NomadError ? error.errorCode : undefined });
         if (!(error instanceof NomadError) || !error.retryable || attempt >= attempts || this.closed) throw error;
         const delay = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1));
         this.logger.warn({ err: error, attempt, delay }, 'Nomad call failed, retrying');
