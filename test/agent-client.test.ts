@@ -121,16 +121,7 @@ describe('sandbox agent', () => {
   });
 
   test('exec: kill gives 128 + signal and reaches the whole process group', async () => {
-    let stdout = '';
-    const execution = client.exec(['/bin/sh', '-c', 'sleep 100 & echo started; wait'], UNPRIVILEGED, {
-      onStdout: (chunk) => (stdout += chunk.toString()),
-      onStderr: () => undefined,
-    });
-    while (!stdout.includes('started')) await new Promise((resolve) => setTimeout(resolve, 5));
-    execution.kill();
-    assert.equal((await execution.result).exitCode, 137);
-    const left = await run(client, 'ps -eo comm= | grep -c "^sleep$" || true');
-    assert.equal(left.stdout.trim(), '0', 'the background sleep was killed with its group');
+    await assertKillEndsTree(client, 'sleep 100 & echo started; wait', UNPRIVILEGED);
   });
 
   test('exec: a background process holding the output does not block the result', async () => {
@@ -375,16 +366,7 @@ describe('sandbox agent: terminal executions', () => {
   });
 
   test('kill still ends the whole process tree', async () => {
-    let stdout = '';
-    const execution = client.exec(['/bin/sh', '-c', 'trap "" HUP; (trap "" HUP; sleep 100) & sleep 100 & echo started; wait'], LEARNER, {
-      onStdout: (chunk) => (stdout += chunk.toString()),
-      onStderr: () => undefined,
-    });
-    while (!stdout.includes('started')) await new Promise((resolve) => setTimeout(resolve, 5));
-    execution.kill();
-    assert.equal((await execution.result).exitCode, 137);
-    const left = await run(client, 'ps -eo comm= | grep -c "^sleep$" || true');
-    assert.equal(left.stdout.trim(), '0', 'every sleep was killed with the group');
+    await assertKillEndsTree(client, 'trap "" HUP; (trap "" HUP; sleep 100) & sleep 100 & echo started; wait', LEARNER);
   });
 
   test('binary output passes the terminal (with \\n as \\r\\n)', async () => {
@@ -394,3 +376,17 @@ describe('sandbox agent: terminal executions', () => {
     assert.deepEqual(Buffer.concat(chunks), Buffer.from([0xff, 0xfe, 0x00, 0x41, 0x0d, 0x0a, 0x42]));
   });
 });
+
+/* Starts a script that prints "started" and leaves sleeps behind, kills it: 137, and no sleep survives. */
+async function assertKillEndsTree(client: AgentClient, script: string, options: AgentExecOptions): Promise<void> {
+  let stdout = '';
+  const execution = client.exec(['/bin/sh', '-c', script], options, {
+    onStdout: (chunk) => (stdout += chunk.toString()),
+    onStderr: () => undefined,
+  });
+  while (!stdout.includes('started')) await new Promise((resolve) => setTimeout(resolve, 5));
+  execution.kill();
+  assert.equal((await execution.result).exitCode, 137);
+  const left = await run(client, 'ps -eo comm= | grep -c "^sleep$" || true');
+  assert.equal(left.stdout.trim(), '0', 'every sleep was killed with the group');
+}

@@ -1,4 +1,4 @@
-import { rawBwrapBatch } from '../lib/baselines.js';
+import { type Baseline, rawBwrapBatch } from '../lib/baselines.js';
 import { environmentSpec } from '../lib/client.js';
 import { until, type BenchContext, type CaseResult } from '../lib/context.js';
 import { nowMs, round, sleep, summarize } from '../lib/stats.js';
@@ -94,15 +94,20 @@ export async function poolRefill100(context: BenchContext): Promise<CaseResult> 
     for (let i = 0; i < (context.quick ? 1 : 3); i++) runs.push(await rawBwrapBatch(size, REFILL_CONCURRENCY));
     return { what: `${size} raw bwrap spawns, ${REFILL_CONCURRENCY} at a time`, ...summarize(runs) };
   });
+  return refillResult(samples, size, baselineMs, errors);
+}
+
+/* A refill case's row: fills per second of the pool, and the ratio to its same-run baseline. */
+function refillResult(samples: number[], size: number, baseline: Baseline, errors: ErrorLog): CaseResult {
   const summary = summarize(samples);
   return {
     ...summary,
     ops_per_s: round(size / Math.max((summary.p50_ms || 1) / 1000, 1e-9), 1),
     errors: errors.count,
     pool_size: size,
-    baseline: baselineMs.what,
-    baseline_p50_ms: baselineMs.p50_ms,
-    ratio_p50: baselineMs.p50_ms > 0 ? round(summary.p50_ms / baselineMs.p50_ms, 2) : 0,
+    baseline: baseline.what,
+    baseline_p50_ms: baseline.p50_ms,
+    ratio_p50: baseline.p50_ms > 0 ? round(summary.p50_ms / baseline.p50_ms, 2) : 0,
     ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
   };
 }
@@ -118,16 +123,6 @@ export async function poolRefill100Network(context: BenchContext): Promise<CaseR
     what: `the same refill of ${size} runners without networkAccess`,
     ...summarize(await refillTimes(context, size, false, errors)),
   }));
-  const summary = summarize(await refillTimes(context, size, true, errors));
-  return {
-    ...summary,
-    ops_per_s: round(size / Math.max((summary.p50_ms || 1) / 1000, 1e-9), 1),
-    errors: errors.count,
-    pool_size: size,
-    baseline: baseline.what,
-    baseline_p50_ms: baseline.p50_ms,
-    ratio_p50: baseline.p50_ms > 0 ? round(summary.p50_ms / baseline.p50_ms, 2) : 0,
-    added_ms_per_runner: round((summary.p50_ms - baseline.p50_ms) / size, 2),
-    ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
-  };
+  const result = refillResult(await refillTimes(context, size, true, errors), size, baseline, errors);
+  return { ...result, added_ms_per_runner: round(((result.p50_ms ?? 0) - baseline.p50_ms) / size, 2) };
 }

@@ -227,15 +227,7 @@ export function assertMatchesSwagger(
 }
 
 /** Only the project's own document: for answers Poseidon's never lists (413, 415, 401 on statistics...). */
-export function assertMatchesOwnDocument(
-  method: HttpMethod,
-  pathTemplate: string,
-  status: number,
-  body: Json | undefined,
-  contentType?: string | null,
-): void {
-  own.assertResponse(method, pathTemplate, status, body, contentType);
-}
+export const assertMatchesOwnDocument: typeof assertMatchesSwagger = (...answer) => own.assertResponse(...answer);
 
 /** Keeps the CodeOcean client honest: what it sends must itself be valid per the documents. */
 export function assertRequestMatchesSwagger(method: HttpMethod, pathTemplate: string, body: Json): void {
