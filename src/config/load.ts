@@ -1,10 +1,21 @@
 import { readFile } from 'node:fs/promises';
 import YAML from 'yaml';
-import { type Config, configSchema } from './schema.js';
+import { type Config, configSchema, listFromText, UNIMPLEMENTED_KEYS } from './schema.js';
 
 const ENV_PREFIX = 'POSEIDON_';
 
 export class ConfigError extends Error {}
+
+/* A key of Poseidon's that is set here but does nothing, with what happens instead. */
+export interface ConfigWarning {
+  key: string;
+  message: string;
+}
+
+export interface LoadedConfig {
+  config: Config;
+  warnings: ConfigWarning[];
+}
 
 type Tree = Record<string, unknown>;
 
@@ -12,11 +23,16 @@ function isTree(value: unknown): value is Tree {
   return typeof value === 'object' && value !== null && !Array.isArray(value);
 }
 
-/* Reads an environment value as the type the key has by default (number, boolean, map), else as text. */
+/* Go's strconv.ParseBool, which Poseidon reads boolean variables with. */
+const GO_TRUE = new Set(['1', 't', 'T', 'TRUE', 'true', 'True']);
+const GO_FALSE = new Set(['0', 'f', 'F', 'FALSE', 'false', 'False']);
+
+/* Reads an environment value as the type the key has by default (number, boolean, list, map), else as text. */
 function typedValue(text: string, example: unknown): unknown {
   if (typeof example === 'number') return text.trim() === '' ? text : Number(text);
-  if (typeof example === 'boolean') return text === 'true' ? true : text === 'false' ? false : text;
-  if (isTree(example) || Array.isArray(example)) return YAML.parse(text) as unknown;
+  if (typeof example === 'boolean') return GO_TRUE.has(text) ? true : GO_FALSE.has(text) ? false : text;
+  if (Array.isArray(example)) return listFromText(text);
+  if (isTree(example)) return YAML.parse(text) as unknown;
   return text;
 }
 
@@ -39,17 +55,63 @@ export function applyEnvironment(tree: Tree, environment: NodeJS.ProcessEnv): Tr
   return tree;
 }
 
+/*
+ * A key written without a value (`influxdb:` followed only by comments, as in Poseidon's example)
+ * is null in YAML; Go's decoder leaves such a key at its default, and so does this.
+ */
+function withoutNulls(tree: Tree): Tree {
+  const result: Tree = {};
+  for (const [key, value] of Object.entries(tree)) {
+    if (value === null) continue;
+    result[key] = isTree(value) ? withoutNulls(value) : value;
+  }
+  return result;
+}
+
+/* Poseidon keeps the Nomad job template under server; here it is a Nomad setting, in one place. */
+function moveTemplateJobFile(tree: Tree): void {
+  const server = tree.server;
+  if (!isTree(server) || server.templatejobfile === undefined) return;
+  const nomad = isTree(tree.nomad) ? tree.nomad : (tree.nomad = {});
+  if (nomad.templatejobfile !== undefined && nomad.templatejobfile !== server.templatejobfile) {
+    throw new ConfigError('invalid configuration:\n  server.templatejobfile and nomad.templatejobfile name different files; set one of them');
+  }
+  nomad.templatejobfile = server.templatejobfile;
+  delete server.templatejobfile;
+}
+
+/* One warning per set key of Poseidon's that has no effect here (see UNIMPLEMENTED_KEYS). */
+export function unimplementedKeyWarnings(tree: Tree, prefix: string[] = []): ConfigWarning[] {
+  const warnings: ConfigWarning[] = [];
+  for (const [key, value] of Object.entries(tree)) {
+    const keyPath = [...prefix, key];
+    if (isTree(value)) {
+      warnings.push(...unimplementedKeyWarnings(value, keyPath));
+      continue;
+    }
+    // The key's own entry, else its nearest section's.
+    let entry;
+    for (let length = keyPath.length; length > 0 && !entry; length -= 1) entry = UNIMPLEMENTED_KEYS[keyPath.slice(0, length).join('.')];
+    if (!entry || entry.harmless?.(value)) continue;
+    const name = keyPath.join('.');
+    warnings.push({ key: name, message: `configuration key ${name} is not implemented by poseidon-ts and has no effect: ${entry.instead}` });
+  }
+  return warnings;
+}
+
 export function parseConfig(tree: unknown): Config {
   const result = configSchema.safeParse(tree);
   if (result.success) return result.data;
   const problems = result.error.issues.map((issue) => {
     const key = issue.path.join('.') || '(top level)';
+    // An unknown key's path is its section; the message names the key itself.
     return `  ${key}: ${issue.message}`;
   });
   throw new ConfigError(`invalid configuration:\n${problems.join('\n')}`);
 }
 
-export async function loadConfig(file: string | undefined, environment: NodeJS.ProcessEnv = process.env): Promise<Config> {
+/* The configuration from a file (optional) and POSEIDON_* variables, with warnings for keys that do nothing here. */
+export async function loadConfiguration(file: string | undefined, environment: NodeJS.ProcessEnv = process.env): Promise<LoadedConfig> {
   let tree: Tree = {};
   if (file) {
     let text: string;
@@ -58,9 +120,21 @@ export async function loadConfig(file: string | undefined, environment: NodeJS.P
     } catch (error) {
       throw new ConfigError(`cannot read configuration file ${file}: ${(error as Error).message}`);
     }
-    const parsed: unknown = YAML.parse(text);
+    let parsed: unknown;
+    try {
+      parsed = YAML.parse(text);
+    } catch (error) {
+      throw new ConfigError(`${file} is not valid YAML: ${(error as Error).message}`);
+    }
     if (parsed !== null && parsed !== undefined && !isTree(parsed)) throw new ConfigError(`${file} must hold a YAML mapping`);
-    tree = (parsed as Tree | null) ?? {};
+    tree = withoutNulls((parsed as Tree | null) ?? {});
   }
-  return parseConfig(applyEnvironment(tree, environment));
+  tree = applyEnvironment(tree, environment);
+  moveTemplateJobFile(tree);
+  const config = parseConfig(tree);
+  return { config, warnings: unimplementedKeyWarnings(tree) };
+}
+
+export async function loadConfig(file: string | undefined, environment: NodeJS.ProcessEnv = process.env): Promise<Config> {
+  return (await loadConfiguration(file, environment)).config;
 }

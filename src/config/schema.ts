@@ -1,4 +1,36 @@
+import YAML from 'yaml';
 import { z } from 'zod';
+
+/*
+ * Go's YAML decoder (Poseidon's) reads `30_000` as a number; the YAML 1.2 parser here reads it as
+ * text. Poseidon's own example uses that spelling, so integers accept it too.
+ */
+function goNumber() {
+  return z.preprocess(
+    (value) => (typeof value === 'string' && /^-?[0-9][0-9_]*(\.[0-9]+)?$/.test(value) ? Number(value.replaceAll('_', '')) : value),
+    z.number(),
+  );
+}
+
+function goInteger() {
+  return goNumber().pipe(z.number().int());
+}
+
+/*
+ * Poseidon reads a list from an environment variable as words separated by white space, optionally
+ * wrapped in double quotes (POSEIDON_AWS_FUNCTIONS="java11Exec go118Exec"); a YAML flow list works too.
+ */
+export function listFromText(text: string): unknown {
+  const trimmed = text.trim();
+  if (trimmed.startsWith('[')) return YAML.parse(trimmed) as unknown;
+  const unquoted = trimmed.length >= 2 && trimmed.startsWith('"') && trimmed.endsWith('"') ? trimmed.slice(1, -1) : trimmed;
+  return unquoted.split(/\s+/).filter((word) => word !== '');
+}
+
+/* A list of strings that, given as text (an environment variable without a default to type it), is read as Poseidon does. */
+function goStringList(item: z.ZodString = z.string()) {
+  return z.preprocess((value) => (typeof value === 'string' ? listFromText(value) : value), z.array(item));
+}
 
 /*
  * Keys are lower-case without separators, as in Poseidon's configuration file, so that an
@@ -18,8 +50,26 @@ const serverSchema = z
   .strictObject({
     address: z.string().min(1).default('127.0.0.1'),
     port: z.number().int().min(0).max(65535).default(7200),
+    /* Poseidon's: listen on the sockets systemd passes (LISTEN_FDS) instead of address and port. */
+    systemdsocketactivation: z.boolean().default(false),
     token: z.string().min(1).optional(),
     tls: tlsSchema,
+    /* Poseidon keeps the Nomad job template here; it is moved to nomad.templatejobfile at load (see load.ts). */
+    templatejobfile: z.string().min(1).optional(),
+    /* Poseidon's: requests whose User-Agent carries it are not logged. Accepted, not implemented (see UNIMPLEMENTED_KEYS). */
+    loggingfiltertoken: z.string().optional(),
+    /*
+     * Seconds running executions may still finish after SIGTERM or SIGINT before they are ended
+     * with an error (Poseidon waits 15 s for its connections too).
+     */
+    shutdowntimeout: z.number().min(0).default(15),
+    /*
+     * Seconds a request may take to arrive completely (headers and body); a stalled client is
+     * answered 408 and cut off, so it cannot hold a connection (Poseidon: 15 s read timeout).
+     */
+    requesttimeout: z.number().positive().default(30),
+    /* Seconds an idle keep-alive connection stays open (Poseidon: 60 s). */
+    idletimeout: z.number().positive().default(60),
     /* Accepted for Poseidon compatibility; the local backend keeps stdout and stderr apart anyway. */
     interactivestderr: z.boolean().default(true),
     /* Largest accepted request body; file uploads are base64 JSON, so this bounds one PATCH. */
@@ -114,7 +164,7 @@ const localNetworkSchema = z
     /* Private, link-local and other non-public IPv4 ranges runners may reach after all (CIDRs), e.g. a resolver or package mirror. */
     allowedprivate: z.array(z.cidrv4()).default([]),
     /* Interfaces forwarding runners' traffic out; unset means the interfaces of the host's default routes. */
-    uplinks: z.array(z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/)).optional(),
+    uplinks: goStringList(z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/)).optional(),
   })
   .prefault({});
 
@@ -182,6 +232,64 @@ const localSchema = z
   })
   .prefault({});
 
+/*
+ * Sections of Poseidon's configuration that this daemon has no counterpart for. They are accepted
+ * with Poseidon's types, so that Poseidon's file and POSEIDON_* variables work unchanged; each key
+ * that is set gets one warning at start (UNIMPLEMENTED_KEYS).
+ */
+const awsSchema = z
+  .strictObject({
+    enabled: z.boolean().default(false),
+    endpoint: z.string().optional(),
+    functions: z.array(z.string()).default([]),
+  })
+  .prefault({});
+
+const profilingSchema = z
+  .strictObject({
+    cpuenabled: z.boolean().default(false),
+    cpufile: z.string().optional(),
+    memoryinterval: goInteger().optional(),
+    memorythreshold: goInteger().default(1_000),
+  })
+  .prefault({});
+
+/* The options of sentry-go's ClientOptions that can be written in YAML (Poseidon decodes the struct as is). */
+const sentrySchema = z
+  .strictObject({
+    dsn: z.string().optional(),
+    environment: z.string().optional(),
+    release: z.string().optional(),
+    dist: z.string().optional(),
+    servername: z.string().optional(),
+    debug: z.boolean().default(false),
+    attachstacktrace: z.boolean().default(true),
+    enabletracing: z.boolean().default(false),
+    samplerate: goNumber().pipe(z.number().min(0).max(1)).optional(),
+    tracessamplerate: goNumber().pipe(z.number().min(0).max(1)).optional(),
+    profilessamplerate: goNumber().pipe(z.number().min(0).max(1)).optional(),
+    senddefaultpii: z.boolean().default(false),
+    maxbreadcrumbs: goInteger().optional(),
+    maxerrordepth: goInteger().optional(),
+    ignoreerrors: goStringList().optional(),
+    ignoretransactions: goStringList().optional(),
+    tracepropagationtargets: goStringList().optional(),
+    httpproxy: z.string().optional(),
+    httpsproxy: z.string().optional(),
+    cacerts: z.string().optional(),
+  })
+  .prefault({});
+
+const influxdbSchema = z
+  .strictObject({
+    url: z.string().optional(),
+    token: z.string().optional(),
+    organization: z.string().optional(),
+    bucket: z.string().optional(),
+    stage: z.string().optional(),
+  })
+  .prefault({});
+
 export const configSchema = z
   .strictObject({
     server: serverSchema,
@@ -189,8 +297,41 @@ export const configSchema = z
     runners: runnersSchema,
     nomad: nomadSchema,
     local: localSchema,
+    aws: awsSchema,
+    profiling: profilingSchema,
+    sentry: sentrySchema,
+    influxdb: influxdbSchema,
   })
   .prefault({});
+
+export interface UnimplementedKey {
+  /* What this daemon does instead, for the warning. */
+  instead: string;
+  /* A value that asks for nothing beyond what this daemon does anyway, so it needs no warning. */
+  harmless?: (value: unknown) => boolean;
+}
+
+/*
+ * Poseidon's keys that are accepted but have no effect here, by dotted path (a section's path
+ * covers every key in it). Each key that is set is warned about once at start.
+ */
+export const UNIMPLEMENTED_KEYS: Record<string, UnimplementedKey> = {
+  'server.loggingfiltertoken': { instead: 'no request is hidden from the log by its User-Agent' },
+  'server.interactivestderr': {
+    instead: 'stdout and stderr are always sent as separate `stdout` and `stderr` messages',
+    harmless: (value) => value === true,
+  },
+  'server.alert.prewarmingpoolreloadtimeout': {
+    instead: 'environments are never reloaded automatically; a pool that cannot be filled keeps retrying with backoff',
+    harmless: (value) => value === 0,
+  },
+  'aws.enabled': { instead: 'there is no AWS Lambda backend; environments run in the local or Nomad backend', harmless: (value) => value === false },
+  aws: { instead: 'there is no AWS Lambda backend; environments run in the local or Nomad backend' },
+  'profiling.cpuenabled': { instead: 'there is no built-in profiler (use node --cpu-prof)', harmless: (value) => value === false },
+  profiling: { instead: 'there is no built-in profiler or memory watchdog; this key is ignored' },
+  sentry: { instead: 'errors are not sent to Sentry, only logged' },
+  influxdb: { instead: 'no data is sent to InfluxDB' },
+};
 
 export type Config = z.infer<typeof configSchema>;
 export type NomadConfig = z.infer<typeof nomadSchema>;
