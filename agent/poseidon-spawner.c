@@ -88,7 +88,9 @@ static void write_all(const void *data, size_t len)
 		ssize_t w = write(1, p, len);
 		if (w < 0) {
 			if (errno == EINTR) continue;
-			_exit(1); /* the daemon is gone; our children die with us */
+			/* the daemon is gone; our children die with us */
+			dprintf(2, "poseidon-spawner: exiting: cannot write to the daemon: %s\n", strerror(errno));
+			_exit(1);
 		}
 		p += w; len -= (size_t)w;
 	}
@@ -118,9 +120,11 @@ static void send_failed(uint32_t id, const char *what)
 	send_event(EV_FAILED, id, msg, n < 0 ? 0 : (size_t)n, NULL, 0);
 }
 
-static void kill_all_and_exit(int code)
+/* Every exit says why on stderr (the daemon's): a spawner that just vanishes cannot be diagnosed. */
+static void kill_all_and_exit(int code, const char *why)
 {
 	for (size_t i = 0; i < nchildren; i++) kill(children[i]->pid, SIGKILL);
+	dprintf(2, "poseidon-spawner: exiting (%d) after killing %zu sandbox process(es): %s\n", code, nchildren, why);
 	_exit(code);
 }
 
@@ -236,10 +240,19 @@ static void child_main(pid_t parent, const uint8_t *key, int err_w, struct spawn
 	sigemptyset(&none);
 	sigprocmask(SIG_SETMASK, &none, NULL);
 	signal(SIGPIPE, SIG_DFL);
+	signal(SIGTERM, SIG_DFL);
+	signal(SIGINT, SIG_DFL);
+	signal(SIGHUP, SIG_DFL);
+	signal(SIGQUIT, SIG_DFL);
 	if (dup2(err_w, 2) < 0) _exit(126);
+	/*
+	 * A session of its own: a signal to the daemon's process group or terminal (Ctrl-C, systemd)
+	 * must not reach sandboxes directly; the daemon drains and removes them itself.
+	 */
+	if (setsid() < 0) child_fail("setsid");
 	/* Nobody may outlive the spawner: this survives exec (bwrap then sets its own). */
 	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) child_fail("prctl");
-	if (getppid() != parent) _exit(126);
+	if (getppid() != parent) { dprintf(2, "poseidon-spawner: the spawner ended while this child was starting\n"); _exit(126); }
 	/* Into the runner's cgroups before anything can fork, or a fork bomb could escape the pids limit. */
 	char pid_text[16];
 	snprintf(pid_text, sizeof pid_text, "%d", (int)getpid());
@@ -417,7 +430,7 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 			if (children[i]->id == id) kill(children[i]->pid, SIGKILL);
 	} else {
 		fprintf(stderr, "poseidon-spawner: unknown request type %u\n", type);
-		kill_all_and_exit(2);
+		kill_all_and_exit(2, "unknown request");
 	}
 }
 
@@ -426,12 +439,16 @@ static struct frame_reader requests = { .chunk = 65536, .max_frame = MAX_FRAME }
 static void read_requests(void)
 {
 	int rc = frame_reader_read(&requests, 0, handle_frame);
-	if (rc == FRAMES_EOF) kill_all_and_exit(0); /* the daemon is gone: so are its sandboxes */
+	/* EOF: the daemon closed its end (it stops) or is gone; so are its sandboxes. Quiet: the normal end. */
+	if (rc == FRAMES_EOF) {
+		for (size_t i = 0; i < nchildren; i++) kill(children[i]->pid, SIGKILL);
+		_exit(0);
+	}
 	if (rc == FRAMES_BAD) {
 		fprintf(stderr, "poseidon-spawner: bad frame length %u\n", requests.bad_length);
-		kill_all_and_exit(2);
+		kill_all_and_exit(2, "bad request frame");
 	}
-	if (rc == FRAMES_NO_MEMORY) kill_all_and_exit(3);
+	if (rc == FRAMES_NO_MEMORY) kill_all_and_exit(3, "out of memory reading a request");
 }
 
 /*
@@ -466,8 +483,19 @@ int main(int argc, char **argv)
 	strcpy(daemon_addr.sun_path, argv[1]);
 	if (argc == 3 && (agent_memfd = load_agent(argv[2])) < 0) return 1;
 	/* Without the daemon there is nobody to serve: die with it even if its pipe lingers. */
-	prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
-	if (getppid() == 1) return 1;
+	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) { perror("poseidon-spawner: prctl(PR_SET_PDEATHSIG)"); return 1; }
+	/*
+	 * No check of getppid() here: the daemon may itself be pid 1 (node as a container's init), and a
+	 * daemon that died before the prctl above is noticed anyway, as EOF on stdin at the first read.
+	 *
+	 * A signal to the daemon's whole process group (systemd's KillMode=control-group or mixed, a
+	 * Ctrl-C) must not end the spawner before the daemon drained: it ignores them and ends with
+	 * the daemon, at EOF. Its children get the default dispositions back (child_main).
+	 */
+	signal(SIGTERM, SIG_IGN);
+	signal(SIGINT, SIG_IGN);
+	signal(SIGHUP, SIG_IGN);
+	signal(SIGQUIT, SIG_IGN);
 	signal(SIGPIPE, SIG_IGN);
 	sigset_t chld;
 	sigemptyset(&chld);
@@ -482,7 +510,7 @@ int main(int argc, char **argv)
 	for (;;) {
 		size_t n = 2;
 		fds = realloc(fds, (2 + nchildren) * sizeof *fds);
-		if (!fds) kill_all_and_exit(3);
+		if (!fds) kill_all_and_exit(3, "out of memory");
 		fds[0] = (struct pollfd){ 0, POLLIN, 0 };
 		fds[1] = (struct pollfd){ sigfd, POLLIN, 0 };
 		for (size_t i = 0; i < nchildren; i++)
@@ -490,7 +518,7 @@ int main(int argc, char **argv)
 		if (poll(fds, n, -1) < 0) {
 			if (errno == EINTR) continue;
 			perror("poseidon-spawner: poll");
-			kill_all_and_exit(1);
+			kill_all_and_exit(1, "poll failed");
 		}
 		for (size_t i = 2; i < n; i++) {
 			if (!fds[i].revents) continue;

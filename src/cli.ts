@@ -1,31 +1,23 @@
 import { existsSync } from 'node:fs';
-import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig } from './config/load.js';
-import { packageVersion, startDaemon } from './daemon.js';
+import type { Logger } from 'pino';
+import { HELP, parseArguments, UsageError } from './cli-arguments.js';
+import { ConfigError, loadConfiguration } from './config/load.js';
+import { type Daemon, packageVersion, startDaemon } from './daemon.js';
 import { createLogger } from './monitoring/logger.js';
 
-const HELP = `poseidon-ts: a Poseidon-compatible runner daemon for CodeOcean
+/* How long cleaning up after an uncaught exception may take before the process exits anyway. */
+const FATAL_CLEANUP_MS = 10_000;
 
-Usage: poseidon [--config FILE]
-
-Options:
-  -c, --config FILE  YAML configuration (default: ./configuration.yaml if present, else built-in defaults)
-  -h, --help         show this help
-  -v, --version      print the version
-
-Every key can be overridden by an environment variable: POSEIDON_<SECTION>_<KEY>,
-e.g. POSEIDON_SERVER_PORT=7200, POSEIDON_SERVER_TOKEN=secret, POSEIDON_LOGGER_LEVEL=debug.
-See configuration.example.yaml for all keys.
-`;
+function exitAfterFatal(logger: Logger, daemon: Daemon | undefined, what: string, error: unknown): void {
+  logger.fatal({ err: error }, `${what}: shutting down`);
+  const timer = setTimeout(() => process.exit(1), FATAL_CLEANUP_MS);
+  timer.unref();
+  // Sandboxes, cgroups and the runner network are removed even now, then the exit says it failed.
+  void (daemon ? daemon.close() : Promise.resolve()).finally(() => process.exit(1));
+}
 
 async function main(): Promise<void> {
-  const { values } = parseArgs({
-    options: {
-      config: { type: 'string', short: 'c' },
-      help: { type: 'boolean', short: 'h' },
-      version: { type: 'boolean', short: 'v' },
-    },
-  });
+  const values = parseArguments(process.argv.slice(2));
   if (values.help) {
     process.stdout.write(HELP);
     return;
@@ -35,17 +27,35 @@ async function main(): Promise<void> {
     return;
   }
   const configFile = values.config ?? (existsSync('configuration.yaml') ? 'configuration.yaml' : undefined);
-  const config = await loadConfig(configFile);
+  const { config, warnings } = await loadConfiguration(configFile);
   const logger = createLogger(config.logger);
   logger.info({ configFile: configFile ?? '(defaults)' }, 'configuration loaded');
-  const daemon = await startDaemon(config, logger);
+  for (const warning of warnings) logger.warn({ key: warning.key }, warning.message);
 
-  let stopping = false;
+  let daemon: Daemon | undefined;
+  let fatal = false;
+  const onFatal = (what: string) => (error: unknown) => {
+    if (fatal) return;
+    fatal = true;
+    exitAfterFatal(logger, daemon, what, error);
+  };
+  process.on('uncaughtException', onFatal('uncaught exception'));
+  process.on('unhandledRejection', onFatal('unhandled promise rejection'));
+
+  // Signals that arrive while starting wait until the daemon is there to drain.
+  let stopSignal: NodeJS.Signals | undefined;
   const stop = (signal: NodeJS.Signals): void => {
-    if (stopping) return;
-    stopping = true;
+    if (stopSignal !== undefined) {
+      logger.warn({ signal }, 'second stop signal: ending running executions now');
+      daemon?.hurry();
+      return;
+    }
+    stopSignal = signal;
     logger.info({ signal }, 'shutting down');
-    daemon.close().then(
+    if (daemon) drainAndExit(daemon, signal);
+  };
+  const drainAndExit = (running: Daemon, signal: NodeJS.Signals): void => {
+    running.drain(signal).then(
       () => process.exit(0),
       (error: unknown) => {
         logger.error({ err: error }, 'shutdown failed');
@@ -53,12 +63,23 @@ async function main(): Promise<void> {
       },
     );
   };
-  process.once('SIGTERM', stop);
-  process.once('SIGINT', stop);
+  process.on('SIGTERM', stop);
+  process.on('SIGINT', stop);
+  process.on('SIGHUP', () => {
+    logger.info({ signal: 'SIGHUP', configFile: configFile ?? '(defaults)' }, 'reloading the configuration');
+    loadConfiguration(configFile).then(
+      (reloaded) => daemon?.reload(reloaded.config),
+      (error: unknown) => logger.error({ err: error }, 'cannot reload the configuration: keeping the current one'),
+    );
+  });
+
+  daemon = await startDaemon(config, logger);
+  if (stopSignal !== undefined) drainAndExit(daemon, stopSignal);
 }
 
 main().catch((error: unknown) => {
-  const message = error instanceof ConfigError ? error.message : error instanceof Error ? (error.stack ?? error.message) : String(error);
+  const known = error instanceof ConfigError || error instanceof UsageError;
+  const message = known ? error.message : error instanceof Error ? (error.stack ?? error.message) : String(error);
   process.stderr.write(`poseidon-ts: ${message}\n`);
-  process.exit(1);
+  process.exit(error instanceof UsageError ? 2 : 1);
 });

@@ -31,6 +31,8 @@ export interface EnvironmentAccessor {
   putEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome>;
   deleteEnvironment(environmentId: number, log?: ContextLogger): Promise<void>;
   statistics(): EnvironmentStatistics[];
+  /* Why the daemon is draining before a shutdown (claims are refused, /health answers 503); undefined while it serves. */
+  readonly lameDuck?: string | undefined;
 }
 
 /* What buildApp is given; its own module so routes and the app factory import it without a cycle. */

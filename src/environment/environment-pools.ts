@@ -41,6 +41,8 @@ export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
 export class EnvironmentPools<R extends ManagedRunner> {
   readonly #byId = new Map<number, ExecutionEnvironment<R>>();
   readonly #options: EnvironmentPoolsOptions<R>;
+  /* Set when the daemon drains: no pool builds runners any more, new environments included. */
+  #refillStopped = false;
 
   constructor(options: EnvironmentPoolsOptions<R>) {
     this.#options = options;
@@ -149,8 +151,16 @@ export class EnvironmentPools<R extends ManagedRunner> {
       logger,
       instruments: { runnerBuilt: (...args) => instruments().runnerBuilt(...args), nomadCall: (...args) => instruments().nomadCall(...args) },
     });
+    // An environment stored while draining is kept for the next start, but builds nothing now.
+    if (this.#refillStopped) environment.stopRefilling();
     this.#byId.set(spec.id, environment);
     return environment;
+  }
+
+  /* The drain before a shutdown: runners in use keep serving, but no pool refills. */
+  stopRefilling(): void {
+    this.#refillStopped = true;
+    for (const environment of this.#byId.values()) environment.stopRefilling();
   }
 
   /* Drops an environment whose storage vanished underneath it, destroying its runners. */

@@ -31,6 +31,8 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   #failureStreak = 0;
   #retryTimer: NodeJS.Timeout | undefined;
   #deleted = false;
+  /* Set when the daemon drains: no new runner is built, the ones there keep serving. */
+  #refillStopped = false;
   readonly #logger: Logger;
 
   constructor(
@@ -117,9 +119,15 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     this.refill();
   }
 
+  stopRefilling(): void {
+    this.#refillStopped = true;
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+  }
+
   /* Starts as many runner builds as the pool lacks, bounded by the refill concurrency. */
   refill(): void {
-    if (this.#deleted || this.#retryTimer) return;
+    if (this.#deleted || this.#refillStopped || this.#retryTimer) return;
     while (
       this.#idle.size + this.#creating < this.spec.prewarmingPoolSize &&
       this.#creating < this.options.refillConcurrency
@@ -154,7 +162,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
       this.#failureStreak += 1;
       const delay = Math.min(MAX_REFILL_BACKOFF_MS, 250 * 2 ** Math.min(this.#failureStreak, 10));
       this.#logger.error({ err: error, retryInMs: delay }, 'building a runner failed');
-      if (!this.#retryTimer && !this.#deleted) {
+      if (!this.#retryTimer && !this.#deleted && !this.#refillStopped) {
         this.#retryTimer = setTimeout(() => {
           this.#retryTimer = undefined;
           this.refill();

@@ -106,6 +106,10 @@ export class LocalAccessorHandler extends AccessorHandler {
     this.#logger.info({ environments: specs.length }, 'environments loaded');
   }
 
+  protected override enterLameDuckOwn(): void {
+    this.pools.stopRefilling();
+  }
+
   protected async shutdownOwn(): Promise<void> {
     this.#processes.enterLameDuck();
     await this.pools.shutdown();

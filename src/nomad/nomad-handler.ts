@@ -414,6 +414,10 @@ export class NomadAccessorHandler extends AccessorHandler {
   }
 
   /* Runners and jobs stay in Nomad, so that the next start recovers them with the same ids. */
+  protected override enterLameDuckOwn(): void {
+    this.pools.stopRefilling();
+  }
+
   protected async shutdownOwn(): Promise<void> {
     this.#closed = true;
     this.#reconciliation.close();

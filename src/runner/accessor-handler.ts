@@ -1,7 +1,7 @@
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { ContextLogger } from '../monitoring/logger.js';
 import { type Instruments, noInstruments } from '../monitoring/metrics.js';
-import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from './errors.js';
+import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError, ShuttingDownError } from './errors.js';
 import type { Runner } from './runner.js';
 
 export type PutOutcome = 'created' | 'replaced';
@@ -24,6 +24,8 @@ export abstract class AccessorHandler {
   #next: AccessorHandler | undefined;
   /* Where runner builds and backend calls are reported (metrics, health); nothing until instrument(). */
   protected instruments: Instruments = noInstruments;
+  /* Why the daemon is draining (e.g. "SIGTERM"); undefined while it serves normally. */
+  #lameDuck: string | undefined;
 
   abstract readonly name: string;
   /* The handler's own environments and runners (its EnvironmentPools), which the chain reads directly. */
@@ -81,8 +83,28 @@ export abstract class AccessorHandler {
   protected abstract loadOwn(): Promise<void>;
   /* Destroys every runner; environments stay stored. */
   protected abstract shutdownOwn(): Promise<void>;
+  /* From now on no runner is built: pools stop refilling (running executions go on). Backends with pools override it. */
+  protected enterLameDuckOwn(): void {}
+
+  /*
+   * The drain before a shutdown (after Nex's EnterLameDuck): claims are refused, pools stop
+   * refilling and /health reports it, while runners in use keep serving.
+   */
+  enterLameDuck(reason: string): void {
+    for (const handler of this.chain()) {
+      if (handler.#lameDuck !== undefined) continue;
+      handler.#lameDuck = reason;
+      handler.enterLameDuckOwn();
+    }
+  }
+
+  /* Why the daemon is draining, or undefined while it serves normally. */
+  get lameDuck(): string | undefined {
+    return this.#lameDuck;
+  }
 
   async claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner> {
+    if (this.#lameDuck !== undefined) throw new ShuttingDownError(this.#lameDuck);
     if (!this.knowsEnvironment(environmentId)) {
       if (this.#next) return this.#next.claim(environmentId, inactivityTimeout, log);
       throw new EnvironmentNotFoundError(environmentId);

@@ -51,6 +51,16 @@ export class NoIdleRunnerError extends DomainError {
   }
 }
 
+/*
+ * A claim while the daemon drains. For the client it is an empty pool (500 NOMAD_OVERLOAD), the one
+ * answer CodeOcean shows a learner as "try again later" (NotAvailable) instead of an internal error.
+ */
+export class ShuttingDownError extends DomainError {
+  constructor(reason: string) {
+    super('no-idle-runner', `poseidon-ts is shutting down (${reason}) and hands out no runners; try again shortly`);
+  }
+}
+
 export class FileNotAvailableError extends DomainError {
   constructor(message: string) {
     super('workspace-unreadable', message);

@@ -31,6 +31,21 @@ export interface DaemonOptions {
   entry?: string;
   /** How long to wait for /health to answer at all. */
   startTimeoutMs?: number;
+  /** The daemon leads a process group of its own, so a test can signal the whole group (as systemd or Ctrl-C do). */
+  detached?: boolean;
+  /** The command-line arguments after the entry script (default `--config <configPath>`). */
+  args?: (configPath: string) => string[];
+  /**
+   * Written verbatim as the configuration file instead of the merged tree (e.g. Poseidon's own
+   * file); the harness's own settings (port, state dir, cgroups, network) then come as POSEIDON_*
+   * variables, which win over the file.
+   */
+  configText?: string;
+}
+
+export interface DaemonExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
 }
 
 export interface Daemon {
@@ -39,6 +54,10 @@ export interface Daemon {
   origin: string;
   port: number;
   token: string | undefined;
+  /** The daemon's process id (with `detached`, also its process group's). */
+  pid: number;
+  /** Resolves when the daemon process has exited. */
+  exited: Promise<DaemonExit>;
   /** Temp dir holding the config and the state dir; removed by stop(). */
   tempDir: string;
   configPath: string;
@@ -199,17 +218,35 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     base.server = { ...(base.server as ConfigTree), token: options.token };
   }
   const config = deepMerge(base, options.config ?? {});
-  writeFileSync(configPath, stringify(config), { mode: 0o600 });
+  writeFileSync(configPath, options.configText ?? stringify(config), { mode: 0o600 });
+  const baseEnvironment: Record<string, string> = {};
+  if (options.configText !== undefined) {
+    const local = config.local as ConfigTree;
+    const network = local.network as ConfigTree;
+    Object.assign(baseEnvironment, {
+      POSEIDON_SERVER_ADDRESS: '127.0.0.1',
+      POSEIDON_SERVER_PORT: String(port),
+      POSEIDON_LOCAL_STATEDIR: String(local.statedir),
+      POSEIDON_LOCAL_CGROUPPARENT: String(local.cgroupparent),
+      POSEIDON_LOCAL_NETWORK_BRIDGE: String(network.bridge),
+      POSEIDON_LOCAL_NETWORK_TABLE: String(network.table),
+      POSEIDON_LOCAL_NETWORK_SUBNET: String(network.subnet),
+      POSEIDON_LOCAL_NETWORK_UPLINKS: '[]',
+      ...(options.token !== undefined ? { POSEIDON_SERVER_TOKEN: options.token } : {}),
+    });
+  }
 
   let output = '';
   const child: ChildProcess = spawn(
     process.execPath,
-    ['--import', 'tsx', options.entry ?? 'src/cli.ts', '--config', configPath],
+    ['--import', 'tsx', options.entry ?? 'src/cli.ts', ...(options.args?.(configPath) ?? ['--config', configPath])],
     {
       cwd: REPO_ROOT,
+      detached: options.detached ?? false,
       // A POSEIDON_* variable leaking from the developer's shell would silently override the file.
       env: {
         ...Object.fromEntries(Object.entries(process.env).filter(([key]) => !key.startsWith('POSEIDON_'))),
+        ...baseEnvironment,
         ...options.env,
       },
       stdio: ['ignore', 'pipe', 'pipe'],
@@ -223,13 +260,14 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
   });
   let exited = false;
   let exitDescription = '';
-  const exitPromise = new Promise<void>((resolveExit) => {
+  const exitStatus = new Promise<DaemonExit>((resolveExit) => {
     child.once('exit', (code, signal) => {
       exited = true;
       exitDescription = `code ${String(code)}, signal ${String(signal)}`;
-      resolveExit();
+      resolveExit({ code, signal });
     });
   });
+  const exitPromise = exitStatus.then(() => undefined);
 
   const origin = `http://127.0.0.1:${port}`;
   const baseUrl = `${origin}/api/v1`;
@@ -298,6 +336,8 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     origin,
     port,
     token: options.token,
+    pid: child.pid ?? -1,
+    exited: exitStatus,
     tempDir,
     configPath,
     stateDir,

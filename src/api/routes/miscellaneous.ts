@@ -15,12 +15,16 @@ export const miscellaneousRoutes: FastifyPluginAsyncZod<RouteDependencies> = asy
         summary: 'Check if the API is available',
         description:
           'Also 503 when a prewarming pool stayed below server.alert.prewarmingpoolthreshold for longer than server.alert.depletiongraceperiod seconds, ' +
-          "or when an environment's runners failed to build server.alert.buildfailurethreshold times in a row; the message names the environments and the cause.",
+          "or when an environment's runners failed to build server.alert.buildfailurethreshold times in a row; the message names the environments and the cause. Also 503 while the daemon drains before a shutdown.",
         tags,
         response: { 204: z.undefined().describe('Everything okay'), ...errorResponses(500, 503) },
       },
     },
     async (_request, reply) => {
+      // A draining daemon takes itself out of its load balancer's rotation at once.
+      if (manager.lameDuck !== undefined) {
+        return reply.code(503).send({ message: `poseidon-ts is shutting down (${manager.lameDuck})`, errorCode: 'UNKNOWN' });
+      }
       const problem = health.check(manager.statistics());
       if (problem) return reply.code(503).send({ message: problem.message, errorCode: 'PREWARMING_POOL_DEPLETING' });
       return reply.code(204).send();
