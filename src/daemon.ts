@@ -92,10 +92,18 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
   const health = healthMonitorFor(config.server.alert);
   // Before load, so that the first pool fill after a restart is measured and watched too.
   manager.instrument(fanOut(metrics, health));
-  await manager.load();
-  const app = await buildApp({ config, manager, logger, version: packageVersion(), metrics, health });
-  applyConnectionLimits(app, config);
-  const url = await listen(app, config, logger);
+  let app: FastifyInstance;
+  let url: string;
+  try {
+    await manager.load();
+    app = await buildApp({ config, manager, logger, version: packageVersion(), metrics, health });
+    applyConnectionLimits(app, config);
+    url = await listen(app, config, logger);
+  } catch (error) {
+    // A start that fails half-way (e.g. the port is taken) removes what it set up: sandboxes, cgroups, the runner network.
+    await manager.shutdown().catch(() => undefined);
+    throw error;
+  }
   logger.info({ url }, 'poseidon-ts listening');
 
   let closing: Promise<void> | undefined;

@@ -41,6 +41,7 @@ export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
 export class EnvironmentPools<R extends ManagedRunner> {
   readonly #byId = new Map<number, ExecutionEnvironment<R>>();
   readonly #options: EnvironmentPoolsOptions<R>;
+  readonly #changes = new Map<number, Promise<void>>();
   /* Set when the daemon drains: no pool builds runners any more, new environments included. */
   #refillStopped = false;
 
@@ -108,7 +109,26 @@ export class EnvironmentPools<R extends ManagedRunner> {
     return environmentId !== undefined && (this.#byId.get(environmentId)?.forget(runnerId) ?? false);
   }
 
-  async put(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
+  /*
+   * Changes of one environment run one after the other: a PUT arriving while a DELETE of the same
+   * environment is being stored waits for it, so memory and storage never end up disagreeing.
+   */
+  #serialised<T>(environmentId: number, change: () => Promise<T>): Promise<T> {
+    const previous = this.#changes.get(environmentId) ?? Promise.resolve();
+    const result = previous.then(change, change);
+    const settled = result.then(() => undefined, () => undefined);
+    this.#changes.set(environmentId, settled);
+    void settled.then(() => {
+      if (this.#changes.get(environmentId) === settled) this.#changes.delete(environmentId);
+    });
+    return result;
+  }
+
+  put(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
+    return this.#serialised(spec.id, () => this.#put(spec, log));
+  }
+
+  async #put(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
     const logger = this.#log(log);
     const existing = this.#byId.get(spec.id);
     await this.#options.storage.put(spec);
@@ -125,12 +145,16 @@ export class EnvironmentPools<R extends ManagedRunner> {
   }
 
   /* Removes the environment from the pools and the storage, then destroys all its runners. */
-  async delete(environmentId: number, log?: ContextLogger): Promise<void> {
+  delete(environmentId: number, log?: ContextLogger): Promise<void> {
+    return this.#serialised(environmentId, () => this.#delete(environmentId, log));
+  }
+
+  async #delete(environmentId: number, log?: ContextLogger): Promise<void> {
     const environment = this.#byId.get(environmentId);
     if (!environment) throw new EnvironmentNotFoundError(environmentId);
     if (this.#options.deleteOrder === 'pools-first') this.#byId.delete(environmentId);
     await this.#options.storage.delete(environmentId);
-    this.#byId.delete(environmentId);
+    if (this.#byId.get(environmentId) === environment) this.#byId.delete(environmentId);
     await environment.delete('environment deleted', log);
     this.#log(log).info({ environmentId }, 'environment deleted');
   }

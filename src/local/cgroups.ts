@@ -1,5 +1,5 @@
 import { existsSync } from 'node:fs';
-import { mkdir, readFile, rmdir, writeFile } from 'node:fs/promises';
+import { mkdir, readdir, readFile, rmdir, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import type { CgroupMode } from '../config/schema.js';
@@ -29,6 +29,32 @@ export interface CgroupManager {
   create(name: string, limits: ResourceLimits): Promise<RunnerCgroup | undefined>;
 }
 
+/*
+ * A runner cgroup is populated within milliseconds of its creation (the spawner joins it before
+ * anything else); one that has been empty for this long belongs to no live sandbox.
+ */
+const STALE_CGROUP_AGE_MS = 2_000;
+
+/*
+ * Runner cgroups an earlier daemon could not remove (it was SIGKILLed: its sandboxes died with it,
+ * their cgroups stayed). A populated one may be a live daemon's sharing the parent, and is kept.
+ */
+async function removeStaleCgroups(parents: string[]): Promise<number> {
+  let removed = 0;
+  for (const parent of parents) {
+    const entries = await readdir(parent, { withFileTypes: true }).catch(() => []);
+    for (const entry of entries) {
+      if (!entry.isDirectory()) continue;
+      const directory = path.join(parent, entry.name);
+      const procs = await readFile(path.join(directory, 'cgroup.procs'), 'utf8').catch(() => 'unreadable');
+      const age = Date.now() - ((await stat(directory).catch(() => undefined))?.mtimeMs ?? Date.now());
+      if (procs.trim() !== '' || age < STALE_CGROUP_AGE_MS) continue;
+      if (await rmdir(directory).then(() => true, () => false)) removed += 1;
+    }
+  }
+  return removed;
+}
+
 const CGROUP_ROOT = '/sys/fs/cgroup';
 /* The kernel's bounds for v1 cpu.shares, and runc's mapping of them onto v2 cpu.weight. */
 const MIN_SHARES = 2;
@@ -43,8 +69,12 @@ function clampShares(shares: number): number {
 export async function createCgroupManager(mode: CgroupMode, parent: string, logger: Logger): Promise<CgroupManager> {
   const version = mode === 'auto' ? detectVersion() : mode;
   try {
-    if (version === 'v2') return await CgroupV2Manager.open(parent);
-    if (version === 'v1') return await CgroupV1Manager.open(parent);
+    if (version === 'v2' || version === 'v1') {
+      const manager = version === 'v2' ? await CgroupV2Manager.open(parent) : await CgroupV1Manager.open(parent);
+      const removed = await removeStaleCgroups(manager.parentDirectories());
+      if (removed > 0) logger.info({ removed }, 'removed runner cgroups left by an earlier daemon');
+      return manager;
+    }
   } catch (error) {
     if (mode !== 'auto') throw new Error(`cgroups ${mode} requested but unusable: ${String(error)}`);
     logger.error({ err: error }, 'cgroups detected but unusable');
@@ -110,6 +140,10 @@ class CgroupV1Manager implements CgroupManager {
     return new CgroupV1Manager(parents);
   }
 
+  parentDirectories(): string[] {
+    return Object.values(this.parents).filter((directory): directory is string => directory !== undefined);
+  }
+
   async create(name: string, limits: ResourceLimits): Promise<RunnerCgroup> {
     const memory = path.join(this.parents.memory, name);
     const pids = path.join(this.parents.pids, name);
@@ -159,6 +193,10 @@ class CgroupV2Manager implements CgroupManager {
     await writeFile(path.join(CGROUP_ROOT, 'cgroup.subtree_control'), enable);
     await writeFile(path.join(directory, 'cgroup.subtree_control'), enable);
     return new CgroupV2Manager(directory);
+  }
+
+  parentDirectories(): string[] {
+    return [this.parent];
   }
 
   async create(name: string, limits: ResourceLimits): Promise<RunnerCgroup> {

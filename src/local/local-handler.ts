@@ -37,8 +37,12 @@ export class LocalAccessorHandler extends AccessorHandler {
     this.#store = new EnvironmentStore(config.statedir);
     this.pools = new EnvironmentPools({
       runners: { createRunner: (spec) => this.#createRunner(spec) },
-      storage: this.#store,
-      deleteOrder: 'pools-first',
+      // A change is on disk before it is in the pools: a failed PUT or DELETE changes nothing and can be retried.
+      storage: {
+        put: (spec) => this.#store.put(spec).catch((error: unknown) => this.#storeFailed(error, spec.id, 'store')),
+        delete: (environmentId) => this.#store.delete(environmentId).catch((error: unknown) => this.#storeFailed(error, environmentId, 'delete')),
+      },
+      deleteOrder: 'storage-first',
       refillConcurrency,
       logger: this.#logger,
       instruments: () => this.instruments,
@@ -52,6 +56,11 @@ export class LocalAccessorHandler extends AccessorHandler {
         }
       },
     });
+  }
+
+  #storeFailed(error: unknown, environmentId: number, change: string): never {
+    this.#logger.error({ err: error, environmentId, statedir: this.config.statedir }, `cannot ${change} the environment in the state directory: nothing changed`);
+    throw error;
   }
 
   /* The local backend takes every environment no earlier handler wanted. */
@@ -98,10 +107,13 @@ export class LocalAccessorHandler extends AccessorHandler {
 
   protected async loadOwn(): Promise<void> {
     if (!this.config.enabled) return;
+    // Checked before anything is set up, so that a refused start leaves nothing behind.
+    await this.#store.checkWritable();
+    const specs = await this.#store.load();
+    if (this.#store.recovered) this.#logger.warn(this.#store.recovered);
     this.#networks = createRunnerNetworks(runnerNetworkOptions(this.config, this.#logger));
     // Without it only runners with networkAccess fail (they get no network, never the host's).
     await this.#networks.catch((error: unknown) => this.#logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'));
-    const specs = await this.#store.load();
     for (const spec of specs) this.pools.start(spec);
     this.#logger.info({ environments: specs.length }, 'environments loaded');
   }
