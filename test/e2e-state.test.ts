@@ -56,7 +56,7 @@ test('with a read-only state directory PUT and DELETE answer 500 and change noth
   assert.equal(resized.status, 500);
   const deleted = await unvalidated('DELETE', environmentSpec(82));
   assert.equal(deleted.status, 500);
-  assert.match(daemon.logs(), /cannot delete the environment in the state directory/);
+  await waitFor(async () => daemon.logs(), (logs) => /cannot delete the environment in the state directory/.test(logs), 'the failed DELETE to be logged', 5_000, 50);
 
   assert.equal((await client.getEnvironment(83)).status, 404, 'the failed PUT created nothing');
   assert.equal(((await client.getEnvironment(81)).body as { prewarmingPoolSize: number }).prewarmingPoolSize, 1, 'the failed PUT changed nothing');
