@@ -1,8 +1,10 @@
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { test } from 'node:test';
+import WebSocket from 'ws';
 import { parse, stringify } from 'yaml';
 import { removeCgroupParent, runnerCgroups } from './support/cgroups.js';
 import { CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
@@ -100,4 +102,45 @@ test("Poseidon's own example configuration, given with Poseidon's -config flag, 
     warned.map((line) => line.key).sort(),
     ['profiling.cpufile', 'profiling.memoryinterval', 'profiling.memorythreshold', 'server.alert.prewarmingpoolreloadtimeout'],
   );
+});
+
+test('a stalled request body is answered 408 and cut after server.requesttimeout; a client breaking the WebSocket protocol is a warning', async (t) => {
+  const daemon = await startDaemon({ token: 'secret', config: { server: { requesttimeout: 1 }, logger: { level: 'info' } } });
+  t.after(() => daemon.stop());
+  const socket = net.connect(daemon.port, '127.0.0.1');
+  t.after(() => socket.destroy());
+  let answer = '';
+  socket.on('data', (chunk: Buffer) => {
+    answer += chunk.toString();
+  });
+  const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+  const started = Date.now();
+  socket.write('POST /api/v1/runners HTTP/1.1\r\nHost: x\r\nPoseidon-Token: secret\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"executi');
+  await closed;
+  const elapsed = Date.now() - started;
+  assert.match(answer, /^HTTP\/1\.1 408/);
+  assert.ok(elapsed >= 900 && elapsed < 4_000, `cut after about a second (${elapsed} ms)`);
+
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  await client.putEnvironment(environmentSpec(72, { prewarmingPoolSize: 1 }));
+  const runner = await client.claim(72);
+  const ws = new WebSocket(await client.websocketUrl(runner, 'sleep 30', 0), { headers: client.defaultHeaders() });
+  await new Promise<void>((resolve, reject) => {
+    ws.once('message', () => resolve());
+    ws.once('error', reject);
+  });
+  const wsClosed = new Promise<void>((resolve) => ws.once('close', () => resolve()));
+  ws.send('x'.repeat(2 * 1024 * 1024));
+  await wsClosed;
+  const line = await waitFor(
+    async () => daemon.logs().split('\n').find((entry) => entry.includes('WebSocket client broke the protocol')),
+    (found) => found !== undefined,
+    'the protocol error to be logged',
+    5_000,
+    50,
+  );
+  const logged = JSON.parse(line ?? '{}') as { level: number | string; code: string; err?: unknown };
+  assert.ok(logged.level === 40 || logged.level === 'warn');
+  assert.equal(logged.code, 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH');
+  assert.equal(logged.err, undefined, 'no stack');
 });

@@ -6,6 +6,7 @@ import websocket from '@fastify/websocket';
 import Fastify, {
   type FastifyError,
   type FastifyInstance,
+  type FastifyRequest,
   type FastifySchemaValidationError,
   type FastifyServerOptions,
   LogController,
@@ -97,6 +98,17 @@ function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: str
   const subject = VALIDATION_SUBJECTS[dataVar] ?? dataVar;
   const problems = errors.map((error) => `${error.instancePath.slice(1).replaceAll('/', '.') || subject}: ${error.message ?? 'invalid'}`);
   return new Error(`invalid ${subject}: ${problems.join('; ')}`);
+}
+
+/*
+ * A client that breaks the WebSocket protocol (an oversized or malformed frame) is the client's
+ * fault: a warning without a stack, and the connection is cut (which ends its execution).
+ */
+function onWebSocketError(error: Error, socket: { terminate(): void }, request: FastifyRequest): void {
+  const code = (error as NodeJS.ErrnoException).code;
+  if (typeof code === 'string' && code.startsWith('WS_ERR_')) request.log.warn({ code, reason: error.message }, 'WebSocket client broke the protocol: connection cut');
+  else request.log.error({ err: error }, 'WebSocket connection failed');
+  socket.terminate();
 }
 
 /* Builds the API without listening, so tests and the CLI share one factory. */
@@ -213,7 +225,7 @@ export async function buildApp(appDependencies: AppDependencies): Promise<Fastif
       await app.register(metricsRoutes, dependencies);
     }
   }
-  await app.register(websocket, { options: { maxPayload: 1024 * 1024 } });
+  await app.register(websocket, { options: { maxPayload: 1024 * 1024 }, errorHandler: onWebSocketError });
   // @fastify/websocket hides WebSocket routes from the document; ours is part of the API (Poseidon
   // documents it too), so it is shown again. Runs after the plugin's own onRoute hook.
   app.addHook('onRoute', (route) => {
