@@ -1,6 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import YAML from 'yaml';
-import { type Config, configSchema, listFromText, UNIMPLEMENTED_KEYS } from './schema.js';
+import { type Config, configSchema, listFromText, UNIMPLEMENTED_KEYS, type UnimplementedKey } from './schema.js';
 
 const ENV_PREFIX = 'POSEIDON_';
 
@@ -72,7 +72,8 @@ function withoutNulls(tree: Tree): Tree {
 function moveTemplateJobFile(tree: Tree): void {
   const server = tree.server;
   if (!isTree(server) || server.templatejobfile === undefined) return;
-  const nomad = isTree(tree.nomad) ? tree.nomad : (tree.nomad = {});
+  if (!isTree(tree.nomad)) tree.nomad = {};
+  const nomad = tree.nomad as Tree;
   if (nomad.templatejobfile !== undefined && nomad.templatejobfile !== server.templatejobfile) {
     throw new ConfigError('invalid configuration:\n  server.templatejobfile and nomad.templatejobfile name different files; set one of them');
   }
@@ -90,7 +91,7 @@ export function unimplementedKeyWarnings(tree: Tree, prefix: string[] = []): Con
       continue;
     }
     // The key's own entry, else its nearest section's.
-    let entry;
+    let entry: UnimplementedKey | undefined;
     for (let length = keyPath.length; length > 0 && !entry; length -= 1) entry = UNIMPLEMENTED_KEYS[keyPath.slice(0, length).join('.')];
     if (!entry || entry.harmless?.(value)) continue;
     const name = keyPath.join('.');

@@ -317,10 +317,6 @@ export interface UnimplementedKey {
  */
 export const UNIMPLEMENTED_KEYS: Record<string, UnimplementedKey> = {
   'server.loggingfiltertoken': { instead: 'no request is hidden from the log by its User-Agent' },
-  'server.interactivestderr': {
-    instead: 'stdout and stderr are always sent as separate `stdout` and `stderr` messages',
-    harmless: (value) => value === true,
-  },
   'server.alert.prewarmingpoolreloadtimeout': {
     instead: 'environments are never reloaded automatically; a pool that cannot be filled keeps retrying with backoff',
     harmless: (value) => value === 0,

@@ -74,9 +74,10 @@ export class EnvironmentStore {
       }
     }
     const seen = new Set<number>();
-    const duplicates = specs.map((spec) => spec.id).filter((id) => (seen.has(id) ? true : (seen.add(id), false)));
-    if (duplicates.length > 0) {
-      throw new Error(`${this.#file} holds execution environment(s) ${[...new Set(duplicates)].join(', ')} more than once: remove the duplicate entries`);
+    const duplicates = new Set<number>();
+    for (const { id } of specs) (seen.has(id) ? duplicates : seen).add(id);
+    if (duplicates.size > 0) {
+      throw new Error(`${this.#file} holds execution environment(s) ${[...duplicates].join(', ')} more than once: remove the duplicate entries`);
     }
     for (const spec of specs) this.#environments.set(spec.id, spec);
     return specs;
