@@ -50,7 +50,7 @@ test('SIGTERM to the process group drains: health 503, claims refused, execution
 
   const finished = await finishing;
   assert.equal(finished.exitCode, 0, 'an execution that ends within the grace period finishes normally');
-  assert.equal(finished.stdout, 'finished\n');
+  assert.match(finished.stdout, /^finished\r?\n$/);
   assert.equal(finished.closeCode, 1000);
 
   const ended = await cut;

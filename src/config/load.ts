@@ -60,12 +60,12 @@ export function applyEnvironment(tree: Tree, environment: NodeJS.ProcessEnv): Tr
  * is null in YAML; Go's decoder leaves such a key at its default, and so does this.
  */
 function withoutNulls(tree: Tree): Tree {
-  const result: Tree = {};
+  // In place: copying into a new object would turn a key such as __proto__ (an image name) into a prototype.
   for (const [key, value] of Object.entries(tree)) {
-    if (value === null) continue;
-    result[key] = isTree(value) ? withoutNulls(value) : value;
+    if (value === null) delete tree[key];
+    else if (isTree(value)) withoutNulls(value);
   }
-  return result;
+  return tree;
 }
 
 /* Poseidon keeps the Nomad job template under server; here it is a Nomad setting, in one place. */
