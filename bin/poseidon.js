@@ -1,10 +1,16 @@
 #!/usr/bin/env node
 /*
- * The `poseidon` command. The daemon runs from its TypeScript sources, as `npm start` does: tsx is
- * a runtime dependency already, so registering its loader here spares a separate build step and
- * keeps one way of running the code.
+ * The `poseidon` command. It runs the compiled daemon (dist/, made by `npm run build` and shipped
+ * in the package and the Docker image); a checkout that was never built falls back to the
+ * TypeScript sources through tsx, as `npm start` does, so a newcomer needs no build step.
  */
-import { register } from 'tsx/esm/api';
+import { existsSync } from 'node:fs';
 
-register();
-await import('../src/cli.ts');
+const compiled = new URL('../dist/cli.js', import.meta.url);
+if (existsSync(compiled)) {
+  await import(compiled.href);
+} else {
+  const { register } = await import('tsx/esm/api');
+  register();
+  await import('../src/cli.ts');
+}
