@@ -66,6 +66,10 @@ function clampShares(shares: number): number {
   return Math.min(MAX_SHARES, Math.max(MIN_SHARES, Math.round(shares)));
 }
 
+const NO_LIMITS_FIX =
+  'no working cgroups, so runners would have no memory, CPU or process limits: run as root with /sys/fs/cgroup writable ' +
+  '(in Docker: -v /sys/fs/cgroup:/sys/fs/cgroup:rw, see the README), or set local.cgroups: off to run without limits on purpose';
+
 export async function createCgroupManager(mode: CgroupMode, parent: string, logger: Logger): Promise<CgroupManager> {
   const version = mode === 'auto' ? detectVersion() : mode;
   try {
@@ -77,8 +81,10 @@ export async function createCgroupManager(mode: CgroupMode, parent: string, logg
     }
   } catch (error) {
     if (mode !== 'auto') throw new Error(`cgroups ${mode} requested but unusable: ${String(error)}`);
-    logger.error({ err: error }, 'cgroups detected but unusable');
+    throw new Error(`${NO_LIMITS_FIX} (cgroups ${version} detected but unusable: ${String(error)})`);
   }
+  // Fail closed: serving learner code without limits needs an explicit local.cgroups: off.
+  if (mode === 'auto') throw new Error(`${NO_LIMITS_FIX} (no cgroup v1 or v2 hierarchy found under ${CGROUP_ROOT})`);
   logger.warn(
     '!!! NO CGROUPS: runners have NO memory, CPU or process limits. A learner program can exhaust this host. ' +
       'Run as root on a host with cgroup v1 or v2 to enable limits. !!!',

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds the Docker image and runs the README's curl walk-through against a container started with
+# the README's `docker run` flags. Installs what it needs itself (docker.io, mmdebstrap), starts
+# dockerd if none runs. No base image can be pulled on an offline host, so the base is built
+# locally: a bookworm root file system (mmdebstrap from the host's apt mirror) plus the host's node
+# binary, tagged poseidon-ts-base:local and passed as BASE. Set SMOKE_BASE to use a real node image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+[ -n "${SMOKE_BASE:-}" ] || command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "smoke: installing ${need[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+if ! docker info >/dev/null 2>&1; then
+  echo "smoke: starting dockerd (log in /tmp/poseidon-smoke-dockerd.log)"
+  $sudo sh -c 'dockerd >/tmp/poseidon-smoke-dockerd.log 2>&1 &'
+  for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
+  docker info >/dev/null 2>&1 || { echo "smoke: dockerd does not start here:"; tail -20 /tmp/poseidon-smoke-dockerd.log; exit 1; }
+fi
+base="${SMOKE_BASE:-poseidon-ts-base:local}"
+if [ -z "${SMOKE_BASE:-}" ] && ! docker image inspect "$base" >/dev/null 2>&1; then
+  echo "smoke: building $base locally (mmdebstrap bookworm + host node $(node --version))"
+  root=$(mktemp -d)
+  $sudo mmdebstrap --variant=minbase --include=ca-certificates bookworm "$root/rootfs.tar"
+  mkdir "$root/ctx" && cp "$(command -v node)" "$root/ctx/node"
+  printf 'FROM scratch\nADD rootfs.tar /\nCOPY node /usr/local/bin/node\n' > "$root/ctx/Dockerfile"
+  mv "$root/rootfs.tar" "$root/ctx/"
+  docker build -q -t "$base" "$root/ctx"
+  rm -rf "$root"
+fi
+docker build -q --build-arg BASE="$base" -t poseidon-ts:smoke .
+docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}} {{.Size}}'
+port=$((20000 + RANDOM % 20000))
+cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
+  --security-opt apparmor=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
+trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null' EXIT
+API="http://127.0.0.1:$port/api/v1"
+for _ in $(seq 1 30); do curl -fsS -o /dev/null "$API/health" 2>/dev/null && break; sleep 1; done
+set -x
+curl -fsS -i -X PUT "$API/execution-environments/1" -H 'Content-Type: application/json' \
+  -d '{"id":1,"image":"python","prewarmingPoolSize":1,"cpuLimit":20,"memoryLimit":256,"networkAccess":false,"exposedPorts":[]}'
+sleep 3
+RUNNER=$(curl -fsS -X POST "$API/runners" -H 'Content-Type: application/json' -d '{"executionEnvironmentId":1,"inactivityTimeout":60}' | sed 's/.*"runnerId":"\([^"]*\)".*/\1/')
+curl -fsS -i -X PATCH "$API/runners/$RUNNER/files" -H 'Content-Type: application/json' \
+  -d '{"copy":[{"path":"hello.sh","content":"'"$(printf 'echo hello from the container' | base64)"'"}]}'
+curl -fsS "$API/runners/$RUNNER/files?recursive=true"
+curl -fsS "$API/runners/$RUNNER/files/raw?path=hello.sh"
+curl -fsS -i -X DELETE "$API/runners/$RUNNER"
+curl -fsS "$API/statistics/execution-environments"
+docker inspect --format '{{.State.Health.Status}}' "$cid"
+set +x
+echo "smoke: passed"
