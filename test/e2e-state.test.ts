@@ -67,7 +67,7 @@ test('with a read-only state directory PUT and DELETE answer 500 and change noth
   assert.equal(during['81']?.prewarmingPoolSize, 1);
   assert.equal(during['82']?.idleRunners, 1, "the failed DELETE left the environment's runners alone");
   const runner = await client.claim(82);
-  assert.equal((await client.run(runner, 'echo still')).stdout, 'still\n', 'its runners still serve');
+  assert.equal((await client.run(runner, 'echo still')).stdout, 'still\r\n', 'its runners still serve');
   assert.deepEqual(storedIds(stateDir), [{ id: 81, prewarmingPoolSize: 1 }, { id: 82, prewarmingPoolSize: 1 }]);
 
   writable();
