@@ -62,6 +62,36 @@ describe('sandbox spawner', () => {
     assert.ok(typeof child.pid === 'number' && child.pid > 0);
   });
 
+  test('a user namespace of the given host range, the child its root, with no nested user namespaces', async () => {
+    const base = 0x6000_0000 + 4095 * 65536;
+    const child = spawner.spawn(
+      ['/bin/sh', '-c', 'id -u; cat /proc/self/uid_map /proc/self/gid_map /proc/sys/user/max_user_namespaces; unshare -U true 2>/dev/null || echo nested-refused'],
+      { PATH: '/usr/bin:/bin' },
+      { userNamespace: { base, count: 65536 } },
+    );
+    const output = readAll(await child.connection);
+    const lines = (await output).split('\n').map((line) => line.trim().split(/\s+/).join(' '));
+    assert.deepEqual(lines.slice(0, 5), ['0', `0 ${base} 65536`, `0 ${base} 65536`, '0', 'nested-refused']);
+    assert.equal((await child.exited).code, 0);
+  });
+
+  test('a network namespace with only loopback, up', async () => {
+    const child = spawner.spawn(['/bin/sh', '-c', 'cat /proc/net/dev | tail -n +3 | cut -d: -f1; cat /sys/class/net/lo/operstate'], { PATH: '/usr/bin:/bin' }, { networkNamespace: true });
+    const output = await readAll(await child.connection);
+    assert.deepEqual(output.split('\n').map((line) => line.trim()).filter(Boolean), ['lo', 'unknown']);
+    assert.equal((await child.exited).code, 0);
+  });
+
+  test('data blobs arrive as pipes at their fds; a bad fd number is refused', async () => {
+    const child = spawner.spawn(['/bin/sh', '-c', 'cat <&7; cat <&5'], { PATH: '/usr/bin:/bin' }, {
+      data: [{ fd: 7, bytes: Buffer.from('seven ') }, { fd: 5, bytes: Buffer.alloc(100_000, 'x') }],
+    });
+    const output = await readAll(await child.connection);
+    assert.equal(output, `seven ${'x'.repeat(100_000)}`);
+    const refused = spawner.spawn(['/bin/true'], {}, { data: [{ fd: 1, bytes: Buffer.from('no') }] });
+    assert.match((await refused.exited).stderr, /bad SPAWN request/);
+  });
+
   test('kill ends the process with SIGKILL', async () => {
     const child = spawner.spawn(['/bin/sleep', '30'], {});
     (await child.connection).destroy();
