@@ -21,7 +21,7 @@ if ! docker info >/dev/null 2>&1; then
   for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "smoke: dockerd does not start here:"; tail -20 /tmp/poseidon-smoke-dockerd.log; exit 1; }
 fi
-base="${SMOKE_BASE:-poseidon-ts-base:node-npm}"
+base="${SMOKE_BASE:-poseidon-ts-base:node-npm-ca}"
 if [ -z "${SMOKE_BASE:-}" ] && ! docker image inspect "$base" >/dev/null 2>&1; then
   echo "smoke: building $base locally (mmdebstrap bookworm + host node $(node --version) and npm $(npm --version))"
   root=$(mktemp -d)
@@ -29,7 +29,10 @@ if [ -z "${SMOKE_BASE:-}" ] && ! docker image inspect "$base" >/dev/null 2>&1; t
   mkdir "$root/ctx" && cp "$(command -v node)" "$root/ctx/node"
   # npm too: the build stage runs npm ci (the host's npm package, as a node image ships it).
   cp -r "$(dirname "$(readlink -f "$(command -v npm)")")/.." "$root/ctx/npm"
-  printf 'FROM scratch\nADD rootfs.tar /\nCOPY node /usr/local/bin/node\nCOPY npm /usr/local/lib/node_modules/npm\nRUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm\n' > "$root/ctx/Dockerfile"
+  # The host's trusted certificates as well, so that npm ci in the build stage trusts what the host
+  # trusts (e.g. a TLS-inspecting proxy in front of the registry).
+  cp /etc/ssl/certs/ca-certificates.crt "$root/ctx/ca-certificates.crt"
+  printf 'FROM scratch\nADD rootfs.tar /\nCOPY node /usr/local/bin/node\nCOPY npm /usr/local/lib/node_modules/npm\nCOPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt\nENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt\nRUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm\n' > "$root/ctx/Dockerfile"
   mv "$root/rootfs.tar" "$root/ctx/"
   docker build -q -t "$base" "$root/ctx"
   rm -rf "$root"
