@@ -16,8 +16,11 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 if ! docker info >/dev/null 2>&1; then
-  echo "smoke: starting dockerd (log in /tmp/poseidon-smoke-dockerd.log)"
-  $sudo sh -c 'dockerd >/tmp/poseidon-smoke-dockerd.log 2>&1 &'
+  # --iptables=false: a dockerd managing iptables sets the FORWARD policy to DROP, which cuts the
+  # runner networks of every poseidon-ts on this host (they forward through nftables). The build
+  # uses the host's network instead, and -p is served by docker-proxy without NAT rules.
+  echo "smoke: starting dockerd --iptables=false (log in /tmp/poseidon-smoke-dockerd.log)"
+  $sudo sh -c 'dockerd --iptables=false --ip6tables=false >/tmp/poseidon-smoke-dockerd.log 2>&1 &'
   for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "smoke: dockerd does not start here:"; tail -20 /tmp/poseidon-smoke-dockerd.log; exit 1; }
 fi
@@ -34,10 +37,10 @@ if [ -z "${SMOKE_BASE:-}" ] && ! docker image inspect "$base" >/dev/null 2>&1; t
   cp /etc/ssl/certs/ca-certificates.crt "$root/ctx/ca-certificates.crt"
   printf 'FROM scratch\nADD rootfs.tar /\nCOPY node /usr/local/bin/node\nCOPY npm /usr/local/lib/node_modules/npm\nCOPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt\nENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt\nRUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm\n' > "$root/ctx/Dockerfile"
   mv "$root/rootfs.tar" "$root/ctx/"
-  docker build -q -t "$base" "$root/ctx"
+  docker build -q --network host -t "$base" "$root/ctx"
   rm -rf "$root"
 fi
-docker build -q --build-arg BASE="$base" -t poseidon-ts:smoke .
+docker build -q --network host --build-arg BASE="$base" -t poseidon-ts:smoke .
 docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}} {{.Size}}'
 port=$((20000 + RANDOM % 20000))
 cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
