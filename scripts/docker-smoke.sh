@@ -15,12 +15,16 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+started_dockerd=""
 if ! docker info >/dev/null 2>&1; then
-  # --iptables=false: a dockerd managing iptables sets the FORWARD policy to DROP, which cuts the
-  # runner networks of every poseidon-ts on this host (they forward through nftables). The build
-  # uses the host's network instead, and -p is served by docker-proxy without NAT rules.
-  echo "smoke: starting dockerd --iptables=false (log in /tmp/poseidon-smoke-dockerd.log)"
-  $sudo sh -c 'dockerd --iptables=false --ip6tables=false >/tmp/poseidon-smoke-dockerd.log 2>&1 &'
+  # --iptables=false --ip-forward=false: a dockerd managing iptables sets the FORWARD policy to DROP
+  # and switches on forwarding for every interface, which changes the runner networks of every
+  # poseidon-ts on this host (they forward through nftables, per uplink). The build uses the host's
+  # network instead, and -p is served by docker-proxy without NAT rules. The dockerd started here
+  # is stopped again at the end.
+  echo "smoke: starting dockerd --iptables=false --ip-forward=false (log in /tmp/poseidon-smoke-dockerd.log)"
+  $sudo sh -c 'dockerd --iptables=false --ip6tables=false --ip-forward=false >/tmp/poseidon-smoke-dockerd.log 2>&1 & echo $! >/tmp/poseidon-smoke-dockerd.pid'
+  started_dockerd=1
   for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "smoke: dockerd does not start here:"; tail -20 /tmp/poseidon-smoke-dockerd.log; exit 1; }
 fi
@@ -45,7 +49,7 @@ docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}
 port=$((20000 + RANDOM % 20000))
 cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
   --security-opt apparmor=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
-trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null' EXIT
+trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null; [ -z "${started_dockerd:-}" ] || $sudo kill "$(cat /tmp/poseidon-smoke-dockerd.pid)"' EXIT
 API="http://127.0.0.1:$port/api/v1"
 for _ in $(seq 1 30); do curl -fsS -o /dev/null "$API/health" 2>/dev/null && break; sleep 1; done
 set -x
