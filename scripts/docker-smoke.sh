@@ -48,7 +48,7 @@ docker build -q --network host --build-arg BASE="$base" -t poseidon-ts:smoke .
 docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}} {{.Size}}'
 port=$((20000 + RANDOM % 20000))
 cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
-  --security-opt apparmor=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
+  --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
 trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null; [ -z "${started_dockerd:-}" ] || $sudo kill "$(cat /tmp/poseidon-smoke-dockerd.pid)"' EXIT
 API="http://127.0.0.1:$port/api/v1"
 for _ in $(seq 1 30); do curl -fsS -o /dev/null "$API/health" 2>/dev/null && break; sleep 1; done
