@@ -3,7 +3,7 @@
 # helpers and bubblewrap. Run it as the README's "Docker" section says (the flags are needed: sandboxes
 # make namespaces and cgroups):
 #   docker run --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
-#     --security-opt apparmor=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p 7200:7200 poseidon-ts
+#     --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p 7200:7200 poseidon-ts
 # BASE is a maintained Node LTS on Debian bookworm; scripts/docker-smoke.sh can build one locally.
 ARG BASE=node:22-bookworm-slim
 
@@ -42,5 +42,6 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=20s --retries=3 \
     CMD curl -fsS -o /dev/null http://127.0.0.1:7200/api/v1/health || exit 1
 # SIGTERM drains (server.shutdowntimeout, 15 s by default): give `docker stop -t 20` or more.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["/usr/bin/tini", "--"]
+# -s: also a subreaper when docker run --init put its own init in front.
+ENTRYPOINT ["/usr/bin/tini", "-s", "--"]
 CMD ["node", "dist/cli.js"]

@@ -15,29 +15,41 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+started_dockerd=""
 if ! docker info >/dev/null 2>&1; then
-  echo "smoke: starting dockerd (log in /tmp/poseidon-smoke-dockerd.log)"
-  $sudo sh -c 'dockerd >/tmp/poseidon-smoke-dockerd.log 2>&1 &'
+  # --iptables=false --ip-forward=false: a dockerd managing iptables sets the FORWARD policy to DROP
+  # and switches on forwarding for every interface, which changes the runner networks of every
+  # poseidon-ts on this host (they forward through nftables, per uplink). The build uses the host's
+  # network instead, and -p is served by docker-proxy without NAT rules. The dockerd started here
+  # is stopped again at the end.
+  echo "smoke: starting dockerd --iptables=false --ip-forward=false (log in /tmp/poseidon-smoke-dockerd.log)"
+  $sudo sh -c 'dockerd --iptables=false --ip6tables=false --ip-forward=false >/tmp/poseidon-smoke-dockerd.log 2>&1 & echo $! >/tmp/poseidon-smoke-dockerd.pid'
+  started_dockerd=1
   for _ in $(seq 1 30); do docker info >/dev/null 2>&1 && break; sleep 1; done
   docker info >/dev/null 2>&1 || { echo "smoke: dockerd does not start here:"; tail -20 /tmp/poseidon-smoke-dockerd.log; exit 1; }
 fi
-base="${SMOKE_BASE:-poseidon-ts-base:local}"
+base="${SMOKE_BASE:-poseidon-ts-base:node-npm-ca}"
 if [ -z "${SMOKE_BASE:-}" ] && ! docker image inspect "$base" >/dev/null 2>&1; then
-  echo "smoke: building $base locally (mmdebstrap bookworm + host node $(node --version))"
+  echo "smoke: building $base locally (mmdebstrap bookworm + host node $(node --version) and npm $(npm --version))"
   root=$(mktemp -d)
   $sudo mmdebstrap --variant=minbase --include=ca-certificates bookworm "$root/rootfs.tar"
   mkdir "$root/ctx" && cp "$(command -v node)" "$root/ctx/node"
-  printf 'FROM scratch\nADD rootfs.tar /\nCOPY node /usr/local/bin/node\n' > "$root/ctx/Dockerfile"
+  # npm too: the build stage runs npm ci (the host's npm package, as a node image ships it).
+  cp -r "$(dirname "$(readlink -f "$(command -v npm)")")/.." "$root/ctx/npm"
+  # The host's trusted certificates as well, so that npm ci in the build stage trusts what the host
+  # trusts (e.g. a TLS-inspecting proxy in front of the registry).
+  cp /etc/ssl/certs/ca-certificates.crt "$root/ctx/ca-certificates.crt"
+  printf 'FROM scratch\nADD rootfs.tar /\nCOPY node /usr/local/bin/node\nCOPY npm /usr/local/lib/node_modules/npm\nCOPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt\nENV NODE_EXTRA_CA_CERTS=/etc/ssl/certs/ca-certificates.crt\nRUN ln -s ../lib/node_modules/npm/bin/npm-cli.js /usr/local/bin/npm\n' > "$root/ctx/Dockerfile"
   mv "$root/rootfs.tar" "$root/ctx/"
-  docker build -q -t "$base" "$root/ctx"
+  docker build -q --network host -t "$base" "$root/ctx"
   rm -rf "$root"
 fi
-docker build -q --build-arg BASE="$base" -t poseidon-ts:smoke .
+docker build -q --network host --build-arg BASE="$base" -t poseidon-ts:smoke .
 docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}} {{.Size}}'
 port=$((20000 + RANDOM % 20000))
 cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
-  --security-opt apparmor=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
-trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null' EXIT
+  --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
+trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null; [ -z "${started_dockerd:-}" ] || $sudo kill "$(cat /tmp/poseidon-smoke-dockerd.pid)"' EXIT
 API="http://127.0.0.1:$port/api/v1"
 for _ in $(seq 1 30); do curl -fsS -o /dev/null "$API/health" 2>/dev/null && break; sleep 1; done
 set -x
