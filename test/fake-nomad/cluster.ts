@@ -7,6 +7,7 @@ import {
   isObject,
   jobSpecKey,
   newId,
+  omitEmpty,
   nowNs,
   objectList,
   rfc3339,
@@ -333,7 +334,8 @@ export class Cluster {
   }
 
   fullAlloc(record: AllocRecord): JsonObject {
-    return { ...record.alloc, Job: this.jobs.get(record.jobKey)?.job ?? null };
+    // structs.Allocation is omitempty: empty descriptions, indexes and nil maps are absent (the Job is not).
+    return { ...omitEmpty(record.alloc), Job: this.jobs.get(record.jobKey)?.job ?? null };
   }
 
   /* Scheduler: reconcile each group's desired count with its live allocations. */
@@ -407,7 +409,8 @@ export class Cluster {
     const ports: JsonObject[] = [];
     for (const network of objectList(group['Networks'])) {
       for (const port of objectList(network['DynamicPorts'])) {
-        ports.push({ Label: String(port['Label']), Value: await freePort(), To: Number(port['To'] ?? 0), HostIP: '127.0.0.1' });
+        // AllocatedPortMapping is omitempty: a port without `to` has no To at all.
+        ports.push(omitEmpty({ Label: String(port['Label']), Value: await freePort(), To: Number(port['To'] ?? 0), HostIP: '127.0.0.1' }));
       }
     }
     const tasks = objectList(group['Tasks']).map((task) => String(task['Name']));
@@ -726,7 +729,8 @@ export class Cluster {
       key: String(record.alloc['ID']),
       namespace: record.namespace,
       filterKeys: [record.jobId, ''],
-      payload: { ...record.alloc, Job: null },
+      // Nomad strips the job and, the struct being omitempty, every empty field.
+      payload: omitEmpty({ ...record.alloc, Job: null }),
     };
   }
 }

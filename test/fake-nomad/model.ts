@@ -32,6 +32,28 @@ export function newId(): string {
   return randomUUID();
 }
 
+/*
+ * What go-codec sends for a struct tagged `_struct bool \`codec:",omitempty"\`` (structs.Allocation,
+ * Evaluation, Port, NetworkResource, AllocatedPortMapping): its fields holding "", 0, false, nil or an
+ * empty map or list are left out. One level deep, like the tag; nested structs follow their own tags.
+ */
+export function omitEmpty(value: JsonObject): JsonObject {
+  return Object.fromEntries(
+    Object.entries(value).filter(
+      ([, field]) =>
+        !(
+          field === undefined ||
+          field === null ||
+          field === '' ||
+          field === 0 ||
+          field === false ||
+          (Array.isArray(field) && field.length === 0) ||
+          (isObject(field) && Object.keys(field).length === 0)
+        ),
+    ),
+  );
+}
+
 /* Empty maps and lists become null, as Go's omitempty-free JSON encoding of nil does after canonicalisation. */
 function nullIfEmpty(value: unknown): unknown {
   if (value === undefined || value === null) return null;

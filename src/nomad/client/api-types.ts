@@ -4,12 +4,22 @@ import { z } from 'zod';
  * Zod schemas of the subset of Nomad's JSON we read. Objects are loose (unknown keys pass through)
  * because Nomad adds fields between versions and we must not break on them; fields we read are
  * nullable where Nomad serialises Go nil values as null.
+ *
+ * Nomad encodes its responses and event-stream lines with go-codec, and the structs that carry
+ * `_struct bool \`codec:",omitempty"\`` (nomad/structs: Allocation in alloc.go, Evaluation in eval.go,
+ * Port, NetworkResource and AllocatedPortMapping in structs.go) lose *every* field whose value is
+ * empty ("", 0, false, nil): a port without a `to` has no `To`, an allocation not yet described has
+ * no `ClientDescription`. So every field of those structs is optional here; where the code needs a
+ * value the default is the Go zero value Nomad left out (or, for the statuses, what Nomad itself
+ * treats an empty status as). Job, TaskGroup, Task and TaskState have no such tag and always carry
+ * all their fields, but they are nullish too so that a future tag does not break us.
  */
 
 const meta = z.record(z.string(), z.string()).nullish();
 
+/* api/resources.go Port / structs.Port (omitempty): `To` and `HostNetwork` are absent unless set. */
 export const portSchema = z.looseObject({
-  Label: z.string(),
+  Label: z.string().default(''),
   Value: z.number().int().nullish(),
   To: z.number().int().nullish(),
   HostNetwork: z.string().nullish(),
@@ -89,11 +99,16 @@ export const jobDeregisterResponseSchema = z.looseObject({
   JobModifyIndex: z.number().int().nullish(),
 });
 
+/*
+ * structs.AllocatedPortMapping (omitempty): `To` is absent for a port without a `to` (the runner then
+ * falls back to the label, which Poseidon names after the container port), `HostIP` for a node
+ * without an address on that host network. Zero values stand in for what Nomad left out.
+ */
 export const portMappingSchema = z.looseObject({
-  Label: z.string(),
-  Value: z.number().int(),
-  To: z.number().int(),
-  HostIP: z.string(),
+  Label: z.string().default(''),
+  Value: z.number().int().default(0),
+  To: z.number().int().default(0),
+  HostIP: z.string().default(''),
 });
 export type PortMapping = z.infer<typeof portMappingSchema>;
 
@@ -106,7 +121,7 @@ export const allocatedResourcesSchema = z.looseObject({
 });
 
 export const taskEventSchema = z.looseObject({
-  Type: z.string(),
+  Type: z.string().default(''),
   Time: z.number().nullish(),
   ExitCode: z.number().int().nullish(),
   Signal: z.number().int().nullish(),
@@ -115,7 +130,7 @@ export const taskEventSchema = z.looseObject({
 });
 
 export const taskStateSchema = z.looseObject({
-  State: z.string(),
+  State: z.string().default(''),
   Failed: z.boolean().nullish(),
   Restarts: z.number().int().nullish(),
   Events: z.array(taskEventSchema).nullish(),
@@ -130,8 +145,13 @@ const allocationCommon = {
   NodeID: z.string().nullish(),
   NodeName: z.string().nullish(),
   EvalID: z.string().nullish(),
-  ClientStatus: z.string(),
-  DesiredStatus: z.string(),
+  /*
+   * structs.Allocation is omitempty, so an empty status would be absent. Nomad's own checks
+   * (ClientTerminalStatus, ServerTerminalStatus in alloc.go) treat an empty status as neither
+   * terminal nor stopped, i.e. like `pending` and `run`; the defaults keep that meaning.
+   */
+  ClientStatus: z.string().default('pending'),
+  DesiredStatus: z.string().default('run'),
   ClientDescription: z.string().nullish(),
   DesiredDescription: z.string().nullish(),
   AllocatedResources: allocatedResourcesSchema.nullish(),
@@ -169,7 +189,8 @@ export const evaluationSchema = z.looseObject({
   ID: z.string(),
   JobID: z.string().nullish(),
   Namespace: z.string().nullish(),
-  Status: z.string(),
+  // structs.Evaluation is omitempty too (eval.go).
+  Status: z.string().default(''),
   StatusDescription: z.string().nullish(),
   TriggeredBy: z.string().nullish(),
   Type: z.string().nullish(),
@@ -184,25 +205,34 @@ export type Evaluation = z.infer<typeof evaluationSchema>;
  * Event payloads are parsed per topic; an event of a topic we did not ask for (or a payload
  * shape we do not know) is kept as `unknown` instead of failing the whole batch.
  */
-export const streamEventSchema = z.looseObject({
+const streamEventHeaderSchema = z.looseObject({
   Topic: z.string(),
   Type: z.string(),
   Key: z.string(),
   Namespace: z.string().nullish(),
   FilterKeys: z.array(z.string()).nullish(),
   Index: z.number().int(),
+});
+export const streamEventSchema = streamEventHeaderSchema.extend({
   Payload: z.record(z.string(), z.unknown()),
 });
 
 type RawStreamEvent = z.infer<typeof streamEventSchema>;
-type EventHeader = Omit<RawStreamEvent, 'Payload'>;
+// Inferred from its own schema: Omit<> over a loose object's index signature would erase Topic & co.
+type EventHeader = z.infer<typeof streamEventHeaderSchema>;
+export type InvalidNomadEvent = EventHeader & { kind: 'invalid'; payload: Record<string, unknown>; field: string; problem: string };
 
-/* `kind` discriminates the parsed payload; `Topic` stays Nomad's raw string. */
+/*
+ * `kind` discriminates the parsed payload; `Topic` stays Nomad's raw string. `invalid` is an event
+ * of a topic we parse whose payload did not match our schema: it is kept (and logged by the
+ * subscription) rather than passed off as `other`, so a shape we got wrong is never silent.
+ */
 export type NomadEvent = EventHeader &
   (
     | { kind: 'allocation'; allocation: Allocation }
     | { kind: 'evaluation'; evaluation: Evaluation }
     | { kind: 'job'; job: NomadJob }
+    | { kind: 'invalid'; payload: Record<string, unknown>; field: string; problem: string }
     | { kind: 'other'; payload: Record<string, unknown> }
   );
 
@@ -216,25 +246,35 @@ export interface EventBatch {
   readonly events: readonly NomadEvent[];
 }
 
+/* Names the first failing field as a dotted path (`Allocation.AllocatedResources.Shared.Ports.0.Value`) for the log line. */
+function invalidEvent(header: EventHeader, payload: Record<string, unknown>, error: z.ZodError): NomadEvent {
+  const issue = error.issues[0];
+  return {
+    ...header,
+    kind: 'invalid',
+    payload,
+    field: [header.Topic, ...(issue?.path ?? []).map(String)].join('.'),
+    problem: issue?.message ?? error.message,
+  };
+}
+
 /* Parses one event's payload by topic so consumers get typed objects. */
 export function parseStreamEvent(raw: RawStreamEvent): NomadEvent {
   const { Payload, ...header } = raw;
   switch (raw.Topic) {
     case 'Allocation': {
       const parsed = allocationSchema.safeParse(Payload['Allocation']);
-      if (parsed.success) return { ...header, kind: 'allocation', allocation: parsed.data };
-      break;
+      return parsed.success ? { ...header, kind: 'allocation', allocation: parsed.data } : invalidEvent(header, Payload, parsed.error);
     }
     case 'Evaluation': {
       const parsed = evaluationSchema.safeParse(Payload['Evaluation']);
-      if (parsed.success) return { ...header, kind: 'evaluation', evaluation: parsed.data };
-      break;
+      return parsed.success ? { ...header, kind: 'evaluation', evaluation: parsed.data } : invalidEvent(header, Payload, parsed.error);
     }
     case 'Job': {
       const parsed = jobSchema.safeParse(Payload['Job']);
-      if (parsed.success) return { ...header, kind: 'job', job: parsed.data };
-      break;
+      return parsed.success ? { ...header, kind: 'job', job: parsed.data } : invalidEvent(header, Payload, parsed.error);
     }
+    default:
+      return { ...header, kind: 'other', payload: Payload };
   }
-  return { ...header, kind: 'other', payload: Payload };
 }

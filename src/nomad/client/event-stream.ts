@@ -1,7 +1,7 @@
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Readable } from 'node:stream';
 import type { Logger } from 'pino';
-import { eventLineSchema, parseStreamEvent, type EventBatch } from './api-types.js';
+import { eventLineSchema, parseStreamEvent, type EventBatch, type InvalidNomadEvent } from './api-types.js';
 import { NomadError, unreachable } from './errors.js';
 import type { NomadHttp } from './http.js';
 
@@ -37,6 +37,54 @@ export interface EventStreamOptions {
 const defaultTopics = ['Evaluation', 'Allocation', 'Job'] as const;
 
 /*
+ * Logs events of a parsed topic whose payload did not match our schemas. A schema that is wrong
+ * about Nomad's JSON fails for every event of that topic, so one warn line per topic per interval
+ * (with the count of those suppressed since the last line) names the field without flooding the
+ * log; the totals stay countable for tests and health checks.
+ */
+export class InvalidEventReporter {
+  readonly #lastLogged = new Map<string, { at: number; suppressed: number }>();
+  readonly #counts = new Map<string, number>();
+
+  constructor(
+    private readonly logger: Logger,
+    private readonly intervalMs = 60_000,
+    private readonly now: () => number = Date.now,
+  ) {}
+
+  report(event: InvalidNomadEvent): void {
+    this.#counts.set(event.Topic, (this.#counts.get(event.Topic) ?? 0) + 1);
+    const last = this.#lastLogged.get(event.Topic);
+    const now = this.now();
+    if (last !== undefined && now - last.at < this.intervalMs) {
+      last.suppressed += 1;
+      return;
+    }
+    this.#lastLogged.set(event.Topic, { at: now, suppressed: 0 });
+    this.logger.warn(
+      {
+        topic: event.Topic,
+        type: event.Type,
+        key: event.Key,
+        index: event.Index,
+        field: event.field,
+        problem: event.problem,
+        suppressed: last?.suppressed ?? 0,
+      },
+      `Nomad ${event.Topic} event did not parse at ${event.field}: ${event.problem}`,
+    );
+  }
+
+  /* Invalid events seen so far, per topic or in all. */
+  count(topic?: string): number {
+    if (topic !== undefined) return this.#counts.get(topic) ?? 0;
+    let total = 0;
+    for (const count of this.#counts.values()) total += count;
+    return total;
+  }
+}
+
+/*
  * A self-healing subscription to /v1/event/stream.
  *
  * Nomad keeps only a bounded ring buffer of batches and a resumed subscription starts at the first
@@ -49,6 +97,7 @@ export class EventStreamSubscription {
   private readonly abort = new AbortController();
   private readonly done: Promise<void>;
   private lastProcessedIndex: number;
+  readonly invalidEvents: InvalidEventReporter;
   /* True once lastProcessedIndex is the index of a batch we actually received (so re-delivery is expected). */
   private cursorIsBatch = false;
 
@@ -58,6 +107,7 @@ export class EventStreamSubscription {
     private readonly options: EventStreamOptions,
   ) {
     this.lastProcessedIndex = options.startIndex ?? 0;
+    this.invalidEvents = new InvalidEventReporter(logger);
     this.done = this.run().catch((error: unknown) => {
       this.logger.error({ err: error }, 'Nomad event stream loop crashed');
     });
@@ -142,6 +192,8 @@ export class EventStreamSubscription {
             if (batch.index <= this.lastProcessedIndex) return;
             this.lastProcessedIndex = batch.index;
             this.cursorIsBatch = true;
+            // Reported once, here, not per re-delivery: duplicates were dropped just above.
+            for (const event of batch.events) if (event.kind === 'invalid') this.invalidEvents.report(event);
             await this.deliver(batch);
           });
         }
