@@ -717,7 +717,8 @@ export class Cluster {
       key: String(evaluation['ID']),
       namespace: String(evaluation['Namespace']),
       filterKeys: [String(evaluation['JobID']), ''],
-      payload: evaluation,
+      // structs.Evaluation is omitempty as well (eval.go).
+      payload: omitEmpty(evaluation),
     };
   }
 

@@ -7,7 +7,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocketServer } from 'ws';
 import { Cluster, HttpError, type EventBatch, type Timings } from './cluster.js';
 import { handleExec } from './exec.js';
-import { isObject, type JsonObject } from './model.js';
+import { isObject, omitEmpty, type JsonObject } from './model.js';
 import { NomadSpec, type SpecMethod } from './spec.js';
 
 export interface FakeNomadOptions {
@@ -261,7 +261,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
         : sendJson(response, cluster.fullAlloc(record), ['get', '/allocation/{allocID}']);
     } else if ((match = /^\/v1\/evaluation\/([^/]+)$/.exec(path)) !== null && method === 'GET') {
       const evaluation = cluster.evals.get(decodeURIComponent(match[1] ?? ''));
-      return evaluation === undefined ? sendText(response, 404, 'eval not found') : sendJson(response, evaluation, ['get', '/evaluation/{evalID}']);
+      // structs.Evaluation is omitempty: empty fields (BlockedEval, StatusDescription, ...) are absent.
+      return evaluation === undefined ? sendText(response, 404, 'eval not found') : sendJson(response, omitEmpty(evaluation), ['get', '/evaluation/{evalID}']);
     } else if ((match = /^\/v1\/node\/([^/]+)$/.exec(path)) !== null && method === 'GET') {
       const node = cluster.node();
       return match[1] === node['ID'] ? sendJson(response, node, ['get', '/node/{nodeId}']) : sendText(response, 404, 'node not found');
