@@ -86,6 +86,41 @@ describe('fake Nomad', () => {
     assert.deepEqual(types.slice(0, 4), ['Job/JobRegistered', 'Allocation/PlanResult', 'Job/PlanResult', 'Allocation/AllocationUpdated']);
   });
 
+  it('leaves empty fields out of allocations, evaluations and port mappings, as go-codec does for omitempty structs', async () => {
+    const withPorts = job('sparse', {
+      TaskGroups: [
+        {
+          Name: 'default-group',
+          Count: 1,
+          Networks: [{ Mode: 'host', DynamicPorts: [{ Label: 'plain' }, { Label: 'mapped', To: 8080 }] }],
+          Tasks: [{ Name: 'default-task', Driver: 'docker', Config: { image: 'x' } }],
+        },
+      ],
+    });
+    const registered = (await call(fake, 'POST', '/v1/jobs', { Job: withPorts })).json as Record<string, unknown>;
+    await fake.control.waitFor(() => fake.control.allocations('sparse')[0]?.['ClientStatus'] === 'running');
+    const allocId = String(fake.control.allocations('sparse')[0]?.['ID']);
+    const allocation = (await call(fake, 'GET', `/v1/allocation/${allocId}`)).json as Record<string, unknown>;
+    for (const empty of ['DesiredDescription', 'NextAllocation', 'PreviousAllocation', 'FollowupEvalID', 'DeploymentStatus']) {
+      assert.ok(!(empty in allocation), `${empty} should be omitted`);
+    }
+    assert.equal(allocation['ClientDescription'], 'Tasks are running');
+    const ports = ((allocation['AllocatedResources'] as Record<string, Record<string, unknown>>)['Shared']?.['Ports'] ?? []) as Record<string, unknown>[];
+    const plain = ports.find((port) => port['Label'] === 'plain');
+    assert.ok(plain !== undefined && !('To' in plain), JSON.stringify(ports));
+    assert.equal(ports.find((port) => port['Label'] === 'mapped')?.['To'], 8080);
+    const allocationEvents = fake.control
+      .events()
+      .flatMap((batch) => batch.Events)
+      .filter((event) => event['Topic'] === 'Allocation' && event['Key'] === allocId)
+      .map((event) => (event['Payload'] as Record<string, Record<string, unknown>>)['Allocation'] ?? {});
+    assert.ok(allocationEvents.length > 0);
+    for (const payload of allocationEvents) assert.ok(!('Job' in payload) && !('NextAllocation' in payload));
+    const evaluation = (await call(fake, 'GET', `/v1/evaluation/${String(registered['EvalID'])}`)).json as Record<string, unknown>;
+    assert.equal(evaluation['ID'], registered['EvalID']);
+    for (const [key, value] of Object.entries(evaluation)) assert.ok(value !== '' && value !== null && value !== 0 && value !== false, `${key} should be omitted`);
+  });
+
   it('purges a job and its allocations without allocation events; exec then fails with Unknown allocation', async () => {
     await call(fake, 'POST', '/v1/jobs', { Job: job('purge-me') });
     await fake.control.waitFor(() => fake.control.allocations('purge-me')[0]?.['ClientStatus'] === 'running');

@@ -17,7 +17,7 @@ import { z } from 'zod';
 
 const meta = z.record(z.string(), z.string()).nullish();
 
-/* api/resources.go Port / structs.Port (omitempty): `To` and `HostNetwork` are absent unless set. */
+/* structs.Port (structs.go, omitempty): `To`, `HostNetwork` and a dynamic port's unassigned `Value` are absent unless set. */
 export const portSchema = z.looseObject({
   Label: z.string().default(''),
   Value: z.number().int().nullish(),
@@ -202,8 +202,8 @@ export const evaluationSchema = z.looseObject({
 export type Evaluation = z.infer<typeof evaluationSchema>;
 
 /*
- * Event payloads are parsed per topic; an event of a topic we did not ask for (or a payload
- * shape we do not know) is kept as `unknown` instead of failing the whole batch.
+ * Event payloads are parsed per topic; an event of a topic we do not parse is kept as `other` and
+ * one of a parsed topic whose payload does not match as `invalid`, instead of failing the whole batch.
  */
 const streamEventHeaderSchema = z.looseObject({
   Topic: z.string(),
