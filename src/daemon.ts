@@ -40,9 +40,9 @@ export function packageVersion(): string {
 async function buildManager(config: Config, logger: Logger): Promise<AccessorHandler> {
   const cgroups = await createCgroupManager(config.local.cgroups, config.local.cgroupparent, logger);
   logger.info({ cgroups: cgroups.version }, 'local sandbox limits');
-  const handlers: AccessorHandler[] = [new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger, { interactiveStderr: config.server.interactivestderr })];
+  const handlers: AccessorHandler[] = [new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger, { interactiveStderr: config.server.interactivestderr, claimTimeout: config.runners.claimtimeout })];
   // Nomad goes first: with it enabled it owns every new environment, local keeps the ones it stored.
-  if (config.nomad.enabled) handlers.unshift(new NomadAccessorHandler(config.nomad, config.runners.refillconcurrency, logger, { interactiveStderr: config.server.interactivestderr }));
+  if (config.nomad.enabled) handlers.unshift(new NomadAccessorHandler(config.nomad, config.runners.refillconcurrency, logger, { interactiveStderr: config.server.interactivestderr, claimTimeout: config.runners.claimtimeout }));
   for (let index = 0; index < handlers.length - 1; index += 1) handlers[index]?.setNextHandler(handlers[index + 1] as AccessorHandler);
   return handlers[0] as AccessorHandler;
 }

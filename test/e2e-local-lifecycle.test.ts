@@ -76,7 +76,8 @@ test('files and background processes persist between executions; a client that l
 
 test('a pool that cannot be filled: health 503, claims 500 NOMAD_OVERLOAD, the daemon keeps serving', async (t) => {
   const missingRoot = path.join(tmpdir(), `no-such-rootfs-${randomUUID()}`);
-  const daemon = await startDaemon({ config: { local: { images: { 'broken:image': missingRoot } } } });
+  // claimtimeout 0: the claim below relies on Poseidon's immediate answer, not on a wait for a build.
+  const daemon = await startDaemon({ config: { runners: { claimtimeout: 0 }, local: { images: { 'broken:image': missingRoot } } } });
   t.after(() => daemon.stop());
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   assert.equal((await client.putEnvironment(environmentSpec(64, { image: 'broken:image', prewarmingPoolSize: 2 }))).status, 201);
@@ -89,6 +90,23 @@ test('a pool that cannot be filled: health 503, claims 500 NOMAD_OVERLOAD, the d
   assert.equal((claim.body as { errorCode: string }).errorCode, 'NOMAD_OVERLOAD');
   assert.equal((await client.deleteEnvironment(64)).status, 204);
   assert.equal((await client.health()).status, 204);
+});
+
+test('a second claim on a pool of 1 waits for the runner being built instead of answering NOMAD_OVERLOAD', async (t) => {
+  const token = 'claim-wait-token';
+  const daemon = await startDaemon({ token, config: { runners: { claimtimeout: 10 } } });
+  t.after(() => daemon.stop());
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  assert.equal((await client.putEnvironment(environmentSpec(68, { prewarmingPoolSize: 1 }))).status, 201);
+  await waitFor(() => idleRunners(client, 68), (idle) => idle === 1, 'the pool to fill');
+  // Both at once: the first takes the idle runner, the second finds the pool empty and a build under way.
+  const claims = await Promise.all([client.claimRunner(68), client.claimRunner(68)]);
+  for (const claim of claims) assert.equal(claim.status, 200, claim.text);
+  const ids = claims.map((claim) => (claim.body as { runnerId: string }).runnerId);
+  assert.notEqual(ids[0], ids[1]);
+  const metrics = await (await fetch(`${daemon.origin}/metrics`, { headers: { 'Poseidon-Token': token } })).text();
+  assert.match(metrics, /poseidon_runner_claim_wait_seconds_count\{environment_id="68",outcome="served"\} 1\b/);
+  for (const id of ids) assert.equal((await client.deleteRunner(id)).status, 204);
 });
 
 test('a wrong configuration stops the start with a message naming the key', async (t) => {

@@ -2,6 +2,8 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pino from 'pino';
 import type { ExecutionEnvironmentSpec } from '../src/dto/environment.js';
+import type { ContextLogger } from '../src/monitoring/logger.js';
+import { type ClaimWaitOutcome, noInstruments } from '../src/monitoring/metrics.js';
 import { EnvironmentPools } from '../src/environment/environment-pools.js';
 import { AccessorHandler, type PutOutcome } from '../src/runner/accessor-handler.js';
 import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from '../src/runner/errors.js';
@@ -42,19 +44,26 @@ class MemoryHandler extends AccessorHandler {
   #counter = 0;
   /* While set, runner builds wait for it: a pool that cannot refill instantly. */
   hold: Promise<void> | undefined;
+  /* Every runner built, to check that none is left alive outside the pools. */
+  readonly built: MemoryRunner[] = [];
   protected readonly pools: EnvironmentPools<MemoryRunner>;
   constructor(
     readonly name: string,
     private readonly accepts: (spec: ExecutionEnvironmentSpec) => boolean,
+    claimTimeoutSeconds = 0,
   ) {
     super();
     this.pools = new EnvironmentPools({
       runners: {
         createRunner: async (spec) => {
           await this.hold;
-          return new MemoryRunner(`${spec.id}-${this.name}-${(this.#counter += 1)}`, spec.id);
+          const runner = new MemoryRunner(`${spec.id}-${this.name}-${(this.#counter += 1)}`, spec.id);
+          this.built.push(runner);
+          return runner;
         },
       },
+      claimTimeoutSeconds,
+      instruments: () => this.instruments,
       storage: {
         put: async (spec) => void this.stored.set(spec.id, spec),
         delete: async (id) => void this.stored.delete(id),
@@ -67,8 +76,8 @@ class MemoryHandler extends AccessorHandler {
   acceptsEnvironment(spec: ExecutionEnvironmentSpec) {
     return this.accepts(spec);
   }
-  protected async claimOwn(id: number, inactivityTimeout: number): Promise<Runner | undefined> {
-    return this.pools.claim(id, inactivityTimeout);
+  protected async claimOwn(id: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined> {
+    return this.pools.claim(id, inactivityTimeout, log, signal);
   }
   protected async returnOwn(runner: Runner) {
     this.pools.return(runner);
@@ -214,4 +223,107 @@ test('a failed storage removal leaves the environment in place only when the sto
     assert.equal(pools.has(10), knownAfterFailure, deleteOrder);
     await pools.shutdown();
   }
+});
+
+/* A handler whose builds hang until released, with its one-runner pool filled and that runner claimed. */
+async function drained(claimTimeoutSeconds: number, id: number) {
+  const handler = new MemoryHandler('waiting', () => true, claimTimeoutSeconds);
+  const waits: ClaimWaitOutcome[] = [];
+  handler.instrument({ ...noInstruments, claimWaited: (_environmentId, _seconds, outcome) => void waits.push(outcome) });
+  await handler.putEnvironment(spec(id, 1));
+  await settle();
+  let release = () => {};
+  handler.hold = new Promise((resolve) => (release = resolve));
+  const first = await handler.claim(id, 0);
+  return { handler, waits, first, release };
+}
+
+/* Whether a promise has settled yet, without waiting for it. */
+const settledYet = async (promise: Promise<unknown>): Promise<boolean> => {
+  let done = false;
+  promise.then(
+    () => (done = true),
+    () => (done = true),
+  );
+  await settle();
+  return done;
+};
+
+test('with claimtimeout a claim on an empty pool waits for the runner under construction and gets it', async () => {
+  const { handler, waits, first, release } = await drained(30, 20);
+  const waiting = handler.claim(20, 0);
+  assert.equal(await settledYet(waiting), false, 'the claim waits while the build hangs');
+  release();
+  const runner = await waiting;
+  assert.notEqual(runner.id, first.id);
+  assert.equal(handler.get(runner.id), runner);
+  assert.deepEqual(waits, ['served']);
+  await settle();
+  // The pool refills behind the served claim: its one idle runner is back.
+  assert.deepEqual(handler.statistics()[0], { id: 20, prewarmingPoolSize: 1, idleRunners: 1, usedRunners: 2 });
+  await handler.shutdown();
+});
+
+test('waiting claims are served first come first served', async () => {
+  const { handler, release } = await drained(30, 22);
+  const order: string[] = [];
+  const older = handler.claim(22, 0).then((runner) => (order.push('older'), runner));
+  const newer = handler.claim(22, 0).then((runner) => (order.push('newer'), runner));
+  await settle();
+  release();
+  const [olderRunner, newerRunner] = await Promise.all([older, newer]);
+  assert.deepEqual(order, ['older', 'newer']);
+  // Runners are numbered in the order their builds end: the older claim got the first one ready.
+  const number = (runner: Runner) => Number(runner.id.split('-').at(-1));
+  assert.ok(number(olderRunner) < number(newerRunner), `${olderRunner.id} before ${newerRunner.id}`);
+  await handler.shutdown();
+});
+
+test('a claim that waits in vain answers NOMAD_OVERLOAD (NoIdleRunnerError) and is counted as timed out', async () => {
+  const { handler, waits, release } = await drained(0.05, 24);
+  await assert.rejects(handler.claim(24, 0), NoIdleRunnerError);
+  assert.deepEqual(waits, ['timeout']);
+  release();
+  await settle();
+  // The runner built for the claim that left joins the pool; nothing else stays alive.
+  assert.deepEqual(handler.statistics()[0], { id: 24, prewarmingPoolSize: 1, idleRunners: 1, usedRunners: 1 });
+  assert.equal(handler.built.filter((runner) => !runner.destroyed).length, 2);
+  await handler.shutdown();
+});
+
+test('claimtimeout 0 answers an empty pool at once, as Poseidon does', async () => {
+  const { handler, waits, release } = await drained(0, 26);
+  const claim = handler.claim(26, 0);
+  assert.equal(await settledYet(claim), true, 'answered without waiting for the build');
+  await assert.rejects(claim, NoIdleRunnerError);
+  assert.deepEqual(waits, [], 'no wait happened');
+  release();
+  await handler.shutdown();
+});
+
+test('a waiter whose client leaves, or whose environment is deleted, leaks no runner', async () => {
+  const { handler, waits, release } = await drained(30, 28);
+  const client = new AbortController();
+  const cancelled = handler.claim(28, 0, undefined, client.signal);
+  await settle();
+  client.abort();
+  await assert.rejects(cancelled, NoIdleRunnerError);
+  release();
+  await settle();
+  // The builds started for the cancelled claim end in the pool or destroyed, never handed to nobody.
+  assert.deepEqual(handler.statistics()[0], { id: 28, prewarmingPoolSize: 1, idleRunners: 1, usedRunners: 1 });
+  assert.equal(handler.built.filter((runner) => !runner.destroyed).length, 2);
+
+  // Now the pool is empty again with a build hanging, and the environment goes away under the waiter.
+  let releaseAgain = () => {};
+  handler.hold = new Promise((resolve) => (releaseAgain = resolve));
+  await handler.claim(28, 0);
+  const orphaned = handler.claim(28, 0);
+  await settle();
+  const deleted = handler.deleteEnvironment(28);
+  await assert.rejects(orphaned, NoIdleRunnerError);
+  releaseAgain();
+  await deleted;
+  assert.deepEqual(waits, ['cancelled', 'unavailable']);
+  assert.equal(handler.built.filter((runner) => !runner.destroyed).length, 0, 'every runner built was destroyed with its environment');
 });

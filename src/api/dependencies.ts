@@ -18,7 +18,8 @@ import type { Runner } from '../runner/runner.js';
  */
 export interface RunnerAccessor {
   /* An idle runner of the environment; EnvironmentNotFoundError or NoIdleRunnerError otherwise. */
-  claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner>;
+  // `signal` aborts when the client went away, ending a wait for a runner under construction.
+  claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner>;
   /* The runner with that id; RunnerNotFoundError (410) otherwise. */
   get(runnerId: string): Runner;
   return(runner: Runner, log?: ContextLogger): Promise<void>;

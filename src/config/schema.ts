@@ -126,6 +126,12 @@ const runnersSchema = z
   .strictObject({
     /* How many sandboxes an environment builds at once while refilling its pool. */
     refillconcurrency: z.number().int().min(1).max(256).default(8),
+    /*
+     * Seconds a claim on an empty pool waits for a runner under construction before answering
+     * NOMAD_OVERLOAD; fractions allowed, 0 answers at once (Poseidon). Bounded well below CodeOcean's
+     * HTTP timeout, so that a waiting claim is still answered.
+     */
+    claimtimeout: z.number().min(0).max(60).default(5),
     /* Output beyond this many bytes per execution and stream is dropped and reported once. */
     maxoutputbytes: z.number().int().positive().default(256 * 1024 * 1024),
   })

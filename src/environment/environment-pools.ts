@@ -29,6 +29,11 @@ export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
   readonly deleteOrder: DeleteOrder;
   readonly refillConcurrency: number;
   readonly logger: Logger;
+  /*
+   * runners.claimtimeout: how long a claim on an empty pool waits for a runner under construction
+   * (seconds). Unset, claims answer at once, as Poseidon's do.
+   */
+  readonly claimTimeoutSeconds?: number;
   /* Read at each build, so instrumenting the chain after start (daemon wiring) reaches every environment. */
   readonly instruments?: () => Instruments;
 }
@@ -82,9 +87,14 @@ export class EnvironmentPools<R extends ManagedRunner> {
     return runner && !runner.destroyed ? runner : undefined;
   }
 
-  /* An idle runner, or undefined when the environment is unknown or its pool is empty. */
-  claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): R | undefined {
-    return this.#byId.get(environmentId)?.sample(inactivityTimeout, log);
+  /*
+   * An idle runner, or the next one built within runners.claimtimeout; undefined when the environment
+   * is unknown or none came. `signal` is the client's: aborted, the claim stops waiting.
+   */
+  async claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<R | undefined> {
+    const environment = this.#byId.get(environmentId);
+    if (!environment) return undefined;
+    return environment.claim(inactivityTimeout, { timeoutSeconds: this.#options.claimTimeoutSeconds ?? 0, signal }, log);
   }
 
   /* The request's logger, so what it causes carries its id; the backend's for work nobody asked for. */
@@ -173,7 +183,11 @@ export class EnvironmentPools<R extends ManagedRunner> {
     const environment = new ExecutionEnvironment(spec, runners, {
       refillConcurrency,
       logger,
-      instruments: { runnerBuilt: (...args) => instruments().runnerBuilt(...args), nomadCall: (...args) => instruments().nomadCall(...args) },
+      instruments: {
+        runnerBuilt: (...args) => instruments().runnerBuilt(...args),
+        nomadCall: (...args) => instruments().nomadCall(...args),
+        claimWaited: (...args) => instruments().claimWaited(...args),
+      },
     });
     // An environment stored while draining is kept for the next start, but builds nothing now.
     if (this.#refillStopped) environment.stopRefilling();

@@ -1,7 +1,7 @@
 import type { Logger } from 'pino';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { ContextLogger } from '../monitoring/logger.js';
-import { type Instruments, noInstruments, secondsSince } from '../monitoring/metrics.js';
+import { type ClaimWaitOutcome, type Instruments, noInstruments, secondsSince } from '../monitoring/metrics.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
 
 /* The one thing an environment needs from a backend: a new, ready, idle runner. */
@@ -16,15 +16,34 @@ export interface PoolOptions {
   instruments?: Instruments;
 }
 
+/* How long a claim on an empty pool waits for a runner under construction, and who may call it off. */
+export interface ClaimWait {
+  /* Seconds (fractions allowed); 0 answers at once, as Poseidon does. */
+  timeoutSeconds: number;
+  /* Aborted when the client went away: the waiter leaves the queue, so no runner is handed to nobody. */
+  signal?: AbortSignal;
+}
+
+/* A claim waiting for the next ready runner; `settle` ends the wait with a runner or with none. */
+interface Waiter<R> {
+  readonly inactivityTimeout: number;
+  readonly log: ContextLogger | undefined;
+  settle(runner: R | undefined, outcome: ClaimWaitOutcome): void;
+}
+
 const MAX_REFILL_BACKOFF_MS = 30_000;
 
 /*
  * An execution environment and its prewarmed pool. Claims take a ready runner synchronously;
- * building replacements happens in the background so a claim never waits for a sandbox.
+ * building replacements happens in the background. Only when the pool is empty while runners are
+ * being built does a claim wait (bounded by runners.claimtimeout) for the next one, first come
+ * first served, instead of answering NOMAD_OVERLOAD at once to a burst the pool is about to serve.
  */
 export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   readonly #idle = new Map<string, R>();
   readonly #used = new Map<string, R>();
+  /* Claims waiting for a runner under construction, oldest first: a ready runner goes to the head. */
+  readonly #waiters: Waiter<R>[] = [];
   #creating = 0;
   /* Builds and teardowns under way; deleting waits for them so that no sandbox outlives its environment. */
   readonly #pending = new Set<Promise<void>>();
@@ -61,6 +80,59 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     }
     const [runnerId, runner] = next.value;
     this.#idle.delete(runnerId);
+    this.#use(runner, inactivityTimeoutSeconds, log);
+    return runner;
+  }
+
+  /*
+   * An idle runner, or else the next one built if it is ready within `wait.timeoutSeconds`; undefined
+   * when none came (or the environment went away, or the client did). Waiting only makes sense while
+   * a build is under way: with refill stopped, the environment deleted, a pool size of 0 or builds
+   * backing off after failures, nothing will come, and the client hears so at once.
+   */
+  async claim(inactivityTimeoutSeconds: number, wait: ClaimWait, log?: ContextLogger): Promise<R | undefined> {
+    const runner = this.sample(inactivityTimeoutSeconds, log);
+    // A pool of size 0 builds nothing ahead (Poseidon answers at once); waiting would make it build on demand.
+    if (runner || wait.timeoutSeconds <= 0 || this.spec.prewarmingPoolSize === 0 || wait.signal?.aborted) return runner;
+    let resolve: (runner: R | undefined) => void = () => undefined;
+    const promise = new Promise<R | undefined>((settle) => (resolve = settle));
+    const started = process.hrtime.bigint();
+    let timer: NodeJS.Timeout | undefined;
+    const onAbort = (): void => waiter.settle(undefined, 'cancelled');
+    const waiter: Waiter<R> = {
+      inactivityTimeout: inactivityTimeoutSeconds,
+      log,
+      settle: (served, outcome) => {
+        const index = this.#waiters.indexOf(waiter);
+        if (index === -1) return;
+        this.#waiters.splice(index, 1);
+        clearTimeout(timer);
+        wait.signal?.removeEventListener('abort', onAbort);
+        const seconds = secondsSince(started);
+        (this.options.instruments ?? noInstruments).claimWaited(this.spec.id, seconds, outcome);
+        if (outcome === 'timeout') {
+          this.#log(log).warn({ waitedSeconds: seconds, claimTimeout: wait.timeoutSeconds, waitingClaims: this.#waiters.length }, 'claim wait timed out: no runner became ready');
+        }
+        resolve(served);
+      },
+    };
+    this.#waiters.push(waiter);
+    // Demand-aware: the waiter raises the refill target, so a build starts for it if concurrency allows.
+    this.refill();
+    if (this.#creating === 0) {
+      // Nothing is being built, so nothing will come: Poseidon's answer at once, and no wait to count.
+      this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
+      return undefined;
+    }
+    // Not unref'd: the wait is bounded (runners.claimtimeout) and a shutdown dismisses it anyway.
+    timer = setTimeout(() => waiter.settle(undefined, 'timeout'), wait.timeoutSeconds * 1000);
+    wait.signal?.addEventListener('abort', onAbort, { once: true });
+    return promise;
+  }
+
+  /* Marks a runner as claimed: used, with its inactivity timeout running. */
+  #use(runner: R, inactivityTimeoutSeconds: number, log: ContextLogger | undefined): void {
+    const runnerId = runner.id;
     this.#used.set(runnerId, runner);
     runner.setInactivityTimeout(inactivityTimeoutSeconds, () => {
       this.#logger.info({ runnerId, inactivityTimeout: inactivityTimeoutSeconds }, 'runner inactive: destroying');
@@ -68,7 +140,20 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     });
     this.#log(log).info({ runnerId, idleRunners: this.#idle.size }, 'runner claimed');
     this.refill();
-    return runner;
+  }
+
+  /* A ready runner goes to the oldest waiting claim before it may enter the idle pool; false when nobody waits. */
+  #handOver(runner: R): boolean {
+    const waiter = this.#waiters[0];
+    if (!waiter) return false;
+    this.#use(runner, waiter.inactivityTimeout, waiter.log);
+    waiter.settle(runner, 'served');
+    return true;
+  }
+
+  /* Ends every wait without a runner: the environment is gone or its builds fail, nothing will come soon. */
+  #dismissWaiters(): void {
+    for (const waiter of [...this.#waiters]) waiter.settle(undefined, 'unavailable');
   }
 
   runner(runnerId: string): R | undefined {
@@ -84,7 +169,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     if (used) {
       this.#used.set(runner.id, runner);
       if (onExpire) runner.setInactivityTimeout(runner.inactivityTimeout(), onExpire);
-    } else {
+    } else if (!this.#handOver(runner)) {
       this.#idle.set(runner.id, runner);
     }
   }
@@ -119,17 +204,21 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     this.refill();
   }
 
+  /* Builds under way still go to waiting claims; later claims are refused by the lame duck. */
   stopRefilling(): void {
     this.#refillStopped = true;
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
   }
 
-  /* Starts as many runner builds as the pool lacks, bounded by the refill concurrency. */
+  /*
+   * Starts as many runner builds as the pool lacks, bounded by the refill concurrency. Waiting
+   * claims count on top of the pool size, so a burst gets builds ahead of the pool's own refill.
+   */
   refill(): void {
     if (this.#deleted || this.#refillStopped || this.#retryTimer) return;
     while (
-      this.#idle.size + this.#creating < this.spec.prewarmingPoolSize &&
+      this.#idle.size + this.#creating < this.spec.prewarmingPoolSize + this.#waiters.length &&
       this.#creating < this.options.refillConcurrency
     ) {
       this.#creating += 1;
@@ -151,13 +240,14 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
         throw error;
       }
       instruments.runnerBuilt(this.spec.id, secondsSince(started));
-      if (this.#deleted || this.#idle.size >= this.spec.prewarmingPoolSize) {
-        // The environment was deleted or its pool shrunk while this runner was built.
+      if (!this.#deleted) this.#failureStreak = 0;
+      if (this.#deleted || (this.#waiters.length === 0 && this.#idle.size >= this.spec.prewarmingPoolSize)) {
+        // The environment was deleted or its pool shrunk while this runner was built (or the claim it
+        // was built for stopped waiting and the pool is full).
         await runner.destroy(this.#deleted ? 'environment deleted' : 'prewarming pool already full');
-        return;
+      } else if (!this.#handOver(runner)) {
+        this.#idle.set(runner.id, runner);
       }
-      this.#failureStreak = 0;
-      this.#idle.set(runner.id, runner);
     } catch (error) {
       this.#failureStreak += 1;
       const delay = Math.min(MAX_REFILL_BACKOFF_MS, 250 * 2 ** Math.min(this.#failureStreak, 10));
@@ -173,6 +263,8 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
       this.#creating -= 1;
     }
     this.refill();
+    // Builds are failing and none is left under way: waiting claims would only run into their timeout.
+    if (this.#creating === 0 && this.#retryTimer) this.#dismissWaiters();
   }
 
   statistics(): EnvironmentStatistics {
@@ -187,6 +279,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   /* Stops refilling and destroys every runner, idle and used. */
   async delete(reason: string, log?: ContextLogger): Promise<void> {
     this.#deleted = true;
+    this.#dismissWaiters();
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
     const runners = [...this.#idle.values(), ...this.#used.values()];

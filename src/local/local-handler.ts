@@ -30,7 +30,8 @@ export class LocalAccessorHandler extends AccessorHandler {
     refillConcurrency: number,
     logger: Logger,
     /* server.interactivestderr: stderr apart from the executions' terminal (default) or on it. */
-    private readonly options: { interactiveStderr?: boolean } = {},
+    /* runners.claimtimeout: seconds a claim on an empty pool waits for a runner being built (0: none). */
+    private readonly options: { interactiveStderr?: boolean; claimTimeout?: number } = {},
   ) {
     super();
     this.#logger = logger.child({ backend: 'local' });
@@ -44,6 +45,7 @@ export class LocalAccessorHandler extends AccessorHandler {
       },
       deleteOrder: 'storage-first',
       refillConcurrency,
+      claimTimeoutSeconds: options.claimTimeout ?? 0,
       logger: this.#logger,
       instruments: () => this.instruments,
     });
@@ -68,8 +70,8 @@ export class LocalAccessorHandler extends AccessorHandler {
     return this.config.enabled;
   }
 
-  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined> {
-    return this.pools.claim(environmentId, inactivityTimeout, log);
+  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined> {
+    return this.pools.claim(environmentId, inactivityTimeout, log, signal);
   }
 
   protected async returnOwn(runner: Runner, log?: ContextLogger): Promise<void> {

@@ -16,11 +16,20 @@ export interface Instruments {
   runnerBuilt(environmentId: number, seconds: number, error?: unknown): void;
   /* One HTTP call to Nomad ended; `endpoint` is a path template without ids. */
   nomadCall(method: string, endpoint: string, seconds: number, error?: { errorCode?: string }): void;
+  /* A claim that found its pool empty waited for a runner under construction, and how that ended. */
+  claimWaited(environmentId: number, seconds: number, outcome: ClaimWaitOutcome): void;
 }
+
+/*
+ * served: a runner came in time; timeout: none within runners.claimtimeout (NOMAD_OVERLOAD);
+ * cancelled: the client went away; unavailable: the environment was deleted or its builds failed.
+ */
+export type ClaimWaitOutcome = 'served' | 'timeout' | 'cancelled' | 'unavailable';
 
 export const noInstruments: Instruments = {
   runnerBuilt: () => undefined,
   nomadCall: () => undefined,
+  claimWaited: () => undefined,
 };
 
 /* Calls every observer in turn: metrics and the health monitor both listen to runner builds. */
@@ -31,6 +40,9 @@ export function fanOut(...targets: Array<Partial<Instruments>>): Instruments {
     },
     nomadCall: (...args) => {
       for (const target of targets) target.nomadCall?.(...args);
+    },
+    claimWaited: (...args) => {
+      for (const target of targets) target.claimWaited?.(...args);
     },
   };
 }
@@ -67,6 +79,8 @@ export class Metrics implements Instruments {
   readonly #httpDuration: Histogram<'method' | 'route' | 'status_code'>;
   readonly #claims: Counter<'environment_id' | 'outcome'>;
   readonly #claimDuration: Histogram<'environment_id' | 'outcome'>;
+  readonly #claimWait: Histogram<'environment_id' | 'outcome'>;
+  readonly #claimWaitTimeouts: Counter<'environment_id'>;
   readonly #executions: Counter<'environment_id' | 'outcome'>;
   readonly #executionDuration: Histogram<'environment_id' | 'outcome'>;
   readonly #builds: Counter<'environment_id' | 'outcome'>;
@@ -86,6 +100,8 @@ export class Metrics implements Instruments {
     this.#httpDuration = new Histogram({ name: 'poseidon_http_request_duration_seconds', help: 'Time from receiving a request to sending its response', labelNames: http, buckets: REQUEST_BUCKETS, registers });
     this.#claims = new Counter({ name: 'poseidon_runner_claims_total', help: 'Runner claims (POST /runners) by environment and outcome', labelNames: byEnvironment, registers });
     this.#claimDuration = new Histogram({ name: 'poseidon_runner_claim_duration_seconds', help: 'Time a runner claim took', labelNames: byEnvironment, buckets: REQUEST_BUCKETS, registers });
+    this.#claimWait = new Histogram({ name: 'poseidon_runner_claim_wait_seconds', help: 'Time a claim on an empty pool waited for a runner under construction, by outcome (served, timeout, cancelled, unavailable)', labelNames: byEnvironment, buckets: REQUEST_BUCKETS, registers });
+    this.#claimWaitTimeouts = new Counter({ name: 'poseidon_runner_claim_wait_timeouts_total', help: 'Claims that waited runners.claimtimeout for a runner in vain and were answered NOMAD_OVERLOAD', labelNames: ['environment_id'], registers });
     this.#executions = new Counter({ name: 'poseidon_executions_total', help: 'Executions by environment and how they ended (exit, timeout, oom, error, cancelled)', labelNames: byEnvironment, registers });
     this.#executionDuration = new Histogram({ name: 'poseidon_execution_duration_seconds', help: 'Time from the start message to the end of an execution', labelNames: byEnvironment, buckets: EXECUTION_BUCKETS, registers });
     this.#builds = new Counter({ name: 'poseidon_runner_builds_total', help: 'Runner (sandbox or Nomad job) builds by environment and outcome (success, failure)', labelNames: byEnvironment, registers });
@@ -130,6 +146,12 @@ export class Metrics implements Instruments {
     const labels = { environment_id: String(environmentId), outcome };
     this.#claims.inc(labels);
     this.#claimDuration.observe(labels, seconds);
+  }
+
+  claimWaited(environmentId: number, seconds: number, outcome: ClaimWaitOutcome): void {
+    const environment = String(environmentId);
+    this.#claimWait.observe({ environment_id: environment, outcome }, seconds);
+    if (outcome === 'timeout') this.#claimWaitTimeouts.inc({ environment_id: environment });
   }
 
   execution(environmentId: number, outcome: ExecutionOutcome, seconds: number): void {

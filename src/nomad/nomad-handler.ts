@@ -37,6 +37,8 @@ export interface NomadHandlerOptions {
   readonly api?: ExecutorApiOptions;
   /* server.interactivestderr: stderr apart from the executions' terminal, through a FIFO (default). */
   readonly interactiveStderr?: boolean;
+  /* runners.claimtimeout: seconds a claim on an empty pool waits for a runner job being started (0: none). */
+  readonly claimTimeout?: number;
 }
 
 interface Waiter {
@@ -91,6 +93,7 @@ export class NomadAccessorHandler extends AccessorHandler {
       // Nomad is the store a resync reads back: a failed deregistration leaves everything in place.
       deleteOrder: 'storage-first',
       refillConcurrency,
+      claimTimeoutSeconds: options.claimTimeout ?? 0,
       logger: this.#logger,
       instruments: () => this.instruments,
     });
@@ -109,8 +112,8 @@ export class NomadAccessorHandler extends AccessorHandler {
   // ---- claims and returns ------------------------------------------------------------------
 
   /* Takes an idle runner without any Nomad call; the "used" mark is written afterwards. */
-  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined> {
-    const runner = this.pools.claim(environmentId, inactivityTimeout, log);
+  protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined> {
+    const runner = await this.pools.claim(environmentId, inactivityTimeout, log, signal);
     if (runner === undefined) return undefined;
     runner.enqueueJobWrite('mark used', async (job) => {
       const used = withRunnerUsage(job, true, inactivityTimeout);

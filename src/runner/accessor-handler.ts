@@ -1,7 +1,7 @@
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { ContextLogger } from '../monitoring/logger.js';
 import { type Instruments, noInstruments } from '../monitoring/metrics.js';
-import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError, ShuttingDownError } from './errors.js';
+import { ClaimCancelledError, EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError, ShuttingDownError } from './errors.js';
 import type { Runner } from './runner.js';
 
 export type PutOutcome = 'created' | 'replaced';
@@ -74,9 +74,10 @@ export abstract class AccessorHandler {
   // What each backend does for itself: claims and changes differ (Nomad writes jobs, purges leftovers).
   /* Whether a new environment should live in this backend. */
   abstract acceptsEnvironment(spec: ExecutionEnvironmentSpec): boolean;
-  /* An idle runner, or undefined when the pool is empty. */
-  // `log` is the logger of the request that asked, so that what it causes carries the request's id.
-  protected abstract claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner | undefined>;
+  /* An idle runner (or one that became ready within runners.claimtimeout), or undefined when none came. */
+  // `log` is the logger of the request that asked, so that what it causes carries the request's id;
+  // `signal` aborts when its client went away, so that a waiting claim stops waiting.
+  protected abstract claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined>;
   protected abstract returnOwn(runner: Runner, log?: ContextLogger): Promise<void>;
   protected abstract putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome>;
   protected abstract deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void>;
@@ -103,13 +104,18 @@ export abstract class AccessorHandler {
     return this.#lameDuck;
   }
 
-  async claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger): Promise<Runner> {
+  async claim(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner> {
     if (this.#lameDuck !== undefined) throw new ShuttingDownError(this.#lameDuck);
     if (!this.knowsEnvironment(environmentId)) {
-      if (this.#next) return this.#next.claim(environmentId, inactivityTimeout, log);
+      if (this.#next) return this.#next.claim(environmentId, inactivityTimeout, log, signal);
       throw new EnvironmentNotFoundError(environmentId);
     }
-    const runner = await this.claimOwn(environmentId, inactivityTimeout, log);
+    const runner = await this.claimOwn(environmentId, inactivityTimeout, log, signal);
+    if (runner && signal?.aborted) {
+      // The client left after the runner was handed over: nobody will ever use or return it.
+      await this.returnOwn(runner, log);
+      throw new ClaimCancelledError(environmentId);
+    }
     if (!runner) throw new NoIdleRunnerError(environmentId);
     return runner;
   }

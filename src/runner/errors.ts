@@ -51,6 +51,13 @@ export class NoIdleRunnerError extends DomainError {
   }
 }
 
+/* A claim whose client went away while it waited; the runner it got is destroyed. Nobody reads the answer. */
+export class ClaimCancelledError extends DomainError {
+  constructor(environmentId: number) {
+    super('no-idle-runner', `the claim for execution environment ${environmentId} was cancelled: its client went away`);
+  }
+}
+
 /*
  * A claim while the daemon drains. For the client it is an empty pool (500 NOMAD_OVERLOAD), the one
  * answer CodeOcean shows a learner as "try again later" (NotAvailable) instead of an internal error.

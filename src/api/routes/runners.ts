@@ -42,17 +42,23 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
     {
       schema: {
         summary: 'Provide a runner',
-        description: 'Claims an idle runner of the execution environment (500 NOMAD_OVERLOAD when none is idle).',
+        description: 'Claims an idle runner of the execution environment; with none idle it waits up to runners.claimtimeout for one being built (500 NOMAD_OVERLOAD when none came).',
         tags,
         body: claimRequestSchema,
         response: { 200: claimResponseSchema.describe('A runner was reserved'), ...errorResponses(400, 404, 413, 415, ...PROTECTED_ERRORS) },
       },
     },
-    async (request) => {
+    async (request, reply) => {
       const environmentId = request.body.executionEnvironmentId;
       const started = process.hrtime.bigint();
+      // A claim may wait for a runner being built; a client that hangs up meanwhile must not get one.
+      const clientGone = new AbortController();
+      const onClose = (): void => {
+        if (!reply.raw.writableEnded) clientGone.abort();
+      };
+      reply.raw.once('close', onClose);
       try {
-        const runner = await manager.claim(environmentId, request.body.inactivityTimeout, request.log);
+        const runner = await manager.claim(environmentId, request.body.inactivityTimeout, request.log, clientGone.signal);
         metrics.claim(environmentId, 'success', secondsSince(started));
         return { runnerId: runner.id, mappedPorts: runner.mappedPorts() };
       } catch (error) {
@@ -60,6 +66,8 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
         const outcome = kind === 'no-idle-runner' ? 'no_idle_runner' : kind === 'environment-unknown' ? 'environment_not_found' : 'error';
         metrics.claim(environmentId, outcome, secondsSince(started));
         throw error;
+      } finally {
+        reply.raw.off('close', onClose);
       }
     },
   );
