@@ -4,16 +4,23 @@ import { HELP, parseArguments, UsageError } from './cli-arguments.js';
 import { ConfigError, loadConfiguration } from './config/load.js';
 import { type Daemon, packageVersion, startDaemon } from './daemon.js';
 import { createLogger } from './monitoring/logger.js';
+import { createErrorReporter, type ErrorReporter } from './monitoring/sentry.js';
 
 /* How long cleaning up after an uncaught exception may take before the process exits anyway. */
 const FATAL_CLEANUP_MS = 10_000;
+/* How long the report of a fatal error to Sentry may take (within FATAL_CLEANUP_MS). */
+const FATAL_FLUSH_MS = 2_000;
 
-function exitAfterFatal(logger: Logger, daemon: Daemon | undefined, what: string, error: unknown): void {
+function exitAfterFatal(logger: Logger, daemon: Daemon | undefined, errors: ErrorReporter | undefined, what: string, error: unknown): void {
   logger.fatal({ err: error }, `${what}: shutting down`);
+  errors?.capture(error, { fatal: what });
   const timer = setTimeout(() => process.exit(1), FATAL_CLEANUP_MS);
   timer.unref();
-  // Sandboxes, cgroups and the runner network are removed even now, then the exit says it failed.
-  void (daemon ? daemon.close() : Promise.resolve()).finally(() => process.exit(1));
+  // Sandboxes, cgroups and the runner network are removed even now, the report is sent, then the exit says it failed.
+  void (daemon ? daemon.close() : Promise.resolve())
+    .catch(() => undefined)
+    .then(() => errors?.flush(FATAL_FLUSH_MS))
+    .finally(() => process.exit(1));
 }
 
 async function main(): Promise<void> {
@@ -31,13 +38,15 @@ async function main(): Promise<void> {
   const logger = createLogger(config.logger);
   logger.info({ configFile: configFile ?? '(defaults)' }, 'configuration loaded');
   for (const warning of warnings) logger.warn({ key: warning.key }, warning.message);
+  const errors = await createErrorReporter(config.sentry, packageVersion());
+  if (errors) logger.info({ environment: config.sentry.environment ?? 'production', release: config.sentry.release ?? packageVersion() }, 'errors are reported to Sentry');
 
   let daemon: Daemon | undefined;
   let fatal = false;
   const onFatal = (what: string) => (error: unknown) => {
     if (fatal) return;
     fatal = true;
-    exitAfterFatal(logger, daemon, what, error);
+    exitAfterFatal(logger, daemon, errors, what, error);
   };
   process.on('uncaughtException', onFatal('uncaught exception'));
   process.on('unhandledRejection', onFatal('unhandled promise rejection'));
@@ -73,7 +82,7 @@ async function main(): Promise<void> {
     );
   });
 
-  daemon = await startDaemon(config, logger);
+  daemon = await startDaemon(config, logger, errors);
   if (stopSignal !== undefined) drainAndExit(daemon, stopSignal);
 }
 

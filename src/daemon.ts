@@ -8,6 +8,7 @@ import { createCgroupManager } from './local/cgroups.js';
 import { LocalAccessorHandler } from './local/local-handler.js';
 import { healthMonitorFor } from './monitoring/health.js';
 import { fanOut, Metrics } from './monitoring/metrics.js';
+import type { ErrorReporter } from './monitoring/sentry.js';
 import { NomadAccessorHandler } from './nomad/nomad-handler.js';
 import type { AccessorHandler } from './runner/accessor-handler.js';
 import { systemdListenFds } from './service/systemd.js';
@@ -79,7 +80,7 @@ const POLL_MS = 50;
 /* After the grace period, how long closing handshakes of cut executions may take. */
 const CLOSE_HANDSHAKE_MS = 1_000;
 
-export async function startDaemon(config: Config, logger: Logger): Promise<Daemon> {
+export async function startDaemon(config: Config, logger: Logger, errors?: ErrorReporter): Promise<Daemon> {
   if (config.server.token === undefined) {
     logger.warn(
       `!!! NO API TOKEN (server.token / POSEIDON_SERVER_TOKEN is not set): anyone who can reach ${config.server.address}:${config.server.port} ` +
@@ -96,7 +97,7 @@ export async function startDaemon(config: Config, logger: Logger): Promise<Daemo
   let url: string;
   try {
     await manager.load();
-    app = await buildApp({ config, manager, logger, version: packageVersion(), metrics, health });
+    app = await buildApp({ config, manager, logger, version: packageVersion(), metrics, health, errors });
     applyConnectionLimits(app, config);
     url = await listen(app, config, logger);
   } catch (error) {

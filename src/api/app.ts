@@ -194,7 +194,11 @@ export async function buildApp(appDependencies: AppDependencies): Promise<Fastif
       metrics.websocketUpgrade('refused');
       request.log.info({ url: request.url, statusCode, reason: error.message, remoteAddress: request.ip, userAgent: request.headers['user-agent'] }, 'websocket upgrade refused');
     }
-    if (statusCode >= 500 && answer === undefined) request.log.error({ err: error }, 'request failed');
+    if (statusCode >= 500 && answer === undefined) {
+      request.log.error({ err: error }, 'request failed');
+      // The route, not the URL: ids stay out; headers, bodies and tokens are never sent.
+      appDependencies.errors?.capture(error, { method: request.method, route: request.routeOptions.url ?? 'unknown', statusCode: String(statusCode) });
+    }
     else if (statusCode >= 500) request.log.warn({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request failed');
     else request.log.info({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request rejected');
     return reply.code(statusCode).send(body);

@@ -3,6 +3,7 @@ import type { Config } from '../config/schema.js';
 import type { HealthMonitor } from '../monitoring/health.js';
 import type { ContextLogger } from '../monitoring/logger.js';
 import type { Metrics } from '../monitoring/metrics.js';
+import type { ErrorReporter } from '../monitoring/sentry.js';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/environment.js';
 import type { PutOutcome } from '../runner/accessor-handler.js';
 import type { Runner } from '../runner/runner.js';
@@ -46,6 +47,8 @@ export interface AppDependencies {
   metrics?: Metrics;
   /* What /health answers; made from server.alert when omitted. */
   health?: HealthMonitor;
+  /* Where unexpected 5xx errors are reported besides the log (Sentry, when sentry.dsn is set). */
+  errors?: ErrorReporter | undefined;
 }
 
 /* What the routes get: buildApp fills in what AppDependencies may omit. */

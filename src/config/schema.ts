@@ -331,7 +331,17 @@ export const UNIMPLEMENTED_KEYS: Record<string, UnimplementedKey> = {
   aws: { instead: 'there is no AWS Lambda backend; environments run in the local or Nomad backend' },
   'profiling.cpuenabled': { instead: 'there is no built-in profiler (use node --cpu-prof)', harmless: (value) => value === false },
   profiling: { instead: 'there is no built-in profiler or memory watchdog; this key is ignored' },
-  sentry: { instead: 'errors are not sent to Sentry, only logged' },
+  // Honoured: dsn, environment, release, dist, servername, debug, attachstacktrace, samplerate, maxbreadcrumbs, ignoreerrors.
+  'sentry.enabletracing': { instead: 'no traces are sent to Sentry, only errors', harmless: (value) => value === false },
+  'sentry.tracessamplerate': { instead: 'no traces are sent to Sentry, only errors', harmless: (value) => value === 0 },
+  'sentry.profilessamplerate': { instead: 'no profiles are sent to Sentry', harmless: (value) => value === 0 },
+  'sentry.senddefaultpii': { instead: 'no personal data (addresses, headers, bodies) is ever sent to Sentry', harmless: (value) => value === false },
+  'sentry.ignoretransactions': { instead: 'no transactions are sent to Sentry' },
+  'sentry.tracepropagationtargets': { instead: 'no traces are propagated' },
+  'sentry.maxerrordepth': { instead: "the SDK's default depth of linked errors (5) applies" },
+  'sentry.httpproxy': { instead: 'events go to the DSN directly (or through the https_proxy/http_proxy environment variables)' },
+  'sentry.httpsproxy': { instead: 'events go to the DSN directly (or through the https_proxy/http_proxy environment variables)' },
+  'sentry.cacerts': { instead: "the system's CA certificates are used for the DSN" },
   influxdb: { instead: 'no data is sent to InfluxDB' },
 };
 

@@ -6,6 +6,7 @@ import type { EnvironmentAccessor, RunnerAccessor } from '../../src/api/dependen
 import { parseConfig } from '../../src/config/load.js';
 import type { HealthMonitor } from '../../src/monitoring/health.js';
 import type { Metrics } from '../../src/monitoring/metrics.js';
+import type { ErrorReporter } from '../../src/monitoring/sentry.js';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../../src/dto/environment.js';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../../src/dto/runner.js';
 import type { PutOutcome } from '../../src/runner/accessor-handler.js';
@@ -149,6 +150,7 @@ export interface InjectOptions {
   logger?: Logger;
   metrics?: Metrics;
   health?: HealthMonitor;
+  errors?: ErrorReporter;
 }
 
 export async function buildInjectApp(options: InjectOptions = {}): Promise<{ app: FastifyInstance; manager: FakeManager }> {
@@ -161,6 +163,7 @@ export async function buildInjectApp(options: InjectOptions = {}): Promise<{ app
     version: '1.2.3',
     ...(options.metrics ? { metrics: options.metrics } : {}),
     ...(options.health ? { health: options.health } : {}),
+    ...(options.errors ? { errors: options.errors } : {}),
   });
   await app.ready();
   return { app, manager };
