@@ -24,7 +24,9 @@ interface Profile {
 
 function newestProfile(path: string): string {
   if (!statSync(path).isDirectory()) return path;
-  const files = readdirSync(path).filter((name) => name.endsWith('.cpuprofile')).map((name) => join(path, name));
+  const files = readdirSync(path)
+    .filter((name) => name.endsWith('.cpuprofile'))
+    .map((name) => join(path, name));
   const newest = files.sort((a, b) => statSync(b).mtimeMs - statSync(a).mtimeMs)[0];
   if (newest === undefined) throw new Error(`no .cpuprofile in ${path}`);
   return newest;
@@ -64,7 +66,8 @@ for (const [id, us] of selfUs) {
   const where = shortUrl(url);
   const name = `${functionName || '(anonymous)'} ${where}${url === '' ? '' : `:${lineNumber + 1}`}`;
   perFunction.set(name, (perFunction.get(name) ?? 0) + us);
-  const group = url === '' ? `(${functionName})` : where.includes('node_modules/') ? `node_modules/${where.split('node_modules/')[1]?.split('/')[0] ?? ''}` : where;
+  const group =
+    url === '' ? `(${functionName})` : where.includes('node_modules/') ? `node_modules/${where.split('node_modules/')[1]?.split('/')[0] ?? ''}` : where;
   perFile.set(group, (perFile.get(group) ?? 0) + us);
 }
 const print = (title: string, entries: Map<string, number>): void => {

@@ -53,7 +53,10 @@ function parseOptions(): { cases: string[]; n: number | undefined; durationS: nu
     console.log(USAGE);
     process.exit(0);
   }
-  const cases = (values.case ?? []).flatMap((entry) => entry.split(',')).map((entry) => entry.trim()).filter((entry) => entry !== '');
+  const cases = (values.case ?? [])
+    .flatMap((entry) => entry.split(','))
+    .map((entry) => entry.trim())
+    .filter((entry) => entry !== '');
   for (const name of cases) {
     if (!(name in CASES)) throw new Error(`unknown case "${name}"\n${USAGE}`);
   }
@@ -99,15 +102,33 @@ function renderTable(results: Record<string, CaseResult>, baselines: Record<stri
   const rows: string[][] = [];
   for (const [name, result] of Object.entries(results)) {
     rows.push([
-      name, cell(result.n), cell(result.p50_ms), cell(result.p90_ms), cell(result.p99_ms), cell(result.max_ms),
-      cell(result.ops_per_s), cell(result.errors), cell(result.baseline_p50_ms), cell(result.ratio_p50), extras(name, result),
+      name,
+      cell(result.n),
+      cell(result.p50_ms),
+      cell(result.p90_ms),
+      cell(result.p99_ms),
+      cell(result.max_ms),
+      cell(result.ops_per_s),
+      cell(result.errors),
+      cell(result.baseline_p50_ms),
+      cell(result.ratio_p50),
+      extras(name, result),
     ]);
   }
   for (const [name, baseline] of Object.entries(baselines)) {
     const extra = baseline.mb_per_s !== undefined ? `mb_per_s=${cell(baseline.mb_per_s)} ` : '';
     rows.push([
-      `baseline: ${name}`, cell(baseline.n), cell(baseline.p50_ms), cell(baseline.p90_ms), cell(baseline.p99_ms), cell(baseline.max_ms),
-      cell(baseline.ops_per_s), '-', '-', '-', `${extra}(${baseline.what})`,
+      `baseline: ${name}`,
+      cell(baseline.n),
+      cell(baseline.p50_ms),
+      cell(baseline.p90_ms),
+      cell(baseline.p99_ms),
+      cell(baseline.max_ms),
+      cell(baseline.ops_per_s),
+      '-',
+      '-',
+      '-',
+      `${extra}(${baseline.what})`,
     ]);
   }
   const header = [...COLUMNS];

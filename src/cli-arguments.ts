@@ -42,4 +42,3 @@ export function parseArguments(args: string[]): { config?: string; help?: boolea
     throw new UsageError(`${(error as Error).message}\n\n${HELP}`);
   }
 }
-

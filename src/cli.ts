@@ -39,7 +39,11 @@ async function main(): Promise<void> {
   logger.info({ configFile: configFile ?? '(defaults)' }, 'configuration loaded');
   for (const warning of warnings) logger.warn({ key: warning.key }, warning.message);
   const errors = await createErrorReporter(config.sentry, packageVersion());
-  if (errors) logger.info({ environment: config.sentry.environment ?? 'production', release: config.sentry.release ?? packageVersion() }, 'errors are reported to Sentry');
+  if (errors)
+    logger.info(
+      { environment: config.sentry.environment ?? 'production', release: config.sentry.release ?? packageVersion() },
+      'errors are reported to Sentry',
+    );
 
   let daemon: Daemon | undefined;
   let fatal = false;

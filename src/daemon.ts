@@ -41,9 +41,20 @@ export function packageVersion(): string {
 async function buildManager(config: Config, logger: Logger): Promise<AccessorHandler> {
   const cgroups = await createCgroupManager(config.local.cgroups, config.local.cgroupparent, logger);
   logger.info({ cgroups: cgroups.version }, 'local sandbox limits');
-  const handlers: AccessorHandler[] = [new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger, { interactiveStderr: config.server.interactivestderr, claimTimeout: config.runners.claimtimeout })];
+  const handlers: AccessorHandler[] = [
+    new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger, {
+      interactiveStderr: config.server.interactivestderr,
+      claimTimeout: config.runners.claimtimeout,
+    }),
+  ];
   // Nomad goes first: with it enabled it owns every new environment, local keeps the ones it stored.
-  if (config.nomad.enabled) handlers.unshift(new NomadAccessorHandler(config.nomad, config.runners.refillconcurrency, logger, { interactiveStderr: config.server.interactivestderr, claimTimeout: config.runners.claimtimeout }));
+  if (config.nomad.enabled)
+    handlers.unshift(
+      new NomadAccessorHandler(config.nomad, config.runners.refillconcurrency, logger, {
+        interactiveStderr: config.server.interactivestderr,
+        claimTimeout: config.runners.claimtimeout,
+      }),
+    );
   for (let index = 0; index < handlers.length - 1; index += 1) handlers[index]?.setNextHandler(handlers[index + 1] as AccessorHandler);
   return handlers[0] as AccessorHandler;
 }
@@ -66,7 +77,9 @@ async function listen(app: FastifyInstance, config: Config, logger: Logger): Pro
   if (!config.server.systemdsocketactivation) return app.listen({ host: config.server.address, port: config.server.port });
   const fds = systemdListenFds();
   if (fds.length === 0) {
-    throw new Error('server.systemdsocketactivation is on, but systemd passed no socket (LISTEN_FDS/LISTEN_PID unset): start the daemon through its .socket unit, or turn it off');
+    throw new Error(
+      'server.systemdsocketactivation is on, but systemd passed no socket (LISTEN_FDS/LISTEN_PID unset): start the daemon through its .socket unit, or turn it off',
+    );
   }
   if (fds.length > 1) logger.warn({ fds }, 'systemd passed several sockets; only the first is served');
   // Node serves a listening socket it inherited given {fd}; Fastify passes the options through.
@@ -128,7 +141,10 @@ export async function startDaemon(config: Config, logger: Logger, errors?: Error
     draining ??= (async () => {
       const graceMs = config.server.shutdowntimeout * 1000;
       manager.enterLameDuck(reason);
-      logger.info({ reason, runningExecutions: executions(), graceSeconds: config.server.shutdowntimeout }, 'draining: no new runners; running executions may finish');
+      logger.info(
+        { reason, runningExecutions: executions(), graceSeconds: config.server.shutdowntimeout },
+        'draining: no new runners; running executions may finish',
+      );
       const deadline = Date.now() + graceMs;
       while (executions() > 0 && Date.now() < deadline && !hurried) {
         await new Promise<void>((resolve) => {
@@ -167,7 +183,10 @@ export async function startDaemon(config: Config, logger: Logger, errors?: Error
       });
       certificates = 'reloaded';
     }
-    logger.info({ previousLevel, level: logger.level, certificates }, 'configuration reloaded (SIGHUP): log level and TLS certificates; other keys need a restart');
+    logger.info(
+      { previousLevel, level: logger.level, certificates },
+      'configuration reloaded (SIGHUP): log level and TLS certificates; other keys need a restart',
+    );
   };
 
   return {

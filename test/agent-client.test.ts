@@ -56,7 +56,11 @@ function hostProcessExists(pid: number): boolean {
 
 describe('frame parser', () => {
   test('handles partial and coalesced chunks', () => {
-    const frames = [encodeFrame(EventType.stdout, 7, Buffer.from('hello')), encodeFrame(EventType.outputClosed, 7), encodeFrame(EventType.exit, 8, Buffer.from([1, 0, 0, 0]))];
+    const frames = [
+      encodeFrame(EventType.stdout, 7, Buffer.from('hello')),
+      encodeFrame(EventType.outputClosed, 7),
+      encodeFrame(EventType.exit, 8, Buffer.from([1, 0, 0, 0])),
+    ];
     const bytes = Buffer.concat(frames);
     for (const size of [1, 2, 3, 5, 9, 13, bytes.length]) {
       const parser = new FrameParser();
@@ -64,7 +68,11 @@ describe('frame parser', () => {
       for (let offset = 0; offset < bytes.length; offset += size) seen.push(...parser.push(bytes.subarray(offset, offset + size)));
       assert.deepEqual(
         seen.map((frame) => [frame.type, frame.id, frame.payload.toString('hex')]),
-        [[EventType.stdout, 7, Buffer.from('hello').toString('hex')], [EventType.outputClosed, 7, ''], [EventType.exit, 8, '01000000']],
+        [
+          [EventType.stdout, 7, Buffer.from('hello').toString('hex')],
+          [EventType.outputClosed, 7, ''],
+          [EventType.exit, 8, '01000000'],
+        ],
         `chunk size ${size}`,
       );
     }
@@ -116,7 +124,11 @@ describe('sandbox agent', () => {
     assert.equal(capability(result.stdout, 'CapAmb'), 0n);
     assert.match(result.stdout, /^NoNewPrivs:\s*1$/m);
     // Kept: chown. Not kept: mknod, sys_admin (mount).
-    const probe = await run(client, 'touch /tmp/f && chown 65534 /tmp/f && echo chown-ok; mknod /tmp/n c 1 3 2>/dev/null || echo mknod-denied; mount -t tmpfs x /mnt 2>/dev/null || echo mount-denied', PRIVILEGED);
+    const probe = await run(
+      client,
+      'touch /tmp/f && chown 65534 /tmp/f && echo chown-ok; mknod /tmp/n c 1 3 2>/dev/null || echo mknod-denied; mount -t tmpfs x /mnt 2>/dev/null || echo mount-denied',
+      PRIVILEGED,
+    );
     assert.equal(probe.stdout, 'chown-ok\nmknod-denied\nmount-denied\n');
   });
 
@@ -178,7 +190,10 @@ describe('sandbox agent', () => {
         { path: '/workspace/abs.txt', isDirectory: false, content: Buffer.alloc(0) },
       ],
     });
-    const result = await run(client, 'cd /workspace && find . -mindepth 1 -printf "%p %m %u:%g %s\\n" | sort; [ -e /tmp/literal ] || echo literal-gone; cat .hidden src/main/App.java');
+    const result = await run(
+      client,
+      'cd /workspace && find . -mindepth 1 -printf "%p %m %u:%g %s\\n" | sort; [ -e /tmp/literal ] || echo literal-gone; cat .hidden src/main/App.java',
+    );
     assert.equal(
       result.stdout,
       [
@@ -213,9 +228,18 @@ describe('sandbox agent', () => {
       ],
     });
     await run(client, 'ln -s d/b.txt link && mkfifo fifo && mkdir -p d/e && chmod 4755 a.txt && touch d/e/f', PRIVILEGED);
-    for (const [start, recursive] of [['./', true], ['./', false], ['d', true], ['/workspace/d/', true], ['link', false]] as const) {
+    for (const [start, recursive] of [
+      ['./', true],
+      ['./', false],
+      ['d', true],
+      ['/workspace/d/', true],
+      ['link', false],
+    ] as const) {
       const fromAgent = await client.list(start, recursive);
-      const fromFind = await run(client, `find ${start} ${recursive ? '' : '-maxdepth 1'} -printf '%y\\0%s\\0%T@\\0%M\\0%u\\0%g\\0%p\\0%l\\0' | od -An -v -tx1`);
+      const fromFind = await run(
+        client,
+        `find ${start} ${recursive ? '' : '-maxdepth 1'} -printf '%y\\0%s\\0%T@\\0%M\\0%u\\0%g\\0%p\\0%l\\0' | od -An -v -tx1`,
+      );
       const findBytes = Buffer.from(fromFind.stdout.replace(/\s+/g, ''), 'hex');
       // Parsed entries keep whole seconds of %T@, whose fractions differ in digits (find prints 10, the agent 9).
       const sorted = (entries: FileHeader[]): FileHeader[] => [...entries].sort((a, b) => a.name.localeCompare(b.name));
@@ -224,21 +248,40 @@ describe('sandbox agent', () => {
     const entries = await client.list('./', true);
     assert.equal(entries[0]?.name, './', 'the start directory comes first');
     const link = entries.find((entry) => entry.name === './link');
-    assert.deepEqual({ ...link, modificationTime: 0 }, {
-      name: './link', entryType: 'l', linkTarget: 'd/b.txt', size: 7, modificationTime: 0, permissions: 'rwxrwxrwx', owner: 'root', group: 'root',
-    });
+    assert.deepEqual(
+      { ...link, modificationTime: 0 },
+      {
+        name: './link',
+        entryType: 'l',
+        linkTarget: 'd/b.txt',
+        size: 7,
+        modificationTime: 0,
+        permissions: 'rwxrwxrwx',
+        owner: 'root',
+        group: 'root',
+      },
+    );
     assert.equal(entries.find((entry) => entry.name === './a.txt')?.permissions, 'rwsr-xr-x');
     assert.equal(entries.find((entry) => entry.name === './fifo')?.entryType, 'p');
   });
 
   test('list: a missing start path fails; an unprivileged listing checks access as the learner', async () => {
-    await assert.rejects(client.list('missing', true), (error: unknown) => error instanceof AgentRequestError && /cannot list missing: No such file/.test(error.message));
+    await assert.rejects(
+      client.list('missing', true),
+      (error: unknown) => error instanceof AgentRequestError && /cannot list missing: No such file/.test(error.message),
+    );
     await run(client, 'mkdir -p /tmp/secret/inner && chmod 700 /tmp/secret', PRIVILEGED);
     const privileged = await client.list('/tmp/secret', true);
-    assert.deepEqual(privileged.map((entry) => entry.name), ['/tmp/secret', '/tmp/secret/inner']);
+    assert.deepEqual(
+      privileged.map((entry) => entry.name),
+      ['/tmp/secret', '/tmp/secret/inner'],
+    );
     await assert.rejects(client.list('/tmp/secret', true, { privileged: false }), /cannot list \/tmp\/secret: Permission denied/);
     const visible = await client.list('/tmp', false, { privileged: false });
-    assert.ok(visible.some((entry) => entry.name === '/tmp/secret'), 'the directory itself is listed');
+    assert.ok(
+      visible.some((entry) => entry.name === '/tmp/secret'),
+      'the directory itself is listed',
+    );
   });
 
   test('read: an existing file, a large one, a missing one, a directory and a FIFO', async () => {
@@ -256,7 +299,10 @@ describe('sandbox agent', () => {
     const { createHash } = await import('node:crypto');
     assert.equal(check.stdout.split(' ')[0], createHash('md5').update(bytes).digest('hex'));
 
-    await assert.rejects(client.read('r/missing'), (error: unknown) => error instanceof AgentRequestError && /cannot read r\/missing: No such file/.test(error.message));
+    await assert.rejects(
+      client.read('r/missing'),
+      (error: unknown) => error instanceof AgentRequestError && /cannot read r\/missing: No such file/.test(error.message),
+    );
     await assert.rejects(client.read('r'), (error: unknown) => error instanceof AgentRequestError && /not a regular file/.test(error.message));
     await run(client, 'mkfifo r/pipe');
     await assert.rejects(client.read('r/pipe'), (error: unknown) => error instanceof AgentRequestError && /not a regular file/.test(error.message));
@@ -329,7 +375,7 @@ describe('sandbox agent: terminal executions', () => {
     assert.deepEqual(result, { exitCode: 0, stdout: 'tty\r\n1000:620\r\n24 80\r\nx\r\npts/0\r\n', stderr: '' });
   });
 
-  test('echo, \\r\\n and line discipline are the terminal\'s; stderr lines end in \\r\\n too', async () => {
+  test("echo, \\r\\n and line discipline are the terminal's; stderr lines end in \\r\\n too", async () => {
     let stdout = '';
     let stderr = '';
     const execution = client.exec(['/bin/sh', '-c', 'printf "name? "; read name; echo "hi $name"; echo "oops" >&2'], LEARNER, {
@@ -353,7 +399,7 @@ describe('sandbox agent: terminal executions', () => {
     assert.equal(result.stdout, 'line\r\nline\r\ncat ended 0\r\n');
   });
 
-  test('the terminal\'s ^C and ^\\ signal the foreground process group', async () => {
+  test("the terminal's ^C and ^\\ signal the foreground process group", async () => {
     let stdout = '';
     const execution = client.exec(['/bin/sh', '-c', 'trap "echo quit; exit 3" QUIT; echo ready; while :; do sleep 0.05; done'], LEARNER, {
       onStdout: (chunk) => (stdout += chunk.toString()),
@@ -371,7 +417,10 @@ describe('sandbox agent: terminal executions', () => {
 
   test('binary output passes the terminal (with \\n as \\r\\n)', async () => {
     const chunks: Buffer[] = [];
-    const execution = client.exec(['/bin/sh', '-c', 'printf "\\377\\376\\000A\\nB"'], LEARNER, { onStdout: (chunk) => chunks.push(chunk), onStderr: () => undefined });
+    const execution = client.exec(['/bin/sh', '-c', 'printf "\\377\\376\\000A\\nB"'], LEARNER, {
+      onStdout: (chunk) => chunks.push(chunk),
+      onStderr: () => undefined,
+    });
     await execution.result;
     assert.deepEqual(Buffer.concat(chunks), Buffer.from([0xff, 0xfe, 0x00, 0x41, 0x0d, 0x0a, 0x42]));
   });

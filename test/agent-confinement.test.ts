@@ -16,7 +16,11 @@ const ENV = { PATH: '/usr/local/bin:/usr/bin:/bin', LANG: 'C.UTF-8' };
 const UNPRIVILEGED: AgentExecOptions = { env: ENV, privileged: false };
 const PRIVILEGED: AgentExecOptions = { env: ENV, privileged: true };
 
-async function run(client: AgentClient, script: string, options: AgentExecOptions = UNPRIVILEGED): Promise<{ exitCode: number; stdout: string; stderr: string }> {
+async function run(
+  client: AgentClient,
+  script: string,
+  options: AgentExecOptions = UNPRIVILEGED,
+): Promise<{ exitCode: number; stdout: string; stderr: string }> {
   let stdout = '';
   let stderr = '';
   const execution = client.exec(['/bin/sh', '-c', script], options, {
@@ -31,7 +35,10 @@ function copyFile(client: AgentClient, path: string, content = 'x'): Promise<voi
   return client.updateFiles({ delete: [], copy: [{ path, isDirectory: false, content: Buffer.from(content) }] });
 }
 
-const refused = (pattern: RegExp) => (error: unknown): boolean => error instanceof AgentRequestError && pattern.test(error.message);
+const refused =
+  (pattern: RegExp) =>
+  (error: unknown): boolean =>
+    error instanceof AgentRequestError && pattern.test(error.message);
 
 describe('agent file operations stay confined', () => {
   let sandbox: AgentSandbox;
@@ -58,7 +65,10 @@ describe('agent file operations stay confined', () => {
     await assert.rejects(copyFile(client, '/dev/full'), refused(/not a regular file/));
     await assert.rejects(copyFile(client, '/workspace/d/../dev/full'), refused(/not a regular file/));
     // A directory copy onto the link is not a chmod 1777 of /dev.
-    await assert.rejects(client.updateFiles({ delete: [], copy: [{ path: 'd/', isDirectory: true, content: Buffer.alloc(0) }] }), refused(/cannot write d\/: not a directory/));
+    await assert.rejects(
+      client.updateFiles({ delete: [], copy: [{ path: 'd/', isDirectory: true, content: Buffer.alloc(0) }] }),
+      refused(/cannot write d\/: not a directory/),
+    );
     assert.equal(await inside(), modeBefore);
     assert.equal(statSync('/dev/full').mode, hostFull.mode);
     await assert.rejects(client.read('d/full'), refused(/not a regular file/));
@@ -92,9 +102,15 @@ describe('agent file operations stay confined', () => {
   });
 
   test('deletion removes links, never what they point to, and ./* spares dotfiles', async () => {
-    await run(client, 'mkdir -p /tmp/keep/inner && touch /tmp/keep/inner/f /tmp/keep/g && ln -s /tmp/keep k && ln -s /tmp/keep .dotlink && mkdir sub && ln -s /tmp/keep sub/k');
+    await run(
+      client,
+      'mkdir -p /tmp/keep/inner && touch /tmp/keep/inner/f /tmp/keep/g && ln -s /tmp/keep k && ln -s /tmp/keep .dotlink && mkdir sub && ln -s /tmp/keep sub/k',
+    );
     await client.updateFiles({ delete: ['k', 'sub'], copy: [] });
-    assert.equal((await run(client, 'ls /tmp/keep /tmp/keep/inner; [ -e k ] || [ -L k ] || echo k-gone; [ -e sub ] || echo sub-gone')).stdout, '/tmp/keep:\ng\ninner\n\n/tmp/keep/inner:\nf\nk-gone\nsub-gone\n');
+    assert.equal(
+      (await run(client, 'ls /tmp/keep /tmp/keep/inner; [ -e k ] || [ -L k ] || echo k-gone; [ -e sub ] || echo sub-gone')).stdout,
+      '/tmp/keep:\ng\ninner\n\n/tmp/keep/inner:\nf\nk-gone\nsub-gone\n',
+    );
     await run(client, 'ln -s /tmp/keep k2');
     await client.updateFiles({ delete: ['./*'], copy: [] });
     assert.equal((await run(client, 'ls -A /workspace; ls /tmp/keep')).stdout, '.dotlink\ng\ninner\n');
@@ -106,7 +122,10 @@ describe('agent file operations stay confined', () => {
   });
 
   test('a chain of thousands of directories (paths past PATH_MAX) is listed and deleted', async () => {
-    const made = await run(client, 'mkdir deep && cd deep && perl -e \'for (1..3000) { mkdir "ab" or die $!; chdir "ab" or die $! } open my $f, ">", "leaf" or die $!\' && echo made');
+    const made = await run(
+      client,
+      'mkdir deep && cd deep && perl -e \'for (1..3000) { mkdir "ab" or die $!; chdir "ab" or die $! } open my $f, ">", "leaf" or die $!\' && echo made',
+    );
     assert.equal(made.stdout, 'made\n', made.stderr);
     const entries = await client.list('deep', true);
     assert.equal(entries.length, 3002);

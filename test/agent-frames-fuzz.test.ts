@@ -47,7 +47,12 @@ function harness(): Harness {
       return new Promise((resolve) => stream.on('close', resolve));
     }),
     client.updateFiles({ delete: [], copy: [] }),
-  ].map((promise) => promise.then(() => 'ok', (error: unknown) => error));
+  ].map((promise) =>
+    promise.then(
+      () => 'ok',
+      (error: unknown) => error,
+    ),
+  );
   return { client, input, output, settled };
 }
 
@@ -109,12 +114,18 @@ describe('agent frames from a hostile agent', () => {
   test('events out of order or twice', async () => {
     await expectViolation([READY, encodeFrame(EventType.data, 3, Buffer.from('x'))], /DATA of 3 before FILE_SIZE/);
     await expectViolation([READY, encodeFrame(EventType.exit, 1, u32(0)), encodeFrame(EventType.exit, 1, u32(0))], /exited twice/);
-    await expectViolation([READY, encodeFrame(EventType.stdout, 1, Buffer.from('x')), encodeFrame(EventType.result, 1, u32(2))], /RESULT 2 for execution 1 that started/);
+    await expectViolation(
+      [READY, encodeFrame(EventType.stdout, 1, Buffer.from('x')), encodeFrame(EventType.result, 1, u32(2))],
+      /RESULT 2 for execution 1 that started/,
+    );
     await expectViolation([READY, READY], /READY twice/);
     await expectViolation([encodeFrame(EventType.stdout, 1, Buffer.from('x'))], /before READY/);
     const size = Buffer.alloc(8);
     size.writeBigUInt64LE(2n);
-    await expectViolation([READY, encodeFrame(EventType.fileSize, 3, size), encodeFrame(EventType.data, 3, Buffer.from('abc'))], /more data than the announced 2 bytes/);
+    await expectViolation(
+      [READY, encodeFrame(EventType.fileSize, 3, size), encodeFrame(EventType.data, 3, Buffer.from('abc'))],
+      /more data than the announced 2 bytes/,
+    );
     await expectViolation([READY, encodeFrame(EventType.fileSize, 3, Buffer.alloc(8, 0xff))], /a file size of/);
     await expectViolation([READY, encodeFrame(EventType.listing, 1, Buffer.from('x'))], /event 0x86 for execution 1/);
     await expectViolation([READY, encodeFrame(EventType.stdout, 4, Buffer.from('x'))], /for a FILES request/);

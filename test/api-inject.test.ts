@@ -37,14 +37,30 @@ interface Answer {
 }
 
 /* One request as CodeOcean sends it (token and JSON content type on every call), checked against the document. */
-async function call(method: HttpMethod, template: string, params: Record<string, string> = {}, options: Omit<InjectOptions, 'method' | 'url'> & { query?: string; token?: string | null } = {}): Promise<Answer> {
+async function call(
+  method: HttpMethod,
+  template: string,
+  params: Record<string, string> = {},
+  options: Omit<InjectOptions, 'method' | 'url'> & { query?: string; token?: string | null } = {},
+): Promise<Answer> {
   const path = template.replace(/\{(\w+)\}/g, (_match, name: string) => params[name] ?? '');
   const { query, token = TOKEN, ...rest } = options;
   const headers: Record<string, string> = { 'content-type': 'application/json', ...(token === null ? {} : { 'poseidon-token': token }) };
-  const response = await app.inject({ method, url: `/api/v1${path}${query ? `?${query}` : ''}`, ...rest, headers: { ...headers, ...(rest.headers as Record<string, string> | undefined) } });
+  const response = await app.inject({
+    method,
+    url: `/api/v1${path}${query ? `?${query}` : ''}`,
+    ...rest,
+    headers: { ...headers, ...(rest.headers as Record<string, string> | undefined) },
+  });
   const contentType = String(response.headers['content-type'] ?? '');
   const body = contentType.includes('json') && response.body.length > 0 ? (JSON.parse(response.body) as Json) : undefined;
-  assertMatchesOwnDocument(method, template, response.statusCode, body, contentType.includes('json') ? contentType : response.body.length > 0 ? contentType : undefined);
+  assertMatchesOwnDocument(
+    method,
+    template,
+    response.statusCode,
+    body,
+    contentType.includes('json') ? contentType : response.body.length > 0 ? contentType : undefined,
+  );
   if (response.statusCode >= 400) assertErrorBody(body, `${method} ${path} ${response.statusCode}`);
   return { status: response.statusCode, body, text: response.body, headers: response.headers };
 }
@@ -238,14 +254,22 @@ describe('runners', () => {
   test('files: copy (204), list (200), download (200 with Content-Length), 424 when unreadable, 400 on bad input', async () => {
     const runnerId = await claim();
     const runner = manager.get(runnerId);
-    const patch = await call('PATCH', '/runners/{runnerId}/files', { runnerId }, { payload: { delete: ['./*'], copy: [{ path: 'a.txt', content: Buffer.from('hello').toString('base64') }, { path: 'dir/' }] } });
+    const patch = await call(
+      'PATCH',
+      '/runners/{runnerId}/files',
+      { runnerId },
+      { payload: { delete: ['./*'], copy: [{ path: 'a.txt', content: Buffer.from('hello').toString('base64') }, { path: 'dir/' }] } },
+    );
     assert.equal(patch.status, 204, patch.text);
     assert.deepEqual(runner.updates.at(-1)?.delete, ['./*']);
     assert.ok(runner.touches >= 1, 'every runner request is activity');
 
     const list = await call('GET', '/runners/{runnerId}/files', { runnerId }, { query: 'recursive=false&path=./&privilegedExecution=1' });
     assert.equal(list.status, 200);
-    assert.deepEqual((list.body as { files: Array<{ name: string }> }).files.map((file) => file.name), ['./a.txt', './dir/']);
+    assert.deepEqual(
+      (list.body as { files: Array<{ name: string }> }).files.map((file) => file.name),
+      ['./a.txt', './dir/'],
+    );
     assert.equal((await call('GET', '/runners/{runnerId}/files', { runnerId }, { query: 'path=/missing' })).status, 424);
     assert.equal((await call('GET', '/runners/{runnerId}/files', { runnerId }, { query: 'recursive=yes' })).status, 400);
 
@@ -268,7 +292,12 @@ describe('runners', () => {
 
   test('execute: 200 with a ws:// URL from the Host header, single use on the WebSocket route (404 afterwards); 400 bad body', async () => {
     const runnerId = await claim();
-    const answer = await call('POST', '/runners/{runnerId}/execute', { runnerId }, { payload: { command: "echo 'hi'", timeLimit: 5 }, headers: { host: 'poseidon.example:7200' } });
+    const answer = await call(
+      'POST',
+      '/runners/{runnerId}/execute',
+      { runnerId },
+      { payload: { command: "echo 'hi'", timeLimit: 5 }, headers: { host: 'poseidon.example:7200' } },
+    );
     assert.equal(answer.status, 200);
     const url = new URL((answer.body as { websocketUrl: string }).websocketUrl);
     assert.equal(url.protocol, 'ws:');
@@ -281,7 +310,13 @@ describe('runners', () => {
     assert.equal(again.status, 404);
     assert.equal((await call('GET', '/runners/{runnerId}/websocket', { runnerId })).status, 400, 'executionID is required');
 
-    for (const payload of [{ command: 42 }, { timeLimit: 5 }, { command: 'true', timeLimit: 'x' }, { command: 'true', environment: { A: 1 } }, { command: 'true', environment: { '1A': 'x' } }]) {
+    for (const payload of [
+      { command: 42 },
+      { timeLimit: 5 },
+      { command: 'true', timeLimit: 'x' },
+      { command: 'true', environment: { A: 1 } },
+      { command: 'true', environment: { '1A': 'x' } },
+    ]) {
       assert.equal((await call('POST', '/runners/{runnerId}/execute', { runnerId }, { payload })).status, 400, JSON.stringify(payload));
     }
   });

@@ -82,10 +82,12 @@ test("Poseidon's own example configuration is accepted: its values act, unimplem
   assert.equal(config.server.alert.prewarmingpoolthreshold, 0.5);
   assert.equal(config.profiling.memoryinterval, 30_000, 'Go-style 30_000 is a number');
   // aws.enabled: false and profiling.cpuenabled: false ask for nothing this daemon does not do.
-  assert.deepEqual(
-    warnings.map((warning) => warning.key).sort(),
-    ['profiling.cpufile', 'profiling.memoryinterval', 'profiling.memorythreshold', 'server.alert.prewarmingpoolreloadtimeout'],
-  );
+  assert.deepEqual(warnings.map((warning) => warning.key).sort(), [
+    'profiling.cpufile',
+    'profiling.memoryinterval',
+    'profiling.memorythreshold',
+    'server.alert.prewarmingpoolreloadtimeout',
+  ]);
   for (const warning of warnings) assert.match(warning.message, new RegExp(`${warning.key.replaceAll('.', '\\.')} is not implemented`));
 });
 
@@ -105,7 +107,11 @@ test("Poseidon's POSEIDON_* variables are read as Poseidon reads them (Go boolea
   assert.equal(config.nomad.templatejobfile, '/etc/poseidon/job.hcl', "Poseidon's server.templatejobfile is the Nomad template");
   assert.equal(config.sentry.tracessamplerate, 0.25);
   assert.deepEqual(config.local.network.uplinks, []);
-  assert.deepEqual(warnings.map((warning) => warning.key).sort(), ['aws.functions', 'influxdb.url', 'sentry.tracessamplerate'], 'sentry.dsn is honoured, tracing is not');
+  assert.deepEqual(
+    warnings.map((warning) => warning.key).sort(),
+    ['aws.functions', 'influxdb.url', 'sentry.tracessamplerate'],
+    'sentry.dsn is honoured, tracing is not',
+  );
 });
 
 test("keys outside Poseidon's set still stop the start, naming the key", async () => {

@@ -19,11 +19,7 @@ const fixture = useDaemon({ token: TOKEN, config: { server: { bodylimit: BODY_LI
   runnerId = await client.claim(ENV_ID);
 });
 
-async function expectError(
-  response: ApiResponse,
-  status: number,
-  context: string,
-): Promise<void> {
+async function expectError(response: ApiResponse, status: number, context: string): Promise<void> {
   assert.equal(response.status, status, `${context}: expected ${status}, got ${response.status} ${response.text}`);
   assert.match(response.headers.get('content-type') ?? '', /application\/json/, `${context}: error must be JSON`);
   assertErrorBody(response.body, context);
@@ -54,14 +50,27 @@ describe('bad input', () => {
     await expectError(await put({ ...spec, networkAccess: 'yes' }), 400, 'PUT env networkAccess string');
     await expectError(await put([1, 2, 3]), 400, 'PUT env array body');
     await expectError(
-      await fixture.client.request('PUT', '/execution-environments/{executionEnvironmentId}', { executionEnvironmentId: 'abc' }, { rawBody: JSON.stringify(spec) }),
+      await fixture.client.request(
+        'PUT',
+        '/execution-environments/{executionEnvironmentId}',
+        { executionEnvironmentId: 'abc' },
+        { rawBody: JSON.stringify(spec) },
+      ),
       400,
       'PUT env non-numeric id',
     );
 
-    await expectError(await raw('POST', '/runners', {}, JSON.stringify({ executionEnvironmentId: 'abc', inactivityTimeout: 60 })), 400, 'POST /runners id string');
+    await expectError(
+      await raw('POST', '/runners', {}, JSON.stringify({ executionEnvironmentId: 'abc', inactivityTimeout: 60 })),
+      400,
+      'POST /runners id string',
+    );
     await expectError(await raw('POST', '/runners', {}, JSON.stringify({ inactivityTimeout: 60 })), 400, 'POST /runners without env id');
-    await expectError(await raw('POST', '/runners', {}, JSON.stringify({ executionEnvironmentId: ENV_ID, inactivityTimeout: 'soon' })), 400, 'POST /runners timeout string');
+    await expectError(
+      await raw('POST', '/runners', {}, JSON.stringify({ executionEnvironmentId: ENV_ID, inactivityTimeout: 'soon' })),
+      400,
+      'POST /runners timeout string',
+    );
 
     const exec = (body: object): Promise<ApiResponse> => raw('POST', '/runners/{runnerId}/execute', { runnerId }, JSON.stringify(body));
     await expectError(await exec({ command: 42, timeLimit: 5, privilegedExecution: false }), 400, 'execute command number');
@@ -125,15 +134,25 @@ describe('bad input', () => {
   test('huge body → 413 JSON and the daemon keeps serving', async () => {
     const { client } = fixture;
     const content = Buffer.alloc(BODY_LIMIT * 2, 'a').toString('base64');
-    const response = await client.request('PATCH', '/runners/{runnerId}/files', { runnerId }, {
-      body: { copy: [{ path: 'big.txt', content }] },
-      validate: false,
-    });
+    const response = await client.request(
+      'PATCH',
+      '/runners/{runnerId}/files',
+      { runnerId },
+      {
+        body: { copy: [{ path: 'big.txt', content }] },
+        validate: false,
+      },
+    );
     await expectError(response, 413, 'oversized PATCH');
-    const put = await client.request('PUT', '/execution-environments/{executionEnvironmentId}', { executionEnvironmentId: String(ENV_ID) }, {
-      rawBody: JSON.stringify({ ...environmentSpec(ENV_ID), image: 'x'.repeat(BODY_LIMIT * 2) }),
-      validate: false,
-    });
+    const put = await client.request(
+      'PUT',
+      '/execution-environments/{executionEnvironmentId}',
+      { executionEnvironmentId: String(ENV_ID) },
+      {
+        rawBody: JSON.stringify({ ...environmentSpec(ENV_ID), image: 'x'.repeat(BODY_LIMIT * 2) }),
+        validate: false,
+      },
+    );
     await expectError(put, 413, 'oversized PUT');
     const ok = await client.run(runnerId, 'echo fine');
     assert.equal(ok.stdout.trim(), 'fine');
@@ -147,7 +166,12 @@ describe('bad input', () => {
     const noBody = await client.deleteEnvironment(spec.id);
     assert.equal(noBody.status, 204, noBody.text);
     assert.equal((await client.putEnvironment(spec)).status, 201);
-    const emptyBody = await client.request('DELETE', '/execution-environments/{executionEnvironmentId}', { executionEnvironmentId: String(spec.id) }, { rawBody: '' });
+    const emptyBody = await client.request(
+      'DELETE',
+      '/execution-environments/{executionEnvironmentId}',
+      { executionEnvironmentId: String(spec.id) },
+      { rawBody: '' },
+    );
     assert.equal(emptyBody.status, 204, emptyBody.text);
 
     const runner = await client.claim(ENV_ID);

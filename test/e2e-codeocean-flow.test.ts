@@ -88,7 +88,10 @@ describe('CodeOcean flow', () => {
     const ls = await client.run(runnerId, 'ls -A', { timeLimit: 10 });
     assert.equal(ls.exitCode, 0, ls.stderr);
     // On a terminal ls prints columns, as in Poseidon.
-    const present = ls.stdout.split(/\s+/).filter((line) => line.length > 0).sort();
+    const present = ls.stdout
+      .split(/\s+/)
+      .filter((line) => line.length > 0)
+      .sort();
     assert.deepEqual(present, ['.dotfile', 'data', 'empty.txt', 'lib', 'main.py'], '`./*` must remove old files and directories but spare dotfiles');
 
     const python = await client.run(runnerId, 'python3 main.py', { stdin: ['alice\n'], timeLimit: 10 });
@@ -99,7 +102,11 @@ describe('CodeOcean flow', () => {
     assert.equal(python.messages.filter((m) => m.type === 'exit').length, 1, 'exactly one exit message');
 
     const sh = await client.run(runnerId, 'sh -c "read line; echo got:\\$line; echo oops >&2; exit 7"', { stdin: ['{"cmd":"result","data":"Bob"}\n'] });
-    assert.equal(sh.stdout, '{"cmd":"result","data":"Bob"}\r\ngot:{"cmd":"result","data":"Bob"}\r\n', 'stdin frames must reach the process verbatim (and be echoed)');
+    assert.equal(
+      sh.stdout,
+      '{"cmd":"result","data":"Bob"}\r\ngot:{"cmd":"result","data":"Bob"}\r\n',
+      'stdin frames must reach the process verbatim (and be echoed)',
+    );
     assert.equal(sh.stderr, 'oops\r\n');
     assert.equal(sh.exitCode, 7);
 
@@ -117,7 +124,10 @@ describe('CodeOcean flow', () => {
     assert.ok(main);
     assert.equal(main.entryType, '-');
     assert.equal(main.size, Buffer.byteLength(MAIN_PY));
-    assert.ok(Number.isInteger(main.modificationTime) && Math.abs(main.modificationTime - Date.now() / 1000) < 86_400, `modificationTime must be Unix seconds, got ${main.modificationTime}`);
+    assert.ok(
+      Number.isInteger(main.modificationTime) && Math.abs(main.modificationTime - Date.now() / 1000) < 86_400,
+      `modificationTime must be Unix seconds, got ${main.modificationTime}`,
+    );
     for (const key of ['owner', 'group', 'permissions'] as const) {
       assert.equal(typeof main[key], 'string', `CodeOcean reads ${key}; entry: ${JSON.stringify(main)}`);
     }
@@ -136,7 +146,10 @@ describe('CodeOcean flow', () => {
 
     const sub = await client.listFiles(runnerId, { path: 'lib/util', recursive: false });
     assert.equal(sub.status, 200, sub.text);
-    assert.ok(fileEntries(sub).some((e) => e.name.endsWith('helper.py')), sub.text);
+    assert.ok(
+      fileEntries(sub).some((e) => e.name.endsWith('helper.py')),
+      sub.text,
+    );
 
     const missingDir = await client.listFiles(runnerId, { path: 'does/not/exist' });
     assert.equal(missingDir.status, 424, missingDir.text);
@@ -184,7 +197,10 @@ describe('CodeOcean flow', () => {
     assert.equal(firstUse.exitCode, 0);
     assert.equal(firstUse.stdout.trim(), 'once');
     const secondUse = await client.connect(url, { guardMs: 5000 });
-    assert.ok(secondUse.upgradeStatus !== undefined && secondUse.upgradeStatus >= 400 && secondUse.upgradeStatus < 500, `a used URL must be refused with 4xx, got ${JSON.stringify(secondUse)}`);
+    assert.ok(
+      secondUse.upgradeStatus !== undefined && secondUse.upgradeStatus >= 400 && secondUse.upgradeStatus < 500,
+      `a used URL must be refused with 4xx, got ${JSON.stringify(secondUse)}`,
+    );
 
     // fetch forbids overriding Host, so this request goes through node:http.
     const hostUrl = await new Promise<string>((resolve, reject) => {

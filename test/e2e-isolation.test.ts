@@ -24,7 +24,7 @@ const SECRET_NAME = `learner-secret-${randomUUID()}.txt`;
 const SECRET = `alice-private-${randomUUID()}`;
 
 describe('isolation between runners and from the daemon', () => {
-  test('a runner cannot see another runner\'s files', async () => {
+  test("a runner cannot see another runner's files", async () => {
     const { client, daemon } = fixture;
     const alice = await client.claim(ENV_ID);
     const bob = await client.claim(ENV_ID);
@@ -47,9 +47,9 @@ describe('isolation between runners and from the daemon', () => {
       assert.ok(!look.stdout.includes(SECRET_NAME), `bob (privileged=${privilegedExecution}) can see alice's file name:\n${look.stdout}`);
     }
     const bobFiles = await client.listFiles(bob, { recursive: true });
-    assert.ok(!bobFiles.text.includes(SECRET_NAME), 'bob\'s listing shows alice\'s file');
+    assert.ok(!bobFiles.text.includes(SECRET_NAME), "bob's listing shows alice's file");
     const bobRaw = await client.downloadRaw(bob, SECRET_NAME);
-    assert.equal(bobRaw.status, 424, 'bob cannot download alice\'s file');
+    assert.equal(bobRaw.status, 424, "bob cannot download alice's file");
 
     assert.equal((await client.deleteRunner(alice)).status, 204);
     assert.equal((await client.deleteRunner(bob)).status, 204);

@@ -28,7 +28,11 @@ describe('listing caps', () => {
   test('a listing past the entry cap answers 424 with a clear message; the runner works on', async () => {
     const { client } = fixture;
     const runner = await client.claim(ENV_ID);
-    const made = await client.run(runner, `perl -e 'mkdir "many"; for (0..${DEFAULT_LIST_LIMITS.maxEntries}) { open my $f, ">", "many/" . ("n" x 200) . $_ or die $! }' && echo made`, { timeLimit: 60, guardMs: 90_000 });
+    const made = await client.run(
+      runner,
+      `perl -e 'mkdir "many"; for (0..${DEFAULT_LIST_LIMITS.maxEntries}) { open my $f, ">", "many/" . ("n" x 200) . $_ or die $! }' && echo made`,
+      { timeLimit: 60, guardMs: 90_000 },
+    );
     assert.equal(made.stdout.trim(), 'made', made.stderr);
     const peakBefore = daemonPeakRss();
     const response = await client.listFiles(runner, { recursive: true });

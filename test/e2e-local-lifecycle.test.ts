@@ -39,7 +39,11 @@ test('environments are stored on disk and come back, with full pools, after a re
     assert.equal(environment.status, 200);
     assert.deepEqual(environment.body, environmentSpec(61, { prewarmingPoolSize: 2, memoryLimit: 96 }));
     assert.equal((await client.getEnvironment(62)).status, 404, 'a deleted environment stays deleted');
-    await waitFor(() => idleRunners(client, 61), (idle) => idle === 2, 'the reloaded pool to fill');
+    await waitFor(
+      () => idleRunners(client, 61),
+      (idle) => idle === 2,
+      'the reloaded pool to fill',
+    );
     const runnerId = await client.claim(61);
     const result = await client.run(runnerId, 'echo back');
     assert.equal(result.stdout, 'back\r\n');
@@ -69,9 +73,17 @@ test('files and background processes persist between executions; a client that l
     socket.once('message', () => resolve());
     socket.once('error', reject);
   });
-  await waitFor(async () => processesMatching(marker).length, (count) => count > 0, 'the execution to run');
+  await waitFor(
+    async () => processesMatching(marker).length,
+    (count) => count > 0,
+    'the execution to run',
+  );
   socket.close();
-  await waitFor(async () => processesMatching(marker).length, (count) => count === 0, 'the execution to be killed');
+  await waitFor(
+    async () => processesMatching(marker).length,
+    (count) => count === 0,
+    'the execution to be killed',
+  );
 });
 
 test('a pool that cannot be filled: health 503, claims 500 NOMAD_OVERLOAD, the daemon keeps serving', async (t) => {
@@ -82,9 +94,18 @@ test('a pool that cannot be filled: health 503, claims 500 NOMAD_OVERLOAD, the d
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   assert.equal((await client.putEnvironment(environmentSpec(64, { image: 'broken:image', prewarmingPoolSize: 2 }))).status, 201);
   // Not at once: 503 needs server.alert.buildfailurethreshold (3) failed builds in a row, about half a second.
-  const health = await waitFor(() => client.health(), (answer) => answer.status !== 204, 'health to report the unbuildable pool', 15_000, 100);
+  const health = await waitFor(
+    () => client.health(),
+    (answer) => answer.status !== 204,
+    'health to report the unbuildable pool',
+    15_000,
+    100,
+  );
   assert.equal(health.status, 503);
-  assert.match((health.body as { message: string }).message, /runners of execution environment 64 cannot be built \(\d+ failures in a row, last: .*no-such-rootfs/);
+  assert.match(
+    (health.body as { message: string }).message,
+    /runners of execution environment 64 cannot be built \(\d+ failures in a row, last: .*no-such-rootfs/,
+  );
   const claim = await client.claimRunner(64);
   assert.equal(claim.status, 500);
   assert.equal((claim.body as { errorCode: string }).errorCode, 'NOMAD_OVERLOAD');
@@ -98,7 +119,11 @@ test('a second claim on a pool of 1 waits for the runner being built instead of 
   t.after(() => daemon.stop());
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   assert.equal((await client.putEnvironment(environmentSpec(68, { prewarmingPoolSize: 1 }))).status, 201);
-  await waitFor(() => idleRunners(client, 68), (idle) => idle === 1, 'the pool to fill');
+  await waitFor(
+    () => idleRunners(client, 68),
+    (idle) => idle === 1,
+    'the pool to fill',
+  );
   // Both at once: the first takes the idle runner, the second finds the pool empty and a build under way.
   const claims = await Promise.all([client.claimRunner(68), client.claimRunner(68)]);
   for (const claim of claims) assert.equal(claim.status, 200, claim.text);
@@ -144,14 +169,22 @@ test('with networkAccess, an exposed port is reachable at the reported mappedPor
   const started = await client.run(runnerId, `trap "" HUP; python3 -m http.server ${port} --bind 0.0.0.0 >/dev/null 2>&1 & echo started`);
   assert.equal(started.exitCode, 0);
   const body = await waitFor(
-    () => fetch(`http://${mappedPorts[0]?.hostAddress}/index.html`).then((response) => response.text(), () => ''),
+    () =>
+      fetch(`http://${mappedPorts[0]?.hostAddress}/index.html`).then(
+        (response) => response.text(),
+        () => '',
+      ),
     (text) => text !== '',
     'the runner to serve on its exposed port',
   );
   assert.equal(body, 'served from the runner\n');
   assert.equal((await client.deleteRunner(runnerId)).status, 204);
   await waitFor(
-    () => fetch(`http://${mappedPorts[0]?.hostAddress}/`).then(() => 'up', () => 'down'),
+    () =>
+      fetch(`http://${mappedPorts[0]?.hostAddress}/`).then(
+        () => 'up',
+        () => 'down',
+      ),
     (state) => state === 'down',
     'the server to end with its runner',
   );
@@ -167,12 +200,24 @@ test('a runner whose sandbox dies on its own is gone (410) and its pool refills'
   // crash or the host's OOM killer would.
   const marker = `lost-${randomUUID()}`;
   const running = client.connect(await client.websocketUrl(runnerId, `exec sh -c 'sleep 30; true' ${marker}`, 60, true));
-  await waitFor(async () => processesMatching(marker).length, (count) => count === 1, 'the execution to run');
+  await waitFor(
+    async () => processesMatching(marker).length,
+    (count) => count === 1,
+    'the execution to run',
+  );
   const agentPid = Number(/^PPid:\s+(\d+)/m.exec(readFileSync(`/proc/${processesMatching(marker)[0]}/status`, 'utf8'))?.[1]);
   process.kill(agentPid, 'SIGKILL');
   const killed = await running;
   assert.deepEqual(killed.errors, ['the sandbox agent is gone'], 'the execution reports why it ended');
-  await waitFor(async () => (await client.listFiles(runnerId)).status, (status) => status === 410, 'the lost runner to answer 410');
-  await waitFor(() => idleRunners(client, 66), (idle) => idle === 1, 'the pool to refill');
+  await waitFor(
+    async () => (await client.listFiles(runnerId)).status,
+    (status) => status === 410,
+    'the lost runner to answer 410',
+  );
+  await waitFor(
+    () => idleRunners(client, 66),
+    (idle) => idle === 1,
+    'the pool to refill',
+  );
   assert.match(daemon.logs(), /sandbox ended unexpectedly/);
 });

@@ -162,7 +162,14 @@ describe('metrics and request ids', () => {
       for (const message of messages) assert.ok(seen.includes(message), `no "${message}" line with requestId ${id}; its lines: ${JSON.stringify(seen)}`);
     }
     // Lines about this runner that only a request can cause must all carry one of the session's ids.
-    const caused = new Set(['runner claimed', 'runner destroyed', 'execution started', 'execution finished', 'websocket upgrade accepted', 'environment stored']);
+    const caused = new Set([
+      'runner claimed',
+      'runner destroyed',
+      'execution started',
+      'execution finished',
+      'websocket upgrade accepted',
+      'environment stored',
+    ]);
     for (const line of lines.filter((candidate) => caused.has(candidate.msg) && (candidate.runnerId === runnerId || candidate.environmentId === GOOD_ENV))) {
       assert.ok(line.requestId?.startsWith('session-'), `a line caused by a request lacks its id: ${JSON.stringify(line)}`);
     }

@@ -82,7 +82,9 @@ describe('Nomad backend recovery and faults', () => {
     assert.equal((await client.copySubmission(used, { 'state.txt': 'kept' })).status, 204);
     await settled(1);
     // Wait until the asynchronous "used" mark is in Nomad, as it would be long before a real restart.
-    await fake.control.waitFor(() => fake.control.events().some((b) => b.Events.some((e) => e['Key'] === used && JSON.stringify(e['Payload']).includes('"used":"true"'))));
+    await fake.control.waitFor(() =>
+      fake.control.events().some((b) => b.Events.some((e) => e['Key'] === used && JSON.stringify(e['Payload']).includes('"used":"true"'))),
+    );
     const jobsBefore = runnerJobs();
 
     await stop();
@@ -113,7 +115,13 @@ describe('Nomad backend recovery and faults', () => {
     const runnerId = await client.claim(ENV_ID);
     await settled(1);
     fake.control.failAllocation(allocationOf(runnerId));
-    await waitFor(async () => (await client.execute(runnerId, 'true')).status, (status) => status === 410, 'runner gone', 5_000, 100);
+    await waitFor(
+      async () => (await client.execute(runnerId, 'true')).status,
+      (status) => status === 410,
+      'runner gone',
+      5_000,
+      100,
+    );
     assert.equal((await client.deleteRunner(runnerId)).status, 410);
     await settled(0);
     assert.ok(!runnerJobs().includes(runnerId), 'its job is purged');
@@ -121,7 +129,13 @@ describe('Nomad backend recovery and faults', () => {
     const [idle] = runnerJobs();
     assert.ok(idle);
     fake.control.failAllocation(allocationOf(idle));
-    await waitFor(async () => runnerJobs().includes(idle), (present) => !present, 'failed idle runner purged', 5_000, 100);
+    await waitFor(
+      async () => runnerJobs().includes(idle),
+      (present) => !present,
+      'failed idle runner purged',
+      5_000,
+      100,
+    );
     await settled(0);
   });
 
@@ -129,7 +143,13 @@ describe('Nomad backend recovery and faults', () => {
     const runnerId = await client.claim(ENV_ID);
     await settled(1);
     fake.control.loseAllocation(allocationOf(runnerId), { reschedule: true });
-    await waitFor(async () => (await client.execute(runnerId, 'true')).status, (status) => status === 410, 'runner gone', 5_000, 100);
+    await waitFor(
+      async () => (await client.execute(runnerId, 'true')).status,
+      (status) => status === 410,
+      'runner gone',
+      5_000,
+      100,
+    );
     await settled(0);
     assert.ok(!runnerJobs().includes(runnerId));
   });
@@ -144,7 +164,13 @@ describe('Nomad backend recovery and faults', () => {
       },
     });
     assert.equal(result.exitCode, 137, JSON.stringify(result.messages));
-    await waitFor(async () => (await client.execute(runnerId, 'true')).status, (status) => status === 410, 'OOM-killed runner gone', 5_000, 100);
+    await waitFor(
+      async () => (await client.execute(runnerId, 'true')).status,
+      (status) => status === 410,
+      'OOM-killed runner gone',
+      5_000,
+      100,
+    );
     await settled(0);
   });
 
@@ -152,10 +178,15 @@ describe('Nomad backend recovery and faults', () => {
     fake.control.injectFault({ method: 'POST', path: '/v1/jobs', status: 500, body: 'rpc error: leader lost', times: 1 });
     // Poseidon's swagger documents no 500 for PUT, but CodeOcean's generic handler reads {message, errorCode}.
     const putUnchecked = (): ReturnType<CodeOceanClient['request']> =>
-      client.request('PUT', '/execution-environments/{executionEnvironmentId}', { executionEnvironmentId: String(ENV_ID + 1) }, {
-        body: { ...environmentSpec(ENV_ID + 1, { prewarmingPoolSize: 0 }) },
-        validate: false,
-      });
+      client.request(
+        'PUT',
+        '/execution-environments/{executionEnvironmentId}',
+        { executionEnvironmentId: String(ENV_ID + 1) },
+        {
+          body: { ...environmentSpec(ENV_ID + 1, { prewarmingPoolSize: 0 }) },
+          validate: false,
+        },
+      );
     const failed = await putUnchecked();
     assert.equal(failed.status, 500, failed.text);
     assert.equal((failed.body as { errorCode?: string }).errorCode, 'NOMAD_INTERNAL_SERVER_ERROR', failed.text);

@@ -54,7 +54,11 @@ describe('CodeOcean flow on the Nomad backend', () => {
     assert.equal((await client.putEnvironment(spec)).status, 204);
     const single = await client.getEnvironment(ENV_ID);
     assert.deepEqual(single.body, { ...spec });
-    await waitFor(() => statistics(ENV_ID), (s) => s?.idleRunners === 2, 'two idle runners');
+    await waitFor(
+      () => statistics(ENV_ID),
+      (s) => s?.idleRunners === 2,
+      'two idle runners',
+    );
     const runnerJobs = fake.control.jobIds().filter((id) => id.startsWith(`${ENV_ID}-`));
     assert.equal(runnerJobs.length, 2, `one job per runner: ${runnerJobs.join(', ')}`);
     // Readiness comes from the event stream: no per-runner polling of allocations.
@@ -73,7 +77,14 @@ describe('CodeOcean flow on the Nomad backend', () => {
     // The "used" mark reaches Nomad asynchronously.
     await fake.control.waitFor(() => {
       const job = fake.control.allocations(runnerId).length > 0;
-      return job && fake.control.events().some((batch) => batch.Events.some((event) => event['Key'] === runnerId && event['Topic'] === 'Job' && JSON.stringify(event['Payload']).includes('"used":"true"')));
+      return (
+        job &&
+        fake.control
+          .events()
+          .some((batch) =>
+            batch.Events.some((event) => event['Key'] === runnerId && event['Topic'] === 'Job' && JSON.stringify(event['Payload']).includes('"used":"true"')),
+          )
+      );
     });
 
     const first = await client.patchFiles(runnerId, {
@@ -85,13 +96,23 @@ describe('CodeOcean flow on the Nomad backend', () => {
       delete: [],
     });
     assert.equal(first.status, 204, first.text);
-    const patch = await client.copySubmission(runnerId, { 'main.sh': 'read name; echo "hello $name"; echo oops >&2; exit 3\n', 'lib/util/helper.txt': 'help', 'empty.txt': '' });
+    const patch = await client.copySubmission(runnerId, {
+      'main.sh': 'read name; echo "hello $name"; echo oops >&2; exit 3\n',
+      'lib/util/helper.txt': 'help',
+      'empty.txt': '',
+    });
     assert.equal(patch.status, 204, patch.text);
 
     const ls = await client.run(runnerId, 'ls -A', { timeLimit: 10 });
     assert.equal(ls.exitCode, 0, ls.stderr);
     // On a terminal ls prints columns, as it does in Poseidon.
-    assert.deepEqual(ls.stdout.split(/\s+/).filter((line) => line.length > 0).sort(), ['.dotfile', 'empty.txt', 'lib', 'main.sh']);
+    assert.deepEqual(
+      ls.stdout
+        .split(/\s+/)
+        .filter((line) => line.length > 0)
+        .sort(),
+      ['.dotfile', 'empty.txt', 'lib', 'main.sh'],
+    );
 
     const sh = await client.run(runnerId, 'sh main.sh', { stdin: ['{"cmd":"result","data":"Bob"}\n'], timeLimit: 10 });
     // The terminal echoes the input and ends lines in \r\n; stderr comes through a TTY exec too.
@@ -107,7 +128,8 @@ describe('CodeOcean flow on the Nomad backend', () => {
     const recursive = await client.listFiles(runnerId, { recursive: true });
     assert.equal(recursive.status, 200, recursive.text);
     const all = byName(fileEntries(recursive));
-    for (const name of ['main.sh', 'lib/util/helper.txt', 'empty.txt', 'out.txt', 'lib', 'lib/util']) assert.ok(all.has(name), `listing lacks ${name}: ${[...all.keys()].join(', ')}`);
+    for (const name of ['main.sh', 'lib/util/helper.txt', 'empty.txt', 'out.txt', 'lib', 'lib/util'])
+      assert.ok(all.has(name), `listing lacks ${name}: ${[...all.keys()].join(', ')}`);
     assert.equal(all.get('lib/util')?.entryType, 'd');
     assert.equal(all.get('main.sh')?.entryType, '-');
     assert.equal(all.get('out.txt')?.size, 10);
@@ -133,15 +155,27 @@ describe('CodeOcean flow on the Nomad backend', () => {
     const runnerId = await client.claim(ENV_ID);
     const started = Date.now();
     const result = await client.run(runnerId, 'sleep 37; echo never', { timeLimit: 1 });
-    assert.ok(result.messages.some((message) => message.type === 'timeout'), JSON.stringify(result.messages));
+    assert.ok(
+      result.messages.some((message) => message.type === 'timeout'),
+      JSON.stringify(result.messages),
+    );
     assert.ok(Date.now() - started < 10_000);
     // The process group is gone from the "container".
-    await waitFor(async () => (await client.run(runnerId, 'ps -eo args | grep -c "^sleep 37" || true')).stdout.trim(), (count) => count === '0', 'sleep killed', 5_000);
+    await waitFor(
+      async () => (await client.run(runnerId, 'ps -eo args | grep -c "^sleep 37" || true')).stdout.trim(),
+      (count) => count === '0',
+      'sleep killed',
+      5_000,
+    );
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
   });
 
   test('with 200 ms latency on every Nomad call, a claim from a filled pool makes no Nomad call', async () => {
-    await waitFor(() => statistics(ENV_ID), (s) => (s?.idleRunners ?? 0) >= 2, 'pool refilled');
+    await waitFor(
+      () => statistics(ENV_ID),
+      (s) => (s?.idleRunners ?? 0) >= 2,
+      'pool refilled',
+    );
     fake.control.setLatency(200);
     try {
       const from = Date.now();
@@ -151,7 +185,10 @@ describe('CodeOcean flow on the Nomad backend', () => {
       assert.ok(to - from < 190, `a claim must not wait for Nomad (took ${to - from} ms)`);
       // Asynchronous writes (refill, "used" mark) may start during the claim, but nothing is read or awaited.
       const during = fake.control.requestsBetween(from, to);
-      assert.ok(during.every((entry) => entry.method === 'POST' && entry.path === '/v1/jobs'), JSON.stringify(during));
+      assert.ok(
+        during.every((entry) => entry.method === 'POST' && entry.path === '/v1/jobs'),
+        JSON.stringify(during),
+      );
       const runnerId = (claimed.body as { runnerId: string }).runnerId;
       assert.equal((await client.deleteRunner(runnerId)).status, 204);
     } finally {

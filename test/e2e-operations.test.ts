@@ -26,22 +26,39 @@ const idleRunners = async (client: CodeOceanClient, id: number): Promise<number>
 test('SIGTERM to the process group drains: health 503, claims refused, executions finish or get error + 1001, exit 0, nothing left', async (t) => {
   const cgroupParent = ownCgroupParent();
   t.after(() => removeCgroupParent(cgroupParent));
-  const daemon = await startDaemon({ detached: true, config: { server: { shutdowntimeout: 3 }, logger: { level: 'info' }, local: { cgroupparent: cgroupParent } } });
+  const daemon = await startDaemon({
+    detached: true,
+    config: { server: { shutdowntimeout: 3 }, logger: { level: 'info' }, local: { cgroupparent: cgroupParent } },
+  });
   t.after(() => daemon.stop());
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   assert.equal((await client.putEnvironment(environmentSpec(71, { prewarmingPoolSize: 3 }))).status, 201);
-  await waitFor(() => idleRunners(client, 71), (idle) => idle === 3, 'the pool to fill');
+  await waitFor(
+    () => idleRunners(client, 71),
+    (idle) => idle === 3,
+    'the pool to fill',
+  );
   const [short, long] = [await client.claim(71), await client.claim(71)];
 
   const marker = `drain-${randomBytes(4).toString('hex')}`;
   const finishing = client.connect(await client.websocketUrl(short, 'sleep 1.5; echo finished', 0));
   const cut = client.connect(await client.websocketUrl(long, `sleep 300 # ${marker}`, 0));
-  await waitFor(async () => processesMatching(marker).length, (count) => count > 0, 'the long execution to run');
+  await waitFor(
+    async () => processesMatching(marker).length,
+    (count) => count > 0,
+    'the long execution to run',
+  );
 
   process.kill(-daemon.pid, 'SIGTERM');
   const signalled = Date.now();
-  await waitFor(async () => (await fetch(`${daemon.baseUrl}/health`)).status, (status) => status === 503, 'health to turn 503', 2_000, 20);
-  const health = await (await fetch(`${daemon.baseUrl}/health`)).json() as { message: string };
+  await waitFor(
+    async () => (await fetch(`${daemon.baseUrl}/health`)).status,
+    (status) => status === 503,
+    'health to turn 503',
+    2_000,
+    20,
+  );
+  const health = (await (await fetch(`${daemon.baseUrl}/health`)).json()) as { message: string };
   assert.match(health.message, /shutting down \(SIGTERM\)/);
   const claim = await client.claimRunner(71, 60);
   assert.equal(claim.status, 500, 'a claim during the drain is refused');
@@ -55,7 +72,10 @@ test('SIGTERM to the process group drains: health 503, claims refused, execution
 
   const ended = await cut;
   assert.equal(ended.exitCode, undefined);
-  assert.ok(ended.errors.some((error) => /shutting down \(SIGTERM\).*grace period of 3 s/.test(error)), `an error names the shutdown: ${JSON.stringify(ended.messages)}`);
+  assert.ok(
+    ended.errors.some((error) => /shutting down \(SIGTERM\).*grace period of 3 s/.test(error)),
+    `an error names the shutdown: ${JSON.stringify(ended.messages)}`,
+  );
   assert.equal(ended.closeCode, 1001);
   const elapsed = Date.now() - signalled;
   assert.ok(elapsed >= 2_500 && elapsed < 8_000, `the long execution was cut at the end of the grace period (${elapsed} ms)`);
@@ -79,10 +99,22 @@ test('SIGHUP re-reads the log level without a restart, and says so', async (t) =
   tree.logger.level = 'INFO';
   writeFileSync(daemon.configPath, stringify(tree));
   process.kill(daemon.pid, 'SIGHUP');
-  await waitFor(async () => daemon.logs(), (logs) => /configuration reloaded/.test(logs), 'the reload to be logged', 5_000, 50);
+  await waitFor(
+    async () => daemon.logs(),
+    (logs) => /configuration reloaded/.test(logs),
+    'the reload to be logged',
+    5_000,
+    50,
+  );
   assert.match(daemon.logs(), /"previousLevel":"warn","level":"info"/);
   await client.statistics();
-  await waitFor(async () => daemon.logs(), (logs) => /"msg":"request"/.test(logs), 'a request line at the new level', 5_000, 50);
+  await waitFor(
+    async () => daemon.logs(),
+    (logs) => /"msg":"request"/.test(logs),
+    'a request line at the new level',
+    5_000,
+    50,
+  );
   assert.equal((await fetch(`${daemon.baseUrl}/health`)).status, 204, 'the daemon still serves');
 });
 
@@ -96,12 +128,17 @@ test("Poseidon's own example configuration, given with Poseidon's -config flag, 
     .logs()
     .split('\n')
     .filter((line) => line.includes('is not implemented by poseidon-ts'))
-    .map((line) => (JSON.parse(line) as { key: string; level: number | string }));
-  assert.ok(warned.every((line) => line.level === 40 || line.level === 'warn'), 'each is a warning');
-  assert.deepEqual(
-    warned.map((line) => line.key).sort(),
-    ['profiling.cpufile', 'profiling.memoryinterval', 'profiling.memorythreshold', 'server.alert.prewarmingpoolreloadtimeout'],
+    .map((line) => JSON.parse(line) as { key: string; level: number | string });
+  assert.ok(
+    warned.every((line) => line.level === 40 || line.level === 'warn'),
+    'each is a warning',
   );
+  assert.deepEqual(warned.map((line) => line.key).sort(), [
+    'profiling.cpufile',
+    'profiling.memoryinterval',
+    'profiling.memorythreshold',
+    'server.alert.prewarmingpoolreloadtimeout',
+  ]);
 });
 
 test('a stalled request body is answered 408 and cut after server.requesttimeout; a client breaking the WebSocket protocol is a warning', async (t) => {
@@ -133,7 +170,11 @@ test('a stalled request body is answered 408 and cut after server.requesttimeout
   ws.send('x'.repeat(2 * 1024 * 1024));
   await wsClosed;
   const line = await waitFor(
-    async () => daemon.logs().split('\n').find((entry) => entry.includes('WebSocket client broke the protocol')),
+    async () =>
+      daemon
+        .logs()
+        .split('\n')
+        .find((entry) => entry.includes('WebSocket client broke the protocol')),
     (found) => found !== undefined,
     'the protocol error to be logged',
     5_000,

@@ -39,7 +39,12 @@ async function stats(client: CodeOceanClient, id: number): Promise<EnvStats | un
 const waitForStats = (client: CodeOceanClient, id: number, want: Omit<EnvStats, 'id'>, what: string): Promise<EnvStats | undefined> =>
   waitFor(
     () => stats(client, id),
-    (s) => s !== undefined && s.id === id && s.prewarmingPoolSize === want.prewarmingPoolSize && s.idleRunners === want.idleRunners && s.usedRunners === want.usedRunners,
+    (s) =>
+      s !== undefined &&
+      s.id === id &&
+      s.prewarmingPoolSize === want.prewarmingPoolSize &&
+      s.idleRunners === want.idleRunners &&
+      s.usedRunners === want.usedRunners,
     what,
     30_000,
   );
@@ -55,7 +60,12 @@ describe('prewarmed pool and statistics', () => {
     const runners: string[] = [];
     for (let i = 0; i < claims; i++) runners.push(await client.claim(ENV_ID));
     assert.equal(new Set(runners).size, claims, 'runner ids must be unique');
-    await waitForStats(client, ENV_ID, { prewarmingPoolSize: POOL, idleRunners: POOL, usedRunners: claims }, `the pool to refill to ${POOL} after ${claims} claims`);
+    await waitForStats(
+      client,
+      ENV_ID,
+      { prewarmingPoolSize: POOL, idleRunners: POOL, usedRunners: claims },
+      `the pool to refill to ${POOL} after ${claims} claims`,
+    );
 
     // Each claimed runner is a working sandbox of its own.
     for (const [index, runnerId] of runners.entries()) {

@@ -61,7 +61,12 @@ describe('sandbox limits', () => {
     const lastIndex = result.messages.findIndex((m) => m.type === 'timeout');
     assert.ok(!result.messages.slice(lastIndex + 1).some((m) => m.type === 'stdout'), 'no output after timeout');
     // Both sleeps, including the backgrounded one, belong to the execution and must die with it.
-    await waitFor(async () => processesMatching(`sleep ${marker}`).length, (n) => n === 0, 'the timed-out process tree to be killed', 10_000);
+    await waitFor(
+      async () => processesMatching(`sleep ${marker}`).length,
+      (n) => n === 0,
+      'the timed-out process tree to be killed',
+      10_000,
+    );
     // CodeOcean deletes the runner after a timeout; it may already be gone.
     assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
   });
@@ -99,7 +104,12 @@ describe('sandbox limits', () => {
     assert.equal((await client.deleteRunner(other)).status, 204);
 
     assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
-    await waitFor(async () => processesMatching(marker).length, (n) => n === 0, 'fork bomb processes to be gone after the runner was deleted', 15_000);
+    await waitFor(
+      async () => processesMatching(marker).length,
+      (n) => n === 0,
+      'fork bomb processes to be gone after the runner was deleted',
+      15_000,
+    );
   });
 
   test('networkAccess false: no connection even to 127.0.0.1 on the host', async () => {

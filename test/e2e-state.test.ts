@@ -17,7 +17,9 @@ const stats = async (client: CodeOceanClient): Promise<Record<string, { idleRunn
   (await client.statistics()).body as Record<string, { idleRunners: number; prewarmingPoolSize: number }>;
 
 const storedIds = (stateDir: string): Array<{ id: number; prewarmingPoolSize: number }> =>
-  (JSON.parse(readFileSync(path.join(stateDir, 'environments.json'), 'utf8')) as Array<{ id: number; prewarmingPoolSize: number }>).map(({ id, prewarmingPoolSize }) => ({ id, prewarmingPoolSize }));
+  (JSON.parse(readFileSync(path.join(stateDir, 'environments.json'), 'utf8')) as Array<{ id: number; prewarmingPoolSize: number }>).map(
+    ({ id, prewarmingPoolSize }) => ({ id, prewarmingPoolSize }),
+  );
 
 /* A read-only bind mount of the directory onto itself: read-only even for root, which ignores modes. */
 function makeReadOnly(directory: string): () => void {
@@ -39,14 +41,23 @@ test('with a read-only state directory PUT and DELETE answer 500 and change noth
   const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
   assert.equal((await client.putEnvironment(environmentSpec(81, { prewarmingPoolSize: 1 }))).status, 201);
   assert.equal((await client.putEnvironment(environmentSpec(82, { prewarmingPoolSize: 1 }))).status, 201);
-  await waitFor(() => stats(client), (s) => s['81']?.idleRunners === 1 && s['82']?.idleRunners === 1, 'both pools to fill');
+  await waitFor(
+    () => stats(client),
+    (s) => s['81']?.idleRunners === 1 && s['82']?.idleRunners === 1,
+    'both pools to fill',
+  );
 
   // Poseidon answers 500 when it cannot store an environment too; its swagger leaves that status out.
   const unvalidated = (method: 'PUT' | 'DELETE', spec: ReturnType<typeof environmentSpec>) =>
-    client.request(method, '/execution-environments/{executionEnvironmentId}', { executionEnvironmentId: String(spec.id) }, {
-      ...(method === 'PUT' ? { body: { ...spec } } : {}),
-      validate: false,
-    });
+    client.request(
+      method,
+      '/execution-environments/{executionEnvironmentId}',
+      { executionEnvironmentId: String(spec.id) },
+      {
+        ...(method === 'PUT' ? { body: { ...spec } } : {}),
+        validate: false,
+      },
+    );
   const writable = makeReadOnly(stateDir);
   t.after(writable);
   const created = await unvalidated('PUT', environmentSpec(83));
@@ -56,7 +67,13 @@ test('with a read-only state directory PUT and DELETE answer 500 and change noth
   assert.equal(resized.status, 500);
   const deleted = await unvalidated('DELETE', environmentSpec(82));
   assert.equal(deleted.status, 500);
-  await waitFor(async () => daemon.logs(), (logs) => /cannot delete the environment in the state directory/.test(logs), 'the failed DELETE to be logged', 5_000, 50);
+  await waitFor(
+    async () => daemon.logs(),
+    (logs) => /cannot delete the environment in the state directory/.test(logs),
+    'the failed DELETE to be logged',
+    5_000,
+    50,
+  );
 
   assert.equal((await client.getEnvironment(83)).status, 404, 'the failed PUT created nothing');
   assert.equal(((await client.getEnvironment(81)).body as { prewarmingPoolSize: number }).prewarmingPoolSize, 1, 'the failed PUT changed nothing');
@@ -68,12 +85,22 @@ test('with a read-only state directory PUT and DELETE answer 500 and change noth
   assert.equal(during['82']?.idleRunners, 1, "the failed DELETE left the environment's runners alone");
   const runner = await client.claim(82);
   assert.equal((await client.run(runner, 'echo still')).stdout, 'still\r\n', 'its runners still serve');
-  assert.deepEqual(storedIds(stateDir), [{ id: 81, prewarmingPoolSize: 1 }, { id: 82, prewarmingPoolSize: 1 }]);
+  assert.deepEqual(storedIds(stateDir), [
+    { id: 81, prewarmingPoolSize: 1 },
+    { id: 82, prewarmingPoolSize: 1 },
+  ]);
 
   writable();
   assert.equal((await client.deleteEnvironment(82)).status, 204, 'the DELETE can be retried');
   assert.equal((await client.putEnvironment(environmentSpec(84))).status, 201);
-  assert.deepEqual(storedIds(stateDir), [{ id: 81, prewarmingPoolSize: 1 }, { id: 84, prewarmingPoolSize: 1 }], 'no failed change is carried into a later write');
+  assert.deepEqual(
+    storedIds(stateDir),
+    [
+      { id: 81, prewarmingPoolSize: 1 },
+      { id: 84, prewarmingPoolSize: 1 },
+    ],
+    'no failed change is carried into a later write',
+  );
   await daemon.stop();
 
   const readOnlyAgain = makeReadOnly(stateDir);
@@ -107,11 +134,19 @@ test('a SIGKILLed daemon leaves no process; the restart removes its cgroups and 
   t.after(() => first.stop().catch(() => undefined));
   const client = new CodeOceanClient(first.baseUrl, first.token);
   assert.equal((await client.putEnvironment(environmentSpec(85, { prewarmingPoolSize: 2 }))).status, 201);
-  await waitFor(() => stats(client), (s) => s['85']?.idleRunners === 2, 'the pool to fill');
+  await waitFor(
+    () => stats(client),
+    (s) => s['85']?.idleRunners === 2,
+    'the pool to fill',
+  );
   const runner = await client.claim(85);
   const marker = `k9-${randomBytes(4).toString('hex')}`;
   void client.connect(await client.websocketUrl(runner, `sleep 300 # ${marker}`, 0));
-  await waitFor(async () => processesMatching(marker).length, (count) => count > 0, 'the execution to run');
+  await waitFor(
+    async () => processesMatching(marker).length,
+    (count) => count > 0,
+    'the execution to run',
+  );
 
   const tree = descendantsOf(first.pid);
   const spawner = tree.map((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')).find((argv) => argv[0]?.endsWith('poseidon-spawner'));
@@ -123,16 +158,35 @@ test('a SIGKILLed daemon leaves no process; the restart removes its cgroups and 
   process.kill(first.pid, 'SIGKILL');
   await first.exited;
   const alive = (): number[] => tree.filter((pid) => existsSync(`/proc/${pid}`) && !readFileSync(`/proc/${pid}/stat`, 'utf8').includes(') Z '));
-  await waitFor(async () => alive(), (pids) => pids.length === 0, 'every process of the killed run to end with it', 5_000, 100);
+  await waitFor(
+    async () => alive(),
+    (pids) => pids.length === 0,
+    'every process of the killed run to end with it',
+    5_000,
+    100,
+  );
   assert.equal(processesMatching(marker).length, 0);
-  assert.ok(cgroups.some((cgroup) => existsSync(cgroup)), 'the killed run could not remove its cgroups');
+  assert.ok(
+    cgroups.some((cgroup) => existsSync(cgroup)),
+    'the killed run could not remove its cgroups',
+  );
 
   // Runner cgroups count as stale once they have been empty for a moment.
   await sleep(2_100);
   const second = await startDaemon({ config, env: { POSEIDON_LOGGER_LEVEL: 'info' } });
   t.after(() => second.stop());
-  await waitFor(async () => existsSync(socketDirectory), (exists) => !exists, 'the stale socket directory to be removed', 5_000, 100);
-  assert.deepEqual(cgroups.filter((cgroup) => existsSync(cgroup)), [], 'the stale runner cgroups are removed');
+  await waitFor(
+    async () => existsSync(socketDirectory),
+    (exists) => !exists,
+    'the stale socket directory to be removed',
+    5_000,
+    100,
+  );
+  assert.deepEqual(
+    cgroups.filter((cgroup) => existsSync(cgroup)),
+    [],
+    'the stale runner cgroups are removed',
+  );
   assert.match(second.logs(), /removed runner cgroups left by an earlier daemon/);
   await second.stop();
 });

@@ -90,7 +90,12 @@ const CASES: Case[] = [
     // CPython's input() writes its prompt to stderr when it reads a terminal without readline:
     // in Poseidon too, where it arrives through the stderr FIFO.
     check: (messages) =>
-      assert.deepEqual(messages, [{ type: 'start' }, { type: 'stderr', data: 'name? ' }, { type: 'stdout', data: 'Ada\r\nhello Ada\r\n' }, { type: 'exit', data: 0 }]),
+      assert.deepEqual(messages, [
+        { type: 'start' },
+        { type: 'stderr', data: 'name? ' },
+        { type: 'stdout', data: 'Ada\r\nhello Ada\r\n' },
+        { type: 'exit', data: 0 },
+      ]),
   },
   {
     name: 'stdout and stderr interleaved, apart',
@@ -106,7 +111,7 @@ const CASES: Case[] = [
       ]),
   },
   {
-    name: 'line endings are the terminal\'s: \\n becomes \\r\\n',
+    name: "line endings are the terminal's: \\n becomes \\r\\n",
     command: "printf 'a\\nb\\r\\nc'",
     check: (messages) => assert.deepEqual(messages, [{ type: 'start' }, { type: 'stdout', data: 'a\r\nb\r\r\nc' }, { type: 'exit', data: 0 }]),
   },
@@ -124,8 +129,14 @@ const CASES: Case[] = [
       { after: '>>> ', send: 'exit()\n' },
     ],
     check: (messages) => {
-      const stdout = messages.filter((m) => m.type === 'stdout').map((m) => String(m.data)).join('');
-      const stderr = messages.filter((m) => m.type === 'stderr').map((m) => String(m.data)).join('');
+      const stdout = messages
+        .filter((m) => m.type === 'stdout')
+        .map((m) => String(m.data))
+        .join('');
+      const stderr = messages
+        .filter((m) => m.type === 'stderr')
+        .map((m) => String(m.data))
+        .join('');
       assert.match(stdout + stderr, /x = 6 \* 7\r\n/, 'the typed line is echoed');
       assert.match(stdout, /print\(x\)\r\n42\r\n/);
       assert.deepEqual(messages[messages.length - 1], { type: 'exit', data: 0 });
@@ -138,7 +149,8 @@ const CASES: Case[] = [
       { after: '', send: 'one\n' },
       { after: 'one\r\n', send: 'two\n\x04' },
     ],
-    check: (messages) => assert.deepEqual(messages, [{ type: 'start' }, { type: 'stdout', data: "one\r\ntwo\r\n8 'one\\ntwo\\n'\r\n" }, { type: 'exit', data: 0 }]),
+    check: (messages) =>
+      assert.deepEqual(messages, [{ type: 'start' }, { type: 'stdout', data: "one\r\ntwo\r\n8 'one\\ntwo\\n'\r\n" }, { type: 'exit', data: 0 }]),
   },
   {
     name: 'binary and invalid UTF-8 output',

@@ -21,8 +21,14 @@ test('each change is on disk before it counts, and the generation before it is k
   await store.put(environmentSpec(2));
   const current = JSON.parse(await readFile(path.join(directory, 'environments.json'), 'utf8')) as Array<{ id: number }>;
   const previous = JSON.parse(await readFile(path.join(directory, 'environments.json.previous'), 'utf8')) as Array<{ id: number }>;
-  assert.deepEqual(current.map((spec) => spec.id), [1, 2]);
-  assert.deepEqual(previous.map((spec) => spec.id), [1]);
+  assert.deepEqual(
+    current.map((spec) => spec.id),
+    [1, 2],
+  );
+  assert.deepEqual(
+    previous.map((spec) => spec.id),
+    [1],
+  );
 });
 
 test('an empty or cut-short file left by a crash falls back to the previous generation', async (t) => {
@@ -34,7 +40,10 @@ test('an empty or cut-short file left by a crash falls back to the previous gene
   for (const damage of ['', '[{"id": 1, "prewarm']) {
     await writeFile(path.join(directory, 'environments.json'), damage);
     const reloaded = new EnvironmentStore(directory);
-    assert.deepEqual((await reloaded.load()).map((spec) => spec.id), [1]);
+    assert.deepEqual(
+      (await reloaded.load()).map((spec) => spec.id),
+      [1],
+    );
     assert.match(reloaded.recovered ?? '', /previous generation/);
   }
   await rm(path.join(directory, 'environments.json.previous'));

@@ -5,7 +5,10 @@ import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator, IdRangeExhaustedError
 test('id ranges: each live runner gets a range of its own; released ranges are handed out again', () => {
   const allocator = new IdRangeAllocator(0x6000_0000, 3);
   const ranges = [allocator.allocate(), allocator.allocate(), allocator.allocate()];
-  assert.deepEqual(ranges.map((range) => range.base), [0x6000_0000, 0x6000_0000 + IDS_PER_RUNNER, 0x6000_0000 + 2 * IDS_PER_RUNNER]);
+  assert.deepEqual(
+    ranges.map((range) => range.base),
+    [0x6000_0000, 0x6000_0000 + IDS_PER_RUNNER, 0x6000_0000 + 2 * IDS_PER_RUNNER],
+  );
   assert.ok(ranges.every((range) => range.count === IDS_PER_RUNNER));
   assert.throws(() => allocator.allocate(), IdRangeExhaustedError);
   allocator.release(ranges[1] as (typeof ranges)[number]);

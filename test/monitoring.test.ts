@@ -59,7 +59,10 @@ describe('health monitor', () => {
     health.runnerBuilt(7, 0.1, new Error('bwrap: no such image'));
     assert.equal(health.check([stats(0)]), undefined);
     health.runnerBuilt(7, 0.1, new Error('bwrap: no such image'));
-    assert.match(health.check([stats(0)])?.message ?? '', /runners of execution environment 7 cannot be built \(3 failures in a row, last: bwrap: no such image\)/);
+    assert.match(
+      health.check([stats(0)])?.message ?? '',
+      /runners of execution environment 7 cannot be built \(3 failures in a row, last: bwrap: no such image\)/,
+    );
     health.runnerBuilt(7, 0.1);
     assert.equal(health.check([stats(1)]), undefined);
     for (let i = 0; i < 3; i += 1) health.runnerBuilt(8, 0.1, new Error('gone'));
@@ -78,7 +81,10 @@ describe('health monitor', () => {
       time.advance(5_000);
       const answer = await app.inject({ method: 'GET', url: '/api/v1/health' });
       assert.equal(answer.statusCode, 503);
-      assert.deepEqual(answer.json(), { message: 'prewarming pool below 50% for longer than 5 s for execution environment(s) 7', errorCode: 'PREWARMING_POOL_DEPLETING' });
+      assert.deepEqual(answer.json(), {
+        message: 'prewarming pool below 50% for longer than 5 s for execution environment(s) 7',
+        errorCode: 'PREWARMING_POOL_DEPLETING',
+      });
     } finally {
       await app.close();
     }
@@ -111,7 +117,11 @@ describe('metrics endpoint', () => {
       manager.idle = 0;
       assert.equal((await app.inject({ method: 'POST', url: '/api/v1/runners', payload: claim })).statusCode, 500);
       assert.equal((await app.inject({ method: 'POST', url: '/api/v1/runners', payload: { ...claim, executionEnvironmentId: 99 } })).statusCode, 404);
-      await app.inject({ method: 'PATCH', url: `/api/v1/runners/${runnerId}/files`, payload: { copy: [{ path: 'a.txt', content: Buffer.from('12345').toString('base64') }] } });
+      await app.inject({
+        method: 'PATCH',
+        url: `/api/v1/runners/${runnerId}/files`,
+        payload: { copy: [{ path: 'a.txt', content: Buffer.from('12345').toString('base64') }] },
+      });
       await app.inject({ method: 'GET', url: `/api/v1/runners/${runnerId}/files/raw?path=a.txt` });
       await app.inject({ method: 'GET', url: '/api/v1/runners/gone/files' });
 
@@ -154,7 +164,9 @@ describe('logs', () => {
     [key: string]: unknown;
   }
 
-  async function capturingApp(level: string): Promise<{ lines: Line[]; app: Awaited<ReturnType<typeof buildInjectApp>>['app']; manager: Awaited<ReturnType<typeof buildInjectApp>>['manager'] }> {
+  async function capturingApp(
+    level: string,
+  ): Promise<{ lines: Line[]; app: Awaited<ReturnType<typeof buildInjectApp>>['app']; manager: Awaited<ReturnType<typeof buildInjectApp>>['manager'] }> {
     const lines: Line[] = [];
     const sink = new Writable({
       write(chunk: Buffer, _encoding, done) {
@@ -200,8 +212,15 @@ describe('logs', () => {
       await app.inject({ method: 'GET', url: '/api/v1/version' });
       await app.inject({ method: 'GET', url: '/metrics', headers: { 'poseidon-token': 'tok-secret' } });
       assert.equal(lines.length, 0, `nothing at info: ${JSON.stringify(lines)}`);
-      await app.inject({ method: 'GET', url: '/api/v1/runners/7-x/websocket?executionID=nope', headers: { upgrade: 'websocket', connection: 'upgrade', 'poseidon-token': 'tok-secret' } });
-      assert.ok(lines.some((line) => line.msg === 'websocket upgrade refused'), JSON.stringify(lines));
+      await app.inject({
+        method: 'GET',
+        url: '/api/v1/runners/7-x/websocket?executionID=nope',
+        headers: { upgrade: 'websocket', connection: 'upgrade', 'poseidon-token': 'tok-secret' },
+      });
+      assert.ok(
+        lines.some((line) => line.msg === 'websocket upgrade refused'),
+        JSON.stringify(lines),
+      );
     } finally {
       await app.close();
     }

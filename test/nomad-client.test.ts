@@ -13,7 +13,15 @@ import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
 import { NOMAD_SPEC_MISSING, nomadSpecPresent } from './fake-nomad/spec.js';
 
 const logger = pino({ level: 'silent' });
-const environment: TemplateEnvironment = { id: 11, image: 'python:3', cpuLimit: 20, memoryLimit: 128, prewarmingPoolSize: 1, networkAccess: true, exposedPorts: [8080] };
+const environment: TemplateEnvironment = {
+  id: 11,
+  image: 'python:3',
+  cpuLimit: 20,
+  memoryLimit: 128,
+  prewarmingPoolSize: 1,
+  networkAccess: true,
+  exposedPorts: [8080],
+};
 
 function nomadConfig(port: number, extra: Record<string, unknown> = {}): NomadConfig {
   return configSchema.parse({ nomad: { enabled: true, port, requesttimeout: 2_000, ...extra } }).nomad;
@@ -89,7 +97,10 @@ describe('ExecutorApi against the fake Nomad', () => {
     assert.equal(evaluation['Status'], 'complete');
 
     const stubs = await api.listJobs('template');
-    assert.deepEqual(stubs.map((stub) => stub.ID), ['template-11']);
+    assert.deepEqual(
+      stubs.map((stub) => stub.ID),
+      ['template-11'],
+    );
     const job = await api.getJob('template-11');
     assert.equal(job?.Type, 'batch');
     const group = job?.TaskGroups?.find((candidate) => candidate.Name === 'config');
@@ -315,7 +326,11 @@ describe('Event stream resilience', () => {
       assert.deepEqual(state.batches, before, 're-delivered batches are de-duplicated');
       await api.deregisterJob('template-21');
       await fake.control.waitFor(() => state.batches.length > before.length);
-      assert.deepEqual([...state.batches].sort((a, b) => a - b), state.batches, 'indexes strictly increase');
+      assert.deepEqual(
+        [...state.batches].sort((a, b) => a - b),
+        state.batches,
+        'indexes strictly increase',
+      );
       assert.equal(new Set(state.batches).size, state.batches.length);
     } finally {
       await state.subscription.stop();

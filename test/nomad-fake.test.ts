@@ -118,7 +118,8 @@ describe('fake Nomad', () => {
     for (const payload of allocationEvents) assert.ok(!('Job' in payload) && !('NextAllocation' in payload));
     const evaluation = (await call(fake, 'GET', `/v1/evaluation/${String(registered['EvalID'])}`)).json as Record<string, unknown>;
     assert.equal(evaluation['ID'], registered['EvalID']);
-    for (const [key, value] of Object.entries(evaluation)) assert.ok(value !== '' && value !== null && value !== 0 && value !== false, `${key} should be omitted`);
+    for (const [key, value] of Object.entries(evaluation))
+      assert.ok(value !== '' && value !== null && value !== 0 && value !== false, `${key} should be omitted`);
   });
 
   it('purges a job and its allocations without allocation events; exec then fails with Unknown allocation', async () => {
@@ -128,11 +129,16 @@ describe('fake Nomad', () => {
     const indexBefore = fake.control.index;
     await call(fake, 'DELETE', '/v1/job/purge-me?purge=true');
     assert.equal((await call(fake, 'GET', `/v1/allocation/${allocId}`)).status, 404);
-    const after = fake.control.events().filter((batch) => batch.Index > indexBefore).flatMap((batch) => batch.Events);
+    const after = fake.control
+      .events()
+      .filter((batch) => batch.Index > indexBefore)
+      .flatMap((batch) => batch.Events);
     assert.ok(after.some((event) => event['Topic'] === 'Job' && event['Type'] === 'JobDeregistered'));
     assert.ok(!after.some((event) => event['Topic'] === 'Allocation'));
     const close = await new Promise<[number, string]>((resolve) => {
-      const socket = new WebSocket(`ws://127.0.0.1:${fake.port}/v1/client/allocation/${allocId}/exec?task=default-task&command=${encodeURIComponent('["true"]')}`);
+      const socket = new WebSocket(
+        `ws://127.0.0.1:${fake.port}/v1/client/allocation/${allocId}/exec?task=default-task&command=${encodeURIComponent('["true"]')}`,
+      );
       socket.on('close', (code, reason) => resolve([code, reason.toString()]));
     });
     assert.deepEqual(close, [1008, `Unknown allocation "${allocId}"`]);
@@ -143,14 +149,18 @@ describe('fake Nomad', () => {
     await fake.control.waitFor(() => fake.control.allocations('fragile')[0]?.['ClientStatus'] === 'running');
     const first = String(fake.control.allocations('fragile')[0]?.['ID']);
     fake.control.loseAllocation(first);
-    await fake.control.waitFor(() => fake.control.allocations('fragile').some((alloc) => alloc['PreviousAllocation'] === first && alloc['ClientStatus'] === 'running'));
+    await fake.control.waitFor(() =>
+      fake.control.allocations('fragile').some((alloc) => alloc['PreviousAllocation'] === first && alloc['ClientStatus'] === 'running'),
+    );
     const lost = fake.control.allocations('fragile').find((alloc) => alloc['ID'] === first);
     assert.equal(lost?.['ClientStatus'], 'lost');
     assert.notEqual(lost?.['NextAllocation'], '');
     const second = String(lost?.['NextAllocation']);
     fake.control.failAllocation(second);
     await fake.control.waitFor(() => fake.control.allocations('fragile').find((alloc) => alloc['ID'] === second)?.['ClientStatus'] === 'failed');
-    await fake.control.waitFor(() => (fake.control.events().at(-1)?.Events[0]?.['Payload'] as Record<string, Record<string, unknown>> | undefined)?.['Job']?.['Status'] === 'dead');
+    await fake.control.waitFor(
+      () => (fake.control.events().at(-1)?.Events[0]?.['Payload'] as Record<string, Record<string, unknown>> | undefined)?.['Job']?.['Status'] === 'dead',
+    );
   });
 
   it('fails allocation starts for chosen jobs', async () => {

@@ -51,7 +51,15 @@ describe('job template', () => {
   it('adds one dynamic port per exposed port in the configured network mode', () => {
     const job = buildTemplateJob(defaultTemplateJob(), { ...offline, networkAccess: true, exposedPorts: [80, 8080] }, { ...config, disableforcepull: false });
     const main = group(job, 'default-group');
-    assert.deepEqual(main.Networks, [{ Mode: 'cni/secure-bridge', DynamicPorts: [{ Label: '80', To: 80 }, { Label: '8080', To: 8080 }] }]);
+    assert.deepEqual(main.Networks, [
+      {
+        Mode: 'cni/secure-bridge',
+        DynamicPorts: [
+          { Label: '80', To: 80 },
+          { Label: '8080', To: 8080 },
+        ],
+      },
+    ]);
     assert.equal(main.Tasks?.[0]?.Config?.['network_mode'], '');
     assert.equal(main.Tasks?.[0]?.Config?.['force_pull'], true);
     assert.deepEqual(readTemplateEnvironment(job), { ...offline, networkAccess: true, exposedPorts: [80, 8080] });

@@ -153,7 +153,16 @@ describe('Nomad JSON from the documented examples', () => {
 
 describe('InvalidEventReporter', () => {
   function invalid(topic: string, index: number): InvalidNomadEvent {
-    return { Topic: topic, Type: 'AllocationUpdated', Key: 'k', Index: index, kind: 'invalid', payload: {}, field: `${topic}.ClientStatus`, problem: 'expected string' };
+    return {
+      Topic: topic,
+      Type: 'AllocationUpdated',
+      Key: 'k',
+      Index: index,
+      kind: 'invalid',
+      payload: {},
+      field: `${topic}.ClientStatus`,
+      problem: 'expected string',
+    };
   }
 
   it('logs once per topic per interval, counts every event and reports how many it suppressed', () => {
@@ -204,7 +213,11 @@ describe('A malformed Allocation event on the stream', () => {
 
   it('produces one warn line naming the field, is counted and still reaches the consumer, and later events are read', async () => {
     const good = fixture('event-allocation.omitempty.json');
-    lines = [malformedAllocationLine(17), malformedAllocationLine(18), { ...good, Index: 19, Events: (good['Events'] as Json[]).map((event) => ({ ...event, Index: 19 })) }];
+    lines = [
+      malformedAllocationLine(17),
+      malformedAllocationLine(18),
+      { ...good, Index: 19, Events: (good['Events'] as Json[]).map((event) => ({ ...event, Index: 19 })) },
+    ];
     const { logger, lines: logs } = capturingLogger();
     const api = new ExecutorApi(configSchema.parse({ nomad: { enabled: true, port, requesttimeout: 2_000 } }).nomad, logger);
     const kinds: string[] = [];

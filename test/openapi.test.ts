@@ -72,7 +72,8 @@ function compareSchemas(theirs: Json | undefined, ours: Json | undefined, where:
   if (Array.isArray(theirs.enum) && Array.isArray(ours.enum)) {
     const [sub, sup] = direction === 'response' ? [ours.enum, theirs.enum] : [theirs.enum, ours.enum];
     const missing = sub.filter((value) => !sup.includes(value));
-    if (missing.length > 0) problems.push(`${where}: enum values ${JSON.stringify(missing)} ${direction === 'response' ? 'not in Poseidon\'s' : 'missing from ours'}`);
+    if (missing.length > 0)
+      problems.push(`${where}: enum values ${JSON.stringify(missing)} ${direction === 'response' ? "not in Poseidon's" : 'missing from ours'}`);
   }
   if (isObject(theirs.properties)) {
     const ourProperties = isObject(ours.properties) ? ours.properties : {};
@@ -98,7 +99,7 @@ function parameters(item: JsonObject, operation: JsonObject): string[] {
 }
 
 describe("agreement with Poseidon's swagger", () => {
-  test('every path, method, status code, parameter and field Poseidon defines is in the project\'s document', (t) => {
+  test("every path, method, status code, parameter and field Poseidon defines is in the project's document", (t) => {
     const swagger = loadPoseidonSwagger();
     if (swagger === undefined) return t.skip(POSEIDON_MISSING);
     const own = loadOwnDocument();
@@ -126,7 +127,8 @@ describe("agreement with Poseidon's swagger", () => {
         }
         compared += 1;
         const ourParameters = parameters(ourItem, ours);
-        for (const parameter of parameters(theirItem, theirs)) if (!ourParameters.includes(parameter)) problems.push(`${route}: parameter ${parameter} missing`);
+        for (const parameter of parameters(theirItem, theirs))
+          if (!ourParameters.includes(parameter)) problems.push(`${route}: parameter ${parameter} missing`);
         const theirBody = isObject(theirs.requestBody) && isObject(theirs.requestBody.content) ? theirs.requestBody.content['application/json'] : undefined;
         const ourBody = isObject(ours.requestBody) && isObject(ours.requestBody.content) ? ours.requestBody.content['application/json'] : undefined;
         if (isObject(theirBody)) {

@@ -124,11 +124,38 @@ function parseProbes(stdout: string): Map<string, { result: number; error: strin
 }
 
 const REFUSED_WITH_EPERM = [
-  'keyctl', 'add_key', 'request_key', 'io_uring_setup', 'perf_event_open', 'userfaultfd', 'bpf',
-  'mount', 'umount2', 'chroot', 'fsopen', 'open_tree', 'pivot_root', 'setns', 'unshare_user', 'unshare_files',
-  'clone_newuser', 'clone_newns', 'clone_newnet', 'clone_newpid', 'clone_newuts', 'clone_newipc',
-  'open_by_handle_at', 'kexec_load', 'init_module', 'reboot', 'swapon', 'settimeofday', 'acct', 'syslog',
-  'personality_no_aslr', 'pidfd_getfd',
+  'keyctl',
+  'add_key',
+  'request_key',
+  'io_uring_setup',
+  'perf_event_open',
+  'userfaultfd',
+  'bpf',
+  'mount',
+  'umount2',
+  'chroot',
+  'fsopen',
+  'open_tree',
+  'pivot_root',
+  'setns',
+  'unshare_user',
+  'unshare_files',
+  'clone_newuser',
+  'clone_newns',
+  'clone_newnet',
+  'clone_newpid',
+  'clone_newuts',
+  'clone_newipc',
+  'open_by_handle_at',
+  'kexec_load',
+  'init_module',
+  'reboot',
+  'swapon',
+  'settimeofday',
+  'acct',
+  'syslog',
+  'personality_no_aslr',
+  'pidfd_getfd',
 ];
 
 /* A static x86_64 program that makes the syscall named by argv[1] through another ABI. */
@@ -239,7 +266,11 @@ describe('seccomp filter', () => {
   });
 
   test('ordinary work still runs: python, fork and exec, background jobs, pipes, threads, ls', async () => {
-    const python = await run(client, ['python3', '-c', 'import subprocess, threading; t = threading.Thread(target=print, args=("thread",)); t.start(); t.join(); print(subprocess.run(["echo", "child"], capture_output=True, text=True).stdout.strip())']);
+    const python = await run(client, [
+      'python3',
+      '-c',
+      'import subprocess, threading; t = threading.Thread(target=print, args=("thread",)); t.start(); t.join(); print(subprocess.run(["echo", "child"], capture_output=True, text=True).stdout.strip())',
+    ]);
     assert.deepEqual(python, { exitCode: 0, stdout: 'thread\nchild\n', stderr: '' });
     const shell = await sh(client, 'sleep 0.1 & wait && echo waited; echo piped | tr a-z A-Z; ls / >/dev/null && echo listed; (exit 3); echo $?');
     assert.deepEqual(shell, { exitCode: 0, stdout: 'waited\nPIPED\nlisted\n3\n', stderr: '' });
@@ -247,16 +278,18 @@ describe('seccomp filter', () => {
     assert.deepEqual(privileged, { exitCode: 0, stdout: '0\n65534\n', stderr: '' });
   });
 
-  test('ptrace of the runner\'s own processes stays allowed (as in Docker on kernels >= 4.8)', async () => {
+  test("ptrace of the runner's own processes stays allowed (as in Docker on kernels >= 4.8)", async () => {
     // PTRACE_TRACEME (0) in a forked child, which then stops itself and is released.
-    const script = 'import ctypes, os, signal\nlibc = ctypes.CDLL(None, use_errno=True)\npid = os.fork()\nif pid == 0:\n    r = libc.ptrace(0, 0, None, None)\n    os.kill(os.getpid(), signal.SIGSTOP)\n    os._exit(0 if r == 0 else 1)\n_, status = os.waitpid(pid, os.WUNTRACED)\nassert os.WIFSTOPPED(status)\nlibc.ptrace(7, pid, None, None)\n_, status = os.waitpid(pid, 0)\nprint(os.WEXITSTATUS(status))\n';
+    const script =
+      'import ctypes, os, signal\nlibc = ctypes.CDLL(None, use_errno=True)\npid = os.fork()\nif pid == 0:\n    r = libc.ptrace(0, 0, None, None)\n    os.kill(os.getpid(), signal.SIGSTOP)\n    os._exit(0 if r == 0 else 1)\n_, status = os.waitpid(pid, os.WUNTRACED)\nassert os.WIFSTOPPED(status)\nlibc.ptrace(7, pid, None, None)\n_, status = os.waitpid(pid, 0)\nprint(os.WEXITSTATUS(status))\n';
     const result = await run(client, ['python3', '-'], UNPRIVILEGED, script);
     assert.deepEqual(result, { exitCode: 0, stdout: '0\n', stderr: '' });
   });
 
   test('no execution can ptrace the agent, privileged or not', async () => {
     // The reason ptrace can stay allowed: the agent is non-dumpable and has capabilities no execution keeps.
-    const script = 'import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nfor pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):\n    try:\n        comm = open(f"/proc/{pid}/comm").read().strip()\n    except OSError:\n        continue\n    if comm == "agent":\n        result = libc.ptrace(16, pid, None, None)\n        print(pid, result, os.strerror(ctypes.get_errno()) if result else "attached")\n';
+    const script =
+      'import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\nfor pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):\n    try:\n        comm = open(f"/proc/{pid}/comm").read().strip()\n    except OSError:\n        continue\n    if comm == "agent":\n        result = libc.ptrace(16, pid, None, None)\n        print(pid, result, os.strerror(ctypes.get_errno()) if result else "attached")\n';
     for (const options of [UNPRIVILEGED, PRIVILEGED]) {
       const result = await run(client, ['python3', '-'], options, script);
       assert.equal(result.exitCode, 0, result.stderr);
@@ -266,10 +299,13 @@ describe('seccomp filter', () => {
     }
   });
 
-  test('the agent\'s file operations work under the filter', async () => {
+  test("the agent's file operations work under the filter", async () => {
     await client.updateFiles({ delete: [], copy: [{ path: 'dir/file.txt', isDirectory: false, content: Buffer.from('content') }] });
     const listing = await client.list('./', true);
-    assert.ok(listing.some((entry) => entry.name.endsWith('file.txt')), 'the copied file is listed');
+    assert.ok(
+      listing.some((entry) => entry.name.endsWith('file.txt')),
+      'the copied file is listed',
+    );
     const { stream } = await client.read('dir/file.txt');
     const chunks: Buffer[] = [];
     for await (const chunk of stream) chunks.push(chunk as Buffer);
@@ -284,9 +320,20 @@ describe('seccomp filter', () => {
         const child = spawn(
           'bwrap',
           [
-            '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--die-with-parent', '--new-session',
-            ...hostSystemArguments(), '--proc', '/proc', '--dev', '/dev',
-            ...(withFilter ? ['--seccomp', '3'] : []), '--', '/bin/true',
+            '--unshare-pid',
+            '--unshare-ipc',
+            '--unshare-uts',
+            '--unshare-net',
+            '--die-with-parent',
+            '--new-session',
+            ...hostSystemArguments(),
+            '--proc',
+            '/proc',
+            '--dev',
+            '/dev',
+            ...(withFilter ? ['--seccomp', '3'] : []),
+            '--',
+            '/bin/true',
           ],
           { stdio: withFilter ? ['ignore', 'ignore', 'inherit', 'pipe'] : ['ignore', 'ignore', 'inherit'] },
         );
@@ -307,7 +354,9 @@ describe('seccomp filter', () => {
       withFilter.push(await start(true));
     }
     const added = median(withFilter) - median(without);
-    t.diagnostic(`bwrap start, median of 50: ${median(without).toFixed(2)} ms without, ${median(withFilter).toFixed(2)} ms with the filter (+${added.toFixed(2)} ms)`);
+    t.diagnostic(
+      `bwrap start, median of 50: ${median(without).toFixed(2)} ms without, ${median(withFilter).toFixed(2)} ms with the filter (+${added.toFixed(2)} ms)`,
+    );
     // The issue allows 3 ms for the user namespace and the filter together.
     assert.ok(added < 2, `the filter adds ${added.toFixed(2)} ms to a sandbox start`);
   });

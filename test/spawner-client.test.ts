@@ -65,7 +65,11 @@ describe('sandbox spawner', () => {
   test('a user namespace of the given host range, the child its root, with no nested user namespaces', async () => {
     const base = 0x6000_0000 + 4095 * 65536;
     const child = spawner.spawn(
-      ['/bin/sh', '-c', 'id -u; cat /proc/self/uid_map /proc/self/gid_map /proc/sys/user/max_user_namespaces; unshare -U true 2>/dev/null || echo nested-refused'],
+      [
+        '/bin/sh',
+        '-c',
+        'id -u; cat /proc/self/uid_map /proc/self/gid_map /proc/sys/user/max_user_namespaces; unshare -U true 2>/dev/null || echo nested-refused',
+      ],
       { PATH: '/usr/bin:/bin' },
       { userNamespace: { base, count: 65536 } },
     );
@@ -76,16 +80,33 @@ describe('sandbox spawner', () => {
   });
 
   test('a network namespace with only loopback, up', async () => {
-    const child = spawner.spawn(['/bin/sh', '-c', 'cat /proc/net/dev | tail -n +3 | cut -d: -f1; cat /sys/class/net/lo/operstate'], { PATH: '/usr/bin:/bin' }, { networkNamespace: true });
+    const child = spawner.spawn(
+      ['/bin/sh', '-c', 'cat /proc/net/dev | tail -n +3 | cut -d: -f1; cat /sys/class/net/lo/operstate'],
+      { PATH: '/usr/bin:/bin' },
+      { networkNamespace: true },
+    );
     const output = await readAll(await child.connection);
-    assert.deepEqual(output.split('\n').map((line) => line.trim()).filter(Boolean), ['lo', 'unknown']);
+    assert.deepEqual(
+      output
+        .split('\n')
+        .map((line) => line.trim())
+        .filter(Boolean),
+      ['lo', 'unknown'],
+    );
     assert.equal((await child.exited).code, 0);
   });
 
   test('data blobs arrive as pipes at their fds; a bad fd number is refused', async () => {
-    const child = spawner.spawn(['/bin/sh', '-c', 'cat <&7; cat <&5'], { PATH: '/usr/bin:/bin' }, {
-      data: [{ fd: 7, bytes: Buffer.from('seven ') }, { fd: 5, bytes: Buffer.alloc(100_000, 'x') }],
-    });
+    const child = spawner.spawn(
+      ['/bin/sh', '-c', 'cat <&7; cat <&5'],
+      { PATH: '/usr/bin:/bin' },
+      {
+        data: [
+          { fd: 7, bytes: Buffer.from('seven ') },
+          { fd: 5, bytes: Buffer.alloc(100_000, 'x') },
+        ],
+      },
+    );
     const output = await readAll(await child.connection);
     assert.equal(output, `seven ${'x'.repeat(100_000)}`);
     const refused = spawner.spawn(['/bin/true'], {}, { data: [{ fd: 1, bytes: Buffer.from('no') }] });
@@ -113,17 +134,40 @@ describe('sandbox spawner', () => {
   test('many spawns at once each get their own connection', async () => {
     const children = Array.from({ length: 20 }, (_, index) => spawner.spawn(['/bin/sh', '-c', `echo ${index}`], {}));
     const outputs = await Promise.all(children.map(async (child) => readAll(await child.connection)));
-    assert.deepEqual(outputs, children.map((_, index) => `${index}\n`));
+    assert.deepEqual(
+      outputs,
+      children.map((_, index) => `${index}\n`),
+    );
     await Promise.all(children.map((child) => child.exited));
   });
 
   test('a bwrap sandbox runs the agent over the socket', async () => {
     const child = spawner.spawn(
       [
-        '/usr/bin/env', 'bwrap', '--unshare-pid', '--unshare-net', '--die-with-parent', '--new-session',
-        ...hostSystemArguments(), '--proc', '/proc', '--dev', '/dev', '--perms', '1777', '--tmpfs', '/workspace',
-        '--ro-bind', AGENT_BINARY, AGENT_SANDBOX_PATH, '--chdir', '/workspace', '--clearenv', ...agentCapabilityArguments(),
-        '--', AGENT_SANDBOX_PATH,
+        '/usr/bin/env',
+        'bwrap',
+        '--unshare-pid',
+        '--unshare-net',
+        '--die-with-parent',
+        '--new-session',
+        ...hostSystemArguments(),
+        '--proc',
+        '/proc',
+        '--dev',
+        '/dev',
+        '--perms',
+        '1777',
+        '--tmpfs',
+        '/workspace',
+        '--ro-bind',
+        AGENT_BINARY,
+        AGENT_SANDBOX_PATH,
+        '--chdir',
+        '/workspace',
+        '--clearenv',
+        ...agentCapabilityArguments(),
+        '--',
+        AGENT_SANDBOX_PATH,
       ],
       { PATH: '/usr/local/bin:/usr/bin:/bin' },
     );
@@ -132,7 +176,11 @@ describe('sandbox spawner', () => {
     socket.resume();
     await agent.ready;
     let stdout = '';
-    const execution = agent.exec(['/bin/sh', '-c', 'echo $$'], { env: {}, privileged: false }, { onStdout: (chunk) => (stdout += String(chunk)), onStderr: () => undefined });
+    const execution = agent.exec(
+      ['/bin/sh', '-c', 'echo $$'],
+      { env: {}, privileged: false },
+      { onStdout: (chunk) => (stdout += String(chunk)), onStderr: () => undefined },
+    );
     assert.equal((await execution.result).exitCode, 0);
     assert.match(stdout, /^[0-9]+\n$/); // a pid of the sandbox's own pid namespace
     assert.ok(Number(stdout) < 10);

@@ -33,7 +33,12 @@ export function httpBaseline(context: BenchContext): Promise<Baseline> {
 
 /* The latency summary of `samples` plus its comparison with a baseline measured in the same run. */
 /* elapsedMs defaults to the time spent in the samples themselves (sequential cases). */
-export function latencyResult(samples: number[], errors: number, elapsedMs = samples.reduce((sum, sample) => sum + sample, 0), baseline?: Baseline): CaseResult {
+export function latencyResult(
+  samples: number[],
+  errors: number,
+  elapsedMs = samples.reduce((sum, sample) => sum + sample, 0),
+  baseline?: Baseline,
+): CaseResult {
   const summary = summarize(samples);
   const result: CaseResult = {
     ...summary,
@@ -82,7 +87,12 @@ export class StepTimes {
   }
 
   p50(step: string): number {
-    return round(percentile([...(this.#samples.get(step) ?? [])].sort((a, b) => a - b), 50));
+    return round(
+      percentile(
+        [...(this.#samples.get(step) ?? [])].sort((a, b) => a - b),
+        50,
+      ),
+    );
   }
 
   /* p50 of the sum of several steps per iteration; steps are recorded in the same order each time. */
@@ -90,7 +100,12 @@ export class StepTimes {
     const lists = steps.map((step) => this.#samples.get(step) ?? []);
     const count = Math.min(...lists.map((list) => list.length));
     const sums = Array.from({ length: count }, (_, index) => lists.reduce((total, list) => total + (list[index] ?? 0), 0));
-    return round(percentile(sums.sort((a, b) => a - b), 50));
+    return round(
+      percentile(
+        sums.sort((a, b) => a - b),
+        50,
+      ),
+    );
   }
 
   p50s(): Record<string, number> {

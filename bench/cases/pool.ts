@@ -30,10 +30,14 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
       await client.putEnvironment(environmentSpec(ENV.idle, size));
       let idle = 0;
       // The large pool may not fill on a slow host: bounded wait, and the figure says what was reached.
-      const full = await until(async () => {
-        idle = (await client.poolOf(ENV.idle))?.idleRunners ?? 0;
-        return idle >= size;
-      }, caseDeadline, 250);
+      const full = await until(
+        async () => {
+          idle = (await client.poolOf(ENV.idle))?.idleRunners ?? 0;
+          return idle >= size;
+        },
+        caseDeadline,
+        250,
+      );
       const fillMs = nowMs() - start;
       // Let freshly started sandboxes settle (page faults, lazy allocations) before reading memory.
       await sleep(context.quick ? 200 : 1500);

@@ -24,7 +24,9 @@ export async function streamSingle(context: BenchContext): Promise<CaseResult> {
       const outcome = await client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 });
       lostBytes += Math.max(0, terminalBytes(bytes) - outcome.stdoutBytes);
       if (outcome.stdoutBytes !== terminalBytes(bytes) || outcome.exitCode !== 0) {
-        throw new Error(`received ${outcome.stdoutBytes} of ${terminalBytes(bytes)} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`);
+        throw new Error(
+          `received ${outcome.stdoutBytes} of ${terminalBytes(bytes)} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`,
+        );
       }
     };
     samples = await timeSequential(once, { n, deadline: Date.now() + 60_000, onError: (error) => errors.add(error) });

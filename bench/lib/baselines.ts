@@ -30,10 +30,24 @@ function hostRootArgs(): string[] {
 }
 
 export const RAW_BWRAP_ARGS = [
-  '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--die-with-parent',
+  '--unshare-pid',
+  '--unshare-ipc',
+  '--unshare-uts',
+  '--unshare-net',
+  '--die-with-parent',
   ...hostRootArgs(),
-  '--proc', '/proc', '--dev', '/dev', '--tmpfs', '/workspace', '--chdir', '/workspace',
-  '--', '/bin/sh', '-c', 'true',
+  '--proc',
+  '/proc',
+  '--dev',
+  '/dev',
+  '--tmpfs',
+  '/workspace',
+  '--chdir',
+  '/workspace',
+  '--',
+  '/bin/sh',
+  '-c',
+  'true',
 ];
 
 function runToExit(file: string, args: string[]): Promise<number> {

@@ -60,11 +60,10 @@ export interface FakeNomadProcess {
  * stream) neither steals the bench client's event loop nor distorts the claim latencies it measures.
  */
 export async function startFakeNomadProcess(port: number): Promise<FakeNomadProcess> {
-  const child: ChildProcess = spawn(
-    process.execPath,
-    ['--import', 'tsx', 'test/fake-nomad/main.ts', '--port', String(port), '--heartbeat-ms', '1000'],
-    { cwd: REPO_ROOT, stdio: ['ignore', 'pipe', 'pipe'] },
-  );
+  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', 'test/fake-nomad/main.ts', '--port', String(port), '--heartbeat-ms', '1000'], {
+    cwd: REPO_ROOT,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
   let output = '';
   child.stdout?.on('data', (chunk: Buffer) => (output += chunk.toString()));
   child.stderr?.on('data', (chunk: Buffer) => (output += chunk.toString()));

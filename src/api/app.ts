@@ -106,7 +106,8 @@ function formatSchemaErrors(errors: FastifySchemaValidationError[], dataVar: str
  */
 function onWebSocketError(error: Error, socket: { terminate(): void }, request: FastifyRequest): void {
   const code = (error as NodeJS.ErrnoException).code;
-  if (typeof code === 'string' && code.startsWith('WS_ERR_')) request.log.warn({ code, reason: error.message }, 'WebSocket client broke the protocol: connection cut');
+  if (typeof code === 'string' && code.startsWith('WS_ERR_'))
+    request.log.warn({ code, reason: error.message }, 'WebSocket client broke the protocol: connection cut');
   else request.log.error({ err: error }, 'WebSocket connection failed');
   socket.terminate();
 }
@@ -192,14 +193,16 @@ export async function buildApp(appDependencies: AppDependencies): Promise<Fastif
     if (request.headers.upgrade) {
       reply.header('Connection', 'close');
       metrics.websocketUpgrade('refused');
-      request.log.info({ url: request.url, statusCode, reason: error.message, remoteAddress: request.ip, userAgent: request.headers['user-agent'] }, 'websocket upgrade refused');
+      request.log.info(
+        { url: request.url, statusCode, reason: error.message, remoteAddress: request.ip, userAgent: request.headers['user-agent'] },
+        'websocket upgrade refused',
+      );
     }
     if (statusCode >= 500 && answer === undefined) {
       request.log.error({ err: error }, 'request failed');
       // The route, not the URL: ids stay out; headers, bodies and tokens are never sent.
       appDependencies.errors?.capture(error, { method: request.method, route: request.routeOptions.url ?? 'unknown', statusCode: String(statusCode) });
-    }
-    else if (statusCode >= 500) request.log.warn({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request failed');
+    } else if (statusCode >= 500) request.log.warn({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request failed');
     else request.log.info({ statusCode, errorCode: body.errorCode, reason: error.message }, 'request rejected');
     return reply.code(statusCode).send(body);
   });

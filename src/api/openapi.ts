@@ -47,7 +47,7 @@ export async function registerOpenApi(app: FastifyInstance, version: string): Pr
         title: 'poseidon-ts API',
         description:
           "The API CodeOcean uses to run code in runners; Poseidon's API (openHPI/poseidon api/swagger.yaml), generated from poseidon-ts's route schemas. " +
-          'Every error is JSON {message, errorCode}. The WebSocket messages of /runners/{runnerId}/websocket follow Poseidon\'s websocket.schema.json.',
+          "Every error is JSON {message, errorCode}. The WebSocket messages of /runners/{runnerId}/websocket follow Poseidon's websocket.schema.json.",
         version,
         license: { name: 'MIT' },
       },

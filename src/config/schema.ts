@@ -73,7 +73,11 @@ const serverSchema = z
     /* Accepted for Poseidon compatibility; the local backend keeps stdout and stderr apart anyway. */
     interactivestderr: z.boolean().default(true),
     /* Largest accepted request body; file uploads are base64 JSON, so this bounds one PATCH. */
-    bodylimit: z.number().int().positive().default(64 * 1024 * 1024),
+    bodylimit: z
+      .number()
+      .int()
+      .positive()
+      .default(64 * 1024 * 1024),
     /* An execution URL that is never connected to is forgotten after this many seconds. */
     websocketurltimeout: z.number().int().positive().default(60),
     alert: z
@@ -133,7 +137,11 @@ const runnersSchema = z
      */
     claimtimeout: z.number().min(0).max(60).default(5),
     /* Output beyond this many bytes per execution and stream is dropped and reported once. */
-    maxoutputbytes: z.number().int().positive().default(256 * 1024 * 1024),
+    maxoutputbytes: z
+      .number()
+      .int()
+      .positive()
+      .default(256 * 1024 * 1024),
   })
   .prefault({});
 
@@ -162,9 +170,15 @@ const nomadSchema = z
 const localNetworkSchema = z
   .strictObject({
     /* Bridge device the runners' veth pairs are attached to (an interface name, at most 15 characters). */
-    bridge: z.string().regex(/^[A-Za-z0-9_.-]{1,15}$/).default('poseidon0'),
+    bridge: z
+      .string()
+      .regex(/^[A-Za-z0-9_.-]{1,15}$/)
+      .default('poseidon0'),
     /* nftables table (family inet) holding the NAT and deny rules. */
-    table: z.string().regex(/^[A-Za-z][A-Za-z0-9_]{0,31}$/).default('poseidon_ts'),
+    table: z
+      .string()
+      .regex(/^[A-Za-z][A-Za-z0-9_]{0,31}$/)
+      .default('poseidon_ts'),
     /* IPv4 subnet runners get addresses from; the bridge takes its first address. */
     subnet: z.cidrv4().default('10.213.0.0/16'),
     /* Private, link-local and other non-public IPv4 ranges runners may reach after all (CIDRs), e.g. a resolver or package mirror. */
@@ -220,7 +234,11 @@ const localSchema = z
     workspacesize: z.number().int().positive().default(256),
     /* A file listing with more entries or bytes than these answers 424 instead of filling the daemon's memory. */
     maxlistingentries: z.number().int().positive().default(50_000),
-    maxlistingbytes: z.number().int().positive().default(32 * 1024 * 1024),
+    maxlistingbytes: z
+      .number()
+      .int()
+      .positive()
+      .default(32 * 1024 * 1024),
     /*
      * Limits for an environment whose memoryLimit or cpuLimit is 0: 0 means "use the default", never
      * unlimited. MB and MHz-like shares, as memoryLimit and cpuLimit; the defaults are CodeOcean's own.
@@ -231,7 +249,10 @@ const localSchema = z
     pidslimit: z.number().int().min(8).default(512),
     cgroups: cgroupModeSchema.default('auto'),
     /* Name of the cgroup directory that holds one child per runner. */
-    cgroupparent: z.string().regex(/^[A-Za-z0-9_.-]+$/).default('poseidon-ts'),
+    cgroupparent: z
+      .string()
+      .regex(/^[A-Za-z0-9_.-]+$/)
+      .default('poseidon-ts'),
     /* Host address that reported mappedPorts point to; exposed ports are published on it. */
     hostaddress: z.string().min(1).default('127.0.0.1'),
     network: localNetworkSchema,

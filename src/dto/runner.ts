@@ -31,7 +31,11 @@ export const claimResponseSchema = z.strictObject({
   mappedPorts: z.array(mappedPortSchema).describe('Where the exposed ports of the runner are reachable'),
 });
 
-const workspacePath = z.string().min(1).max(4096).refine((path) => !path.includes('\0'), 'must not contain NUL');
+const workspacePath = z
+  .string()
+  .min(1)
+  .max(4096)
+  .refine((path) => !path.includes('\0'), 'must not contain NUL');
 
 export const fileCopySchema = z.strictObject({
   path: workspacePath.describe('Where the file is placed, absolute or relative to the workspace; a trailing / makes a directory'),
@@ -56,13 +60,23 @@ export const rawFileQuerySchema = z.strictObject({
 });
 
 export const executeRequestSchema = z.strictObject({
-  command: z.string().min(1).max(1024 * 1024).describe('The command to execute in the working directory of the runner'),
+  command: z
+    .string()
+    .min(1)
+    .max(1024 * 1024)
+    .describe('The command to execute in the working directory of the runner'),
   privilegedExecution: z.boolean().default(false).describe('Execute as the privileged user'),
   environment: z
     .record(z.string().regex(/^[a-zA-Z_][a-zA-Z0-9_]*$/, 'variable names are [a-zA-Z_][a-zA-Z0-9_]*'), z.string())
     .default({})
     .describe('Environment variables for this execution'),
-  timeLimit: z.number().int().min(0).max(24 * 3600).default(0).describe('Seconds until the execution is killed; 0 means no limit'),
+  timeLimit: z
+    .number()
+    .int()
+    .min(0)
+    .max(24 * 3600)
+    .default(0)
+    .describe('Seconds until the execution is killed; 0 means no limit'),
 });
 export type ExecutionRequest = z.infer<typeof executeRequestSchema>;
 

@@ -126,7 +126,10 @@ export class EnvironmentPools<R extends ManagedRunner> {
   #serialised<T>(environmentId: number, change: () => Promise<T>): Promise<T> {
     const previous = this.#changes.get(environmentId) ?? Promise.resolve();
     const result = previous.then(change, change);
-    const settled = result.then(() => undefined, () => undefined);
+    const settled = result.then(
+      () => undefined,
+      () => undefined,
+    );
     this.#changes.set(environmentId, settled);
     void settled.then(() => {
       if (this.#changes.get(environmentId) === settled) this.#changes.delete(environmentId);

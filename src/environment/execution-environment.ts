@@ -111,7 +111,10 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
         const seconds = secondsSince(started);
         (this.options.instruments ?? noInstruments).claimWaited(this.spec.id, seconds, outcome);
         if (outcome === 'timeout') {
-          this.#log(log).warn({ waitedSeconds: seconds, claimTimeout: wait.timeoutSeconds, waitingClaims: this.#waiters.length }, 'claim wait timed out: no runner became ready');
+          this.#log(log).warn(
+            { waitedSeconds: seconds, claimTimeout: wait.timeoutSeconds, waitingClaims: this.#waiters.length },
+            'claim wait timed out: no runner became ready',
+          );
         }
         resolve(served);
       },
@@ -217,10 +220,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
    */
   refill(): void {
     if (this.#deleted || this.#refillStopped || this.#retryTimer) return;
-    while (
-      this.#idle.size + this.#creating < this.spec.prewarmingPoolSize + this.#waiters.length &&
-      this.#creating < this.options.refillConcurrency
-    ) {
+    while (this.#idle.size + this.#creating < this.spec.prewarmingPoolSize + this.#waiters.length && this.#creating < this.options.refillConcurrency) {
       this.#creating += 1;
       const build = this.#createOne();
       this.#pending.add(build);

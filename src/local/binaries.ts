@@ -22,8 +22,16 @@ export const AGENT_SANDBOX_PATH = '/.poseidon/agent';
  * otherwise keeps every capability the daemon has; --cap-drop ALL makes the set exact.
  */
 export const AGENT_CAPABILITIES = [
-  'CAP_CHOWN', 'CAP_DAC_OVERRIDE', 'CAP_DAC_READ_SEARCH', 'CAP_FOWNER', 'CAP_FSETID', 'CAP_KILL',
-  'CAP_SETGID', 'CAP_SETUID', 'CAP_SETPCAP', 'CAP_NET_BIND_SERVICE',
+  'CAP_CHOWN',
+  'CAP_DAC_OVERRIDE',
+  'CAP_DAC_READ_SEARCH',
+  'CAP_FOWNER',
+  'CAP_FSETID',
+  'CAP_KILL',
+  'CAP_SETGID',
+  'CAP_SETUID',
+  'CAP_SETPCAP',
+  'CAP_NET_BIND_SERVICE',
 ];
 
 export function agentCapabilityArguments(): string[] {
@@ -46,9 +54,7 @@ const BUILT_FROM: ReadonlyArray<[output: string, sources: string[]]> = [
 function isStale(output: string, sources: string[]): boolean {
   if (!existsSync(output)) return true;
   const built = statSync(output).mtimeMs;
-  return sources
-    .map((name) => path.join(AGENT_SOURCE_DIR, name))
-    .some((source) => existsSync(source) && statSync(source).mtimeMs > built);
+  return sources.map((name) => path.join(AGENT_SOURCE_DIR, name)).some((source) => existsSync(source) && statSync(source).mtimeMs > built);
 }
 
 /*

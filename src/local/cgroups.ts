@@ -49,7 +49,13 @@ async function removeStaleCgroups(parents: string[]): Promise<number> {
       const procs = await readFile(path.join(directory, 'cgroup.procs'), 'utf8').catch(() => 'unreadable');
       const age = Date.now() - ((await stat(directory).catch(() => undefined))?.mtimeMs ?? Date.now());
       if (procs.trim() !== '' || age < STALE_CGROUP_AGE_MS) continue;
-      if (await rmdir(directory).then(() => true, () => false)) removed += 1;
+      if (
+        await rmdir(directory).then(
+          () => true,
+          () => false,
+        )
+      )
+        removed += 1;
     }
   }
   return removed;

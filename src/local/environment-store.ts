@@ -11,7 +11,9 @@ const storedEnvironmentsSchema = z.array(executionEnvironmentSchema);
 export class StateNotWrittenError extends DomainError {
   constructor(cause: unknown) {
     const code = (cause as NodeJS.ErrnoException).code ?? (cause as Error).message;
-    super('backend-error', `poseidon-ts cannot write its state directory (${code}): nothing was changed; retry once it is fixed (see the daemon's log)`, { cause });
+    super('backend-error', `poseidon-ts cannot write its state directory (${code}): nothing was changed; retry once it is fixed (see the daemon's log)`, {
+      cause,
+    });
   }
 }
 
@@ -52,7 +54,9 @@ export class EnvironmentStore {
       }
       await rm(probe, { force: true });
     } catch (error) {
-      throw new Error(`local.statedir ${this.#directory} is not writable (${(error as NodeJS.ErrnoException).code ?? (error as Error).message}): environments could not be stored; make it writable by the daemon's user or point local.statedir elsewhere`);
+      throw new Error(
+        `local.statedir ${this.#directory} is not writable (${(error as NodeJS.ErrnoException).code ?? (error as Error).message}): environments could not be stored; make it writable by the daemon's user or point local.statedir elsewhere`,
+      );
     }
   }
 

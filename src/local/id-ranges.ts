@@ -75,7 +75,9 @@ export function hostIdsInRange(base: number, end: number): string[] {
 /* The colon-separated fields of each line; a missing file has none. */
 function fieldsOf(file: string): string[][] {
   try {
-    return readFileSync(file, 'utf8').split('\n').map((line) => line.split(':'));
+    return readFileSync(file, 'utf8')
+      .split('\n')
+      .map((line) => line.split(':'));
   } catch {
     return [];
   }

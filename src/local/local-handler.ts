@@ -61,7 +61,10 @@ export class LocalAccessorHandler extends AccessorHandler {
   }
 
   #storeFailed(error: unknown, environmentId: number, change: string): never {
-    this.#logger.error({ err: error, environmentId, statedir: this.config.statedir }, `cannot ${change} the environment in the state directory: nothing changed`);
+    this.#logger.error(
+      { err: error, environmentId, statedir: this.config.statedir },
+      `cannot ${change} the environment in the state directory: nothing changed`,
+    );
     throw error;
   }
 
@@ -99,12 +102,23 @@ export class LocalAccessorHandler extends AccessorHandler {
         throw error;
       }
       const attached = network;
-      sandbox.onExit(() => void attached.detach().catch((error: unknown) => this.#logger.error({ runnerId: id, err: error }, 'cannot detach a runner network')));
+      sandbox.onExit(
+        () => void attached.detach().catch((error: unknown) => this.#logger.error({ runnerId: id, err: error }, 'cannot detach a runner network')),
+      );
     }
-    return new LocalRunner(id, spec.id, sandbox, network?.mappedPorts ?? [], { uid: this.config.uid, gid: this.config.gid }, this.#logger, {
-      maxEntries: this.config.maxlistingentries,
-      maxBytes: this.config.maxlistingbytes,
-    }, this.options.interactiveStderr ?? true);
+    return new LocalRunner(
+      id,
+      spec.id,
+      sandbox,
+      network?.mappedPorts ?? [],
+      { uid: this.config.uid, gid: this.config.gid },
+      this.#logger,
+      {
+        maxEntries: this.config.maxlistingentries,
+        maxBytes: this.config.maxlistingbytes,
+      },
+      this.options.interactiveStderr ?? true,
+    );
   }
 
   protected async loadOwn(): Promise<void> {
@@ -115,7 +129,9 @@ export class LocalAccessorHandler extends AccessorHandler {
     if (this.#store.recovered) this.#logger.warn(this.#store.recovered);
     this.#networks = createRunnerNetworks(runnerNetworkOptions(this.config, this.#logger));
     // Without it only runners with networkAccess fail (they get no network, never the host's).
-    await this.#networks.catch((error: unknown) => this.#logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'));
+    await this.#networks.catch((error: unknown) =>
+      this.#logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'),
+    );
     for (const spec of specs) this.pools.start(spec);
     this.#logger.info({ environments: specs.length }, 'environments loaded');
   }
@@ -128,6 +144,9 @@ export class LocalAccessorHandler extends AccessorHandler {
     this.#processes.enterLameDuck();
     await this.pools.shutdown();
     await this.#processes.stop();
-    await this.#networks?.then((networks) => networks.close(), () => undefined);
+    await this.#networks?.then(
+      (networks) => networks.close(),
+      () => undefined,
+    );
   }
 }

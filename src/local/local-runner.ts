@@ -5,7 +5,15 @@ import { FileNotAvailableError, ListingTooLargeError, RunnerNotFoundError, Works
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
 import { WORKSPACE } from '../runner/workspace-files.js';
-import { AgentClosedError, type AgentIdentity, type AgentListLimits, AgentProtocolError, AgentRequestError, DEFAULT_LIST_LIMITS, E2BIG } from './agent/agent-client.js';
+import {
+  AgentClosedError,
+  type AgentIdentity,
+  type AgentListLimits,
+  AgentProtocolError,
+  AgentRequestError,
+  DEFAULT_LIST_LIMITS,
+  E2BIG,
+} from './agent/agent-client.js';
 import { SANDBOX_PATH, type Sandbox } from './sandbox.js';
 
 const BASE_ENVIRONMENT: Record<string, string> = {

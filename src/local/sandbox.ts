@@ -47,12 +47,15 @@ const READ_ONLY_PROC_PATHS = ['/proc/sys', '/proc/sysrq-trigger', '/proc/irq', '
  * directories behind an empty read-only tmpfs.
  */
 /* Only those this kernel has: bubblewrap cannot mount over a missing file of /proc. */
-const MASKED_PROC_FILES = ['/proc/kcore', '/proc/keys', '/proc/timer_list', '/proc/sched_debug', '/proc/timer_stats', '/proc/latency_stats'].filter((file) => existsSync(file));
+const MASKED_PROC_FILES = ['/proc/kcore', '/proc/keys', '/proc/timer_list', '/proc/sched_debug', '/proc/timer_stats', '/proc/latency_stats'].filter((file) =>
+  existsSync(file),
+);
 const MASKED_PROC_DIRECTORIES = ['/proc/acpi', '/proc/scsi'].filter((directory) => existsSync(directory));
 
 function procArguments(): string[] {
   return [
-    '--proc', '/proc',
+    '--proc',
+    '/proc',
     ...MASKED_PROC_FILES.flatMap((file) => ['--ro-bind-try', '/dev/null', file]),
     ...MASKED_PROC_DIRECTORIES.flatMap((directory) => ['--perms', '0555', '--tmpfs', directory, '--remount-ro', directory]),
     ...READ_ONLY_PROC_PATHS.flatMap((entry) => ['--ro-bind-try', entry, entry]),
@@ -72,26 +75,67 @@ function scratchSizes(options: SandboxOptions): { workspace: number; tmp: number
   };
 }
 
-
 function bwrapArguments(options: SandboxOptions): string[] {
   const sizes = scratchSizes(options);
   return [
     // The network namespace and the user namespace come from the spawner (see its SPAWN request).
-    '--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-cgroup-try',
+    '--unshare-pid',
+    '--unshare-ipc',
+    '--unshare-uts',
+    '--unshare-cgroup-try',
     // The agent is pid 1: no other process of the sandbox holds its connection to the daemon.
-    '--die-with-parent', '--new-session', '--as-pid-1', '--hostname', 'runner',
+    '--die-with-parent',
+    '--new-session',
+    '--as-pid-1',
+    '--hostname',
+    'runner',
     ...(options.rootfs
       ? ['--ro-bind', options.rootfs, '/']
-      : [...hostSystemArguments(), '--perms', '0644', '--ro-bind-data', String(DataFd.passwd), '/etc/passwd', '--perms', '0644', '--ro-bind-data', String(DataFd.group), '/etc/group']),
+      : [
+          ...hostSystemArguments(),
+          '--perms',
+          '0644',
+          '--ro-bind-data',
+          String(DataFd.passwd),
+          '/etc/passwd',
+          '--perms',
+          '0644',
+          '--ro-bind-data',
+          String(DataFd.group),
+          '/etc/group',
+        ]),
     ...procArguments(),
-    '--dev', '/dev',
-    '--perms', '1777', '--size', String(sizes.shm), '--tmpfs', '/dev/shm',
-    '--perms', '1777', '--size', String(sizes.workspace), '--tmpfs', WORKSPACE,
-    '--perms', '1777', '--size', String(sizes.tmp), '--tmpfs', '/tmp',
-    '--chdir', WORKSPACE, '--clearenv', '--setenv', 'PATH', SANDBOX_PATH,
+    '--dev',
+    '/dev',
+    '--perms',
+    '1777',
+    '--size',
+    String(sizes.shm),
+    '--tmpfs',
+    '/dev/shm',
+    '--perms',
+    '1777',
+    '--size',
+    String(sizes.workspace),
+    '--tmpfs',
+    WORKSPACE,
+    '--perms',
+    '1777',
+    '--size',
+    String(sizes.tmp),
+    '--tmpfs',
+    '/tmp',
+    '--chdir',
+    WORKSPACE,
+    '--clearenv',
+    '--setenv',
+    'PATH',
+    SANDBOX_PATH,
     ...agentCapabilityArguments(),
-    '--seccomp', String(DataFd.seccomp),
-    '--', `/proc/self/fd/${AGENT_FD}`,
+    '--seccomp',
+    String(DataFd.seccomp),
+    '--',
+    `/proc/self/fd/${AGENT_FD}`,
   ];
 }
 
@@ -123,16 +167,25 @@ export class Sandbox {
   /* The spawner forks and execs the sandbox, so the daemon (a large process) never forks itself. */
   static async start(options: SandboxOptions): Promise<Sandbox> {
     const accounts = sandboxAccounts(options.learner);
-    const child = options.spawner.spawn([options.bwrap, ...bwrapArguments(options)], { PATH: SANDBOX_PATH }, {
-      cgroupProcsFiles: options.cgroup?.procsFiles ?? [],
-      userNamespace: options.ids,
-      networkNamespace: true,
-      agent: true,
-      data: [
-        ...(options.rootfs ? [] : [{ fd: DataFd.passwd, bytes: Buffer.from(accounts.passwd) }, { fd: DataFd.group, bytes: Buffer.from(accounts.group) }]),
-        { fd: DataFd.seccomp, bytes: options.seccompProgram },
-      ],
-    });
+    const child = options.spawner.spawn(
+      [options.bwrap, ...bwrapArguments(options)],
+      { PATH: SANDBOX_PATH },
+      {
+        cgroupProcsFiles: options.cgroup?.procsFiles ?? [],
+        userNamespace: options.ids,
+        networkNamespace: true,
+        agent: true,
+        data: [
+          ...(options.rootfs
+            ? []
+            : [
+                { fd: DataFd.passwd, bytes: Buffer.from(accounts.passwd) },
+                { fd: DataFd.group, bytes: Buffer.from(accounts.group) },
+              ]),
+          { fd: DataFd.seccomp, bytes: options.seccompProgram },
+        ],
+      },
+    );
     const exited = child.exited.then((exit) =>
       exit.code === null && exit.signal === null
         ? `cannot start bubblewrap: ${exit.stderr}`
@@ -141,12 +194,14 @@ export class Sandbox {
     let agent: AgentClient | undefined;
     let timer: NodeJS.Timeout | undefined;
     const failure = await Promise.race([
-      child.connection.then((socket) => {
-        agent = new AgentClient(socket, socket);
-        // The handshake paused the socket; the client's listeners are in place now.
-        socket.resume();
-        return agent.ready;
-      }).then(() => undefined),
+      child.connection
+        .then((socket) => {
+          agent = new AgentClient(socket, socket);
+          // The handshake paused the socket; the client's listeners are in place now.
+          socket.resume();
+          return agent.ready;
+        })
+        .then(() => undefined),
       exited,
       new Promise<string>((resolve) => {
         timer = setTimeout(() => resolve('the sandbox did not become ready in time'), READY_TIMEOUT_MS);
@@ -157,7 +212,10 @@ export class Sandbox {
       child.kill();
       // bwrap's message comes with its exit status; a stuck spawner must not hang the caller.
       const exit = await Promise.race([child.exited, new Promise<undefined>((resolve) => setTimeout(() => resolve(undefined), 2000).unref())]);
-      void child.connection.then((socket) => socket.destroy(), () => undefined);
+      void child.connection.then(
+        (socket) => socket.destroy(),
+        () => undefined,
+      );
       throw new Error(`${failure}: ${exit?.stderr.trim() || 'no message'}`);
     }
     if (!agent) throw new Error('the sandbox agent is missing');

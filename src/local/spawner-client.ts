@@ -157,8 +157,7 @@ export class SpawnerClient {
     this.#processes.set(id, spawned);
     this.#awaitingConnection.set(spawned.key, spawned);
     const envList = Object.entries(env).map(([name, value]) => `${name}=${value}`);
-    const flags =
-      (options.userNamespace ? Flag.userNamespace : 0) | (options.networkNamespace ? Flag.networkNamespace : 0) | (options.agent ? Flag.agent : 0);
+    const flags = (options.userNamespace ? Flag.userNamespace : 0) | (options.networkNamespace ? Flag.networkNamespace : 0) | (options.agent ? Flag.agent : 0);
     const header = Buffer.alloc(12);
     header.writeUInt32LE(flags, 0);
     header.writeUInt32LE(options.userNamespace?.base ?? 0, 4);

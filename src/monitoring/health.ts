@@ -77,9 +77,7 @@ export class HealthMonitor implements Pick<Instruments, 'runnerBuilt'> {
     this.observe(statistics);
     const now = this.now();
     const problems: string[] = [];
-    const unbuildable = [...this.#failures]
-      .filter(([, failures]) => failures.streak >= this.options.buildFailureThreshold)
-      .sort(([a], [b]) => a - b);
+    const unbuildable = [...this.#failures].filter(([, failures]) => failures.streak >= this.options.buildFailureThreshold).sort(([a], [b]) => a - b);
     for (const [id, failures] of unbuildable) {
       problems.push(`runners of execution environment ${id} cannot be built (${failures.streak} failures in a row, last: ${failures.lastError})`);
     }
@@ -102,5 +100,9 @@ export class HealthMonitor implements Pick<Instruments, 'runnerBuilt'> {
 
 /* The monitor server.alert describes. */
 export function healthMonitorFor(alert: Config['server']['alert']): HealthMonitor {
-  return new HealthMonitor({ threshold: alert.prewarmingpoolthreshold, graceMs: alert.depletiongraceperiod * 1000, buildFailureThreshold: alert.buildfailurethreshold });
+  return new HealthMonitor({
+    threshold: alert.prewarmingpoolthreshold,
+    graceMs: alert.depletiongraceperiod * 1000,
+    buildFailureThreshold: alert.buildfailurethreshold,
+  });
 }

@@ -38,7 +38,7 @@ function destination(config: Pick<Config['logger'], 'formatter'>): DestinationSt
       sync: true,
       colorize: false,
       singleLine: true,
-      translateTime: 'UTC:yyyy-mm-dd\'T\'HH:MM:ss.l\'Z\'',
+      translateTime: "UTC:yyyy-mm-dd'T'HH:MM:ss.l'Z'",
       ignore: 'pid,hostname,service',
       destination: 1,
     });

@@ -96,21 +96,97 @@ export class Metrics implements Instruments {
     if (options.processMetrics ?? true) collectDefaultMetrics({ register: this.registry });
     const http = ['method', 'route', 'status_code'] as const;
     const byEnvironment = ['environment_id', 'outcome'] as const;
-    this.#httpRequests = new Counter({ name: 'poseidon_http_requests_total', help: 'HTTP requests answered, by route template and status code', labelNames: http, registers });
-    this.#httpDuration = new Histogram({ name: 'poseidon_http_request_duration_seconds', help: 'Time from receiving a request to sending its response', labelNames: http, buckets: REQUEST_BUCKETS, registers });
-    this.#claims = new Counter({ name: 'poseidon_runner_claims_total', help: 'Runner claims (POST /runners) by environment and outcome', labelNames: byEnvironment, registers });
-    this.#claimDuration = new Histogram({ name: 'poseidon_runner_claim_duration_seconds', help: 'Time a runner claim took', labelNames: byEnvironment, buckets: REQUEST_BUCKETS, registers });
-    this.#claimWait = new Histogram({ name: 'poseidon_runner_claim_wait_seconds', help: 'Time a claim on an empty pool waited for a runner under construction, by outcome (served, timeout, cancelled, unavailable)', labelNames: byEnvironment, buckets: REQUEST_BUCKETS, registers });
-    this.#claimWaitTimeouts = new Counter({ name: 'poseidon_runner_claim_wait_timeouts_total', help: 'Claims that waited runners.claimtimeout for a runner in vain and were answered NOMAD_OVERLOAD', labelNames: ['environment_id'], registers });
-    this.#executions = new Counter({ name: 'poseidon_executions_total', help: 'Executions by environment and how they ended (exit, timeout, oom, error, cancelled)', labelNames: byEnvironment, registers });
-    this.#executionDuration = new Histogram({ name: 'poseidon_execution_duration_seconds', help: 'Time from the start message to the end of an execution', labelNames: byEnvironment, buckets: EXECUTION_BUCKETS, registers });
-    this.#builds = new Counter({ name: 'poseidon_runner_builds_total', help: 'Runner (sandbox or Nomad job) builds by environment and outcome (success, failure)', labelNames: byEnvironment, registers });
-    this.#buildDuration = new Histogram({ name: 'poseidon_runner_build_duration_seconds', help: 'Time to build a runner until it is ready or has failed', labelNames: byEnvironment, buckets: BUILD_BUCKETS, registers });
+    this.#httpRequests = new Counter({
+      name: 'poseidon_http_requests_total',
+      help: 'HTTP requests answered, by route template and status code',
+      labelNames: http,
+      registers,
+    });
+    this.#httpDuration = new Histogram({
+      name: 'poseidon_http_request_duration_seconds',
+      help: 'Time from receiving a request to sending its response',
+      labelNames: http,
+      buckets: REQUEST_BUCKETS,
+      registers,
+    });
+    this.#claims = new Counter({
+      name: 'poseidon_runner_claims_total',
+      help: 'Runner claims (POST /runners) by environment and outcome',
+      labelNames: byEnvironment,
+      registers,
+    });
+    this.#claimDuration = new Histogram({
+      name: 'poseidon_runner_claim_duration_seconds',
+      help: 'Time a runner claim took',
+      labelNames: byEnvironment,
+      buckets: REQUEST_BUCKETS,
+      registers,
+    });
+    this.#claimWait = new Histogram({
+      name: 'poseidon_runner_claim_wait_seconds',
+      help: 'Time a claim on an empty pool waited for a runner under construction, by outcome (served, timeout, cancelled, unavailable)',
+      labelNames: byEnvironment,
+      buckets: REQUEST_BUCKETS,
+      registers,
+    });
+    this.#claimWaitTimeouts = new Counter({
+      name: 'poseidon_runner_claim_wait_timeouts_total',
+      help: 'Claims that waited runners.claimtimeout for a runner in vain and were answered NOMAD_OVERLOAD',
+      labelNames: ['environment_id'],
+      registers,
+    });
+    this.#executions = new Counter({
+      name: 'poseidon_executions_total',
+      help: 'Executions by environment and how they ended (exit, timeout, oom, error, cancelled)',
+      labelNames: byEnvironment,
+      registers,
+    });
+    this.#executionDuration = new Histogram({
+      name: 'poseidon_execution_duration_seconds',
+      help: 'Time from the start message to the end of an execution',
+      labelNames: byEnvironment,
+      buckets: EXECUTION_BUCKETS,
+      registers,
+    });
+    this.#builds = new Counter({
+      name: 'poseidon_runner_builds_total',
+      help: 'Runner (sandbox or Nomad job) builds by environment and outcome (success, failure)',
+      labelNames: byEnvironment,
+      registers,
+    });
+    this.#buildDuration = new Histogram({
+      name: 'poseidon_runner_build_duration_seconds',
+      help: 'Time to build a runner until it is ready or has failed',
+      labelNames: byEnvironment,
+      buckets: BUILD_BUCKETS,
+      registers,
+    });
     this.#websocketsOpen = new Gauge({ name: 'poseidon_websocket_connections', help: 'Execution WebSocket connections open now', registers });
-    this.#websockets = new Counter({ name: 'poseidon_websocket_upgrades_total', help: 'Execution WebSocket upgrades by outcome (accepted, refused)', labelNames: ['outcome'], registers });
-    this.#bytes = new Counter({ name: 'poseidon_transferred_bytes_total', help: 'Bytes of learner data: output streamed (stdout, stderr), files uploaded (upload) and downloaded (download)', labelNames: ['environment_id', 'direction'], registers });
-    this.#nomadDuration = new Histogram({ name: 'poseidon_nomad_request_duration_seconds', help: 'Latency of HTTP calls to Nomad by endpoint and outcome (success, error)', labelNames: ['method', 'endpoint', 'outcome'], buckets: REQUEST_BUCKETS, registers });
-    this.#nomadErrors = new Counter({ name: 'poseidon_nomad_request_errors_total', help: 'Failed HTTP calls to Nomad by endpoint and error code', labelNames: ['method', 'endpoint', 'error_code'], registers });
+    this.#websockets = new Counter({
+      name: 'poseidon_websocket_upgrades_total',
+      help: 'Execution WebSocket upgrades by outcome (accepted, refused)',
+      labelNames: ['outcome'],
+      registers,
+    });
+    this.#bytes = new Counter({
+      name: 'poseidon_transferred_bytes_total',
+      help: 'Bytes of learner data: output streamed (stdout, stderr), files uploaded (upload) and downloaded (download)',
+      labelNames: ['environment_id', 'direction'],
+      registers,
+    });
+    this.#nomadDuration = new Histogram({
+      name: 'poseidon_nomad_request_duration_seconds',
+      help: 'Latency of HTTP calls to Nomad by endpoint and outcome (success, error)',
+      labelNames: ['method', 'endpoint', 'outcome'],
+      buckets: REQUEST_BUCKETS,
+      registers,
+    });
+    this.#nomadErrors = new Counter({
+      name: 'poseidon_nomad_request_errors_total',
+      help: 'Failed HTTP calls to Nomad by endpoint and error code',
+      labelNames: ['method', 'endpoint', 'error_code'],
+      registers,
+    });
 
     // Pool gauges are read at scrape time from the manager's statistics, so they can never drift from it.
     const pools = (): EnvironmentStatistics[] => this.#pools();

@@ -204,7 +204,8 @@ export class NomadAccessorHandler extends AccessorHandler {
     return new Promise<Allocation>((resolve, reject) => {
       const timer = setTimeout(() => {
         void this.#checkWaiter(jobId).then((found) => {
-          if (!found) this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${this.#readinessTimeoutMs} ms`, 'backend-failed'));
+          if (!found)
+            this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${this.#readinessTimeoutMs} ms`, 'backend-failed'));
         });
       }, this.#readinessTimeoutMs);
       timer.unref();
@@ -288,7 +289,9 @@ export class NomadAccessorHandler extends AccessorHandler {
     if (waiter !== undefined) {
       if (isRunning(allocation)) waiter.resolve(allocation);
       else if (terminalClientStatuses.has(allocation.ClientStatus) || allocation.DesiredStatus !== 'run') {
-        waiter.reject(new BackendError(`runner ${allocation.JobID} failed to start: ${allocation.ClientDescription ?? allocation.ClientStatus}`, 'backend-failed'));
+        waiter.reject(
+          new BackendError(`runner ${allocation.JobID} failed to start: ${allocation.ClientDescription ?? allocation.ClientStatus}`, 'backend-failed'),
+        );
       }
     }
     const runner = this.#byAllocation.get(allocation.ID);

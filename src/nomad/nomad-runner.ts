@@ -379,13 +379,16 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
 
   /* The image's working directory is the workspace, as in Poseidon; learned once per runner. */
   #workspaceDirectory(): Promise<string> {
-    this.#workspace ??= this.#exec(['/bin/sh', '-c', `d=$(pwd); if [ "$d" = / ]; then mkdir -p ${FALLBACK_WORKSPACE} && d=${FALLBACK_WORKSPACE}; fi; echo "$d"`]).then(
-      (result) => {
-        const directory = result.stdout.toString('utf8').trim();
-        if (result.exitCode !== 0 || !directory.startsWith('/')) throw new BackendError(`cannot find the workspace of runner ${this.id}: ${result.stderr.trim()}`);
-        return directory;
-      },
-    );
+    this.#workspace ??= this.#exec([
+      '/bin/sh',
+      '-c',
+      `d=$(pwd); if [ "$d" = / ]; then mkdir -p ${FALLBACK_WORKSPACE} && d=${FALLBACK_WORKSPACE}; fi; echo "$d"`,
+    ]).then((result) => {
+      const directory = result.stdout.toString('utf8').trim();
+      if (result.exitCode !== 0 || !directory.startsWith('/'))
+        throw new BackendError(`cannot find the workspace of runner ${this.id}: ${result.stderr.trim()}`);
+      return directory;
+    });
     this.#workspace.catch(() => (this.#workspace = undefined));
     return this.#workspace;
   }

@@ -27,8 +27,7 @@ const UPDATE_SCRIPT = [
 ].join('\n');
 
 /* Prints the size on the first line (for Content-Length), then the file. */
-const READ_SCRIPT =
-  '[ -f "$1" ] && [ -r "$1" ] || { echo "$1 is not a readable regular file" >&2; exit 1; }; stat -L -c %s -- "$1" && exec cat -- "$1"';
+const READ_SCRIPT = '[ -f "$1" ] && [ -r "$1" ] || { echo "$1 is not a readable regular file" >&2; exit 1; }; stat -L -c %s -- "$1" && exec cat -- "$1"';
 
 /* Resolves a request path the way Poseidon does: relative to the workspace, absolute as given. */
 function workspacePath(requested: string, workspace: string = WORKSPACE): string {
@@ -39,8 +38,15 @@ function workspacePath(requested: string, workspace: string = WORKSPACE): string
 export function updateCommand(update: FileUpdate, withArchive: boolean, workspace: string = WORKSPACE): string[] {
   const literalDeletes = update.delete.filter((entry) => entry !== './*');
   return [
-    '/bin/sh', '-c', UPDATE_SCRIPT, 'update',
-    update.delete.includes('./*') ? '1' : '0', String(literalDeletes.length), withArchive ? '1' : '0', workspace, ...literalDeletes,
+    '/bin/sh',
+    '-c',
+    UPDATE_SCRIPT,
+    'update',
+    update.delete.includes('./*') ? '1' : '0',
+    String(literalDeletes.length),
+    withArchive ? '1' : '0',
+    workspace,
+    ...literalDeletes,
   ];
 }
 

@@ -13,7 +13,9 @@ export interface ManagedRunner extends Runner {
 }
 
 /* Inactivity bookkeeping shared by every backend's runner. */
-export abstract class InactivityTrackingRunner implements Pick<ManagedRunner, 'setInactivityTimeout' | 'inactivityTimeout' | 'touch' | 'beginExecution' | 'endExecution'> {
+export abstract class InactivityTrackingRunner
+  implements Pick<ManagedRunner, 'setInactivityTimeout' | 'inactivityTimeout' | 'touch' | 'beginExecution' | 'endExecution'>
+{
   #timeoutSeconds = 0;
   #timer: NodeJS.Timeout | undefined;
   #onExpire: (() => void) | undefined;

@@ -182,7 +182,10 @@ export class Cluster {
     const job = canonicalizeJob(submitted, namespace);
     const errors = validateJob(job);
     if (errors.length > 0) {
-      throw new HttpError(500, `1 error occurred:\n\t* Job validation failed: ${errors.length} errors occurred:\n${errors.map((e) => `\t* ${e}`).join('\n')}\n\n`);
+      throw new HttpError(
+        500,
+        `1 error occurred:\n\t* Job validation failed: ${errors.length} errors occurred:\n${errors.map((e) => `\t* ${e}`).join('\n')}\n\n`,
+      );
     }
     const id = String(job['ID']);
     const key = `${namespace}/${id}`;
@@ -233,7 +236,17 @@ export class Cluster {
     const record = this.jobs.get(key);
     if (record === undefined) {
       // Nomad >= 1.6: deleting an unknown job succeeds without an evaluation.
-      return { EvalID: '', EvalCreateIndex: 0, JobModifyIndex: 0, VolumeEvalID: '', VolumeEvalIndex: 0, Index: this.index, LastContact: 0, KnownLeader: false, NextToken: '' };
+      return {
+        EvalID: '',
+        EvalCreateIndex: 0,
+        JobModifyIndex: 0,
+        VolumeEvalID: '',
+        VolumeEvalIndex: 0,
+        Index: this.index,
+        LastContact: 0,
+        KnownLeader: false,
+        NextToken: '',
+      };
     }
     const index = this.index + 1;
     const evalId = newId();
@@ -402,7 +415,9 @@ export class Cluster {
   private async newAlloc(record: JobRecord, group: JsonObject, evalId: string, previous: AllocRecord | undefined): Promise<AllocRecord> {
     const groupName = String(group['Name']);
     const used = new Set(
-      [...this.allocs.values()].filter((a) => a.jobKey === `${record.namespace}/${record.id}` && a.group === groupName && a.alloc['DesiredStatus'] === 'run').map((a) => String(a.alloc['Name'])),
+      [...this.allocs.values()]
+        .filter((a) => a.jobKey === `${record.namespace}/${record.id}` && a.group === groupName && a.alloc['DesiredStatus'] === 'run')
+        .map((a) => String(a.alloc['Name'])),
     );
     let slot = 0;
     while (used.has(`${record.id}.${groupName}[${slot}]`)) slot++;
@@ -482,7 +497,11 @@ export class Cluster {
         LastRestart: zeroTime,
         StartedAt: started,
         FinishedAt: zeroTime,
-        Events: [taskEvent('Received', 'Task received by client'), taskEvent('Task Setup', 'Building Task Directory'), taskEvent('Started', 'Task started by client')],
+        Events: [
+          taskEvent('Received', 'Task received by client'),
+          taskEvent('Task Setup', 'Building Task Directory'),
+          taskEvent('Started', 'Task started by client'),
+        ],
       };
     }
     record.alloc['TaskStates'] = states;
@@ -525,7 +544,14 @@ export class Cluster {
       Events: [
         ...objectList(state['Events']),
         { ...taskEvent('Terminated', options.oom ? 'OOM Killed' : `Exit Code: ${exitCode}`, details), ExitCode: exitCode },
-        { ...taskEvent('Restarting', `Task restarting in ${this.timings.restartDelayMs}ms`, { restart_reason: 'Restart within policy', start_delay: String(this.timings.restartDelayMs * 1_000_000) }), RestartReason: 'Restart within policy', StartDelay: this.timings.restartDelayMs * 1_000_000 },
+        {
+          ...taskEvent('Restarting', `Task restarting in ${this.timings.restartDelayMs}ms`, {
+            restart_reason: 'Restart within policy',
+            start_delay: String(this.timings.restartDelayMs * 1_000_000),
+          }),
+          RestartReason: 'Restart within policy',
+          StartDelay: this.timings.restartDelayMs * 1_000_000,
+        },
       ],
     }));
     this.update(record);
@@ -534,7 +560,12 @@ export class Cluster {
       record.dir = mkdtempSync(join(this.tempRoot, 'alloc-'));
       record.alloc['ClientStatus'] = 'running';
       record.alloc['ClientDescription'] = 'Tasks are running';
-      this.setTaskStates(record, (state) => ({ ...state, State: 'running', StartedAt: rfc3339(), Events: [...objectList(state['Events']), taskEvent('Started', 'Task started by client')] }));
+      this.setTaskStates(record, (state) => ({
+        ...state,
+        State: 'running',
+        StartedAt: rfc3339(),
+        Events: [...objectList(state['Events']), taskEvent('Started', 'Task started by client')],
+      }));
       this.update(record);
     });
   }
@@ -743,7 +774,16 @@ function groupSpecKey(group: JsonObject): string {
 }
 
 function taskEvent(type: string, message: string, details: Record<string, string> = {}): JsonObject {
-  return { Type: type, Time: nowNs(), Message: message, DisplayMessage: message, Details: Object.keys(details).length > 0 ? details : null, FailsTask: false, ExitCode: 0, Signal: 0 };
+  return {
+    Type: type,
+    Time: nowNs(),
+    Message: message,
+    DisplayMessage: message,
+    Details: Object.keys(details).length > 0 ? details : null,
+    FailsTask: false,
+    ExitCode: 0,
+    Signal: 0,
+  };
 }
 
 /* A currently free host port, as Nomad's dynamic port allocator would hand out. */

@@ -94,7 +94,17 @@ export function canonicalizeJob(submitted: JsonObject, namespace: string): JsonO
       Kind: task['Kind'] ?? '',
       User: task['User'] ?? '',
       LogConfig: { MaxFiles: 10, MaxFileSizeMB: 10, Disabled: false, ...(isObject(task['LogConfig']) ? task['LogConfig'] : {}) },
-      Resources: { CPU: 100, Cores: 0, MemoryMB: 300, MemoryMaxMB: 0, DiskMB: null, IOPS: null, Networks: null, Devices: null, ...(isObject(task['Resources']) ? task['Resources'] : {}) },
+      Resources: {
+        CPU: 100,
+        Cores: 0,
+        MemoryMB: 300,
+        MemoryMaxMB: 0,
+        DiskMB: null,
+        IOPS: null,
+        Networks: null,
+        Devices: null,
+        ...(isObject(task['Resources']) ? task['Resources'] : {}),
+      },
       RestartPolicy: restart,
     }));
     return {
@@ -176,9 +186,13 @@ export function validateJob(job: JsonObject): string[] {
       const resources = isObject(task['Resources']) ? task['Resources'] : {};
       const memory = Number(resources['MemoryMB'] ?? 300);
       const memoryMax = Number(resources['MemoryMaxMB'] ?? 0);
-      if (memoryMax !== 0 && memoryMax < memory) errors.push(`Task ${String(task['Name'])}: MemoryMaxMB value (${memoryMax}) should be larger than MemoryMB value (${memory})`);
+      if (memoryMax !== 0 && memoryMax < memory)
+        errors.push(`Task ${String(task['Name'])}: MemoryMaxMB value (${memoryMax}) should be larger than MemoryMB value (${memory})`);
     }
-    for (const [key, value] of [['RestartPolicy', group['RestartPolicy']], ['ReschedulePolicy', group['ReschedulePolicy']]] as const) {
+    for (const [key, value] of [
+      ['RestartPolicy', group['RestartPolicy']],
+      ['ReschedulePolicy', group['ReschedulePolicy']],
+    ] as const) {
       if (!isObject(value)) continue;
       for (const field of ['Delay', 'Interval', 'MaxDelay']) {
         if (value[field] !== undefined && !Number.isInteger(value[field])) errors.push(`${key}.${field} must be integer nanoseconds`);

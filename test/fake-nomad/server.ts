@@ -310,7 +310,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     },
     specViolations: () => [...violations],
     events: () => [...allEvents],
-    allocations: (jobId) => [...cluster.allocs.values()].filter((record) => jobId === undefined || record.jobId === jobId).map((record) => structuredClone(record.alloc)),
+    allocations: (jobId) =>
+      [...cluster.allocs.values()].filter((record) => jobId === undefined || record.jobId === jobId).map((record) => structuredClone(record.alloc)),
     jobIds: () => [...cluster.jobs.values()].map((record) => record.id).sort(),
     get index() {
       return cluster.index;
@@ -332,8 +333,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     const done = (): void => sendJson(response, { ok: true });
     let match: RegExpExecArray | null;
     if (path === '/requests' && method === 'GET') return sendJson(response, control.requests());
-    if (path === '/requests' && method === 'DELETE') return control.clearRequests(), done();
-    if (path === '/latency' && method === 'PUT') return control.setLatency(Number(field('ms') ?? 0)), done();
+    if (path === '/requests' && method === 'DELETE') return (control.clearRequests(), done());
+    if (path === '/latency' && method === 'PUT') return (control.setLatency(Number(field('ms') ?? 0)), done());
     if (path === '/faults' && method === 'POST') {
       const pathField = field('path');
       control.injectFault({
@@ -346,8 +347,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       });
       return done();
     }
-    if (path === '/faults' && method === 'DELETE') return control.clearFaults(), done();
-    if (path === '/event-stream/drop' && method === 'POST') return control.dropEventStreams({ clearBuffer: field('clearBuffer') === true }), done();
+    if (path === '/faults' && method === 'DELETE') return (control.clearFaults(), done());
+    if (path === '/event-stream/drop' && method === 'POST') return (control.dropEventStreams({ clearBuffer: field('clearBuffer') === true }), done());
     if ((match = /^\/allocations\/([^/]+)\/(fail|lose|oom|crash)$/.exec(path)) !== null && method === 'POST') {
       const allocId = match[1] ?? '';
       if (match[2] === 'fail') control.failAllocation(allocId, { reschedule: field('reschedule') === true });
@@ -357,7 +358,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       return done();
     }
     if (path === '/violations' && method === 'GET') return sendJson(response, control.specViolations());
-    if (path === '/snapshot' && method === 'GET') return sendJson(response, { index: cluster.index, jobs: control.jobIds(), allocations: control.allocations() });
+    if (path === '/snapshot' && method === 'GET')
+      return sendJson(response, { index: cluster.index, jobs: control.jobIds(), allocations: control.allocations() });
     sendText(response, 404, 'unknown control endpoint');
   };
 
@@ -391,7 +393,9 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     const match = /^\/v1\/client\/allocation\/([^/]+)\/exec$/.exec(url.pathname);
     requestLog.push({ method: 'GET', path: url.pathname, query: url.search, time: Date.now(), kind: 'exec' });
     const refuse = (status: number, text: string): void => {
-      socket.end(`HTTP/1.1 ${status} ${status === 403 ? 'Forbidden' : status === 404 ? 'Not Found' : 'Error'}\r\ncontent-type: text/plain\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`);
+      socket.end(
+        `HTTP/1.1 ${status} ${status === 403 ? 'Forbidden' : status === 404 ? 'Not Found' : 'Error'}\r\ncontent-type: text/plain\r\ncontent-length: ${Buffer.byteLength(text)}\r\nconnection: close\r\n\r\n${text}`,
+      );
     };
     void (async () => {
       const fault = await applyFaults('GET', url.pathname);
@@ -411,7 +415,13 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       const tty = url.searchParams.get('tty');
       if (tty !== null && tty !== 'true' && tty !== 'false') return refuse(500, 'tty value is not a boolean');
       wss.handleUpgrade(request, socket, head, (ws) => {
-        handleExec(ws, { allocId: decodeURIComponent(match[1] ?? ''), task: url.searchParams.get('task') ?? undefined, command, tty: tty === 'true' }, cluster, spec, violations);
+        handleExec(
+          ws,
+          { allocId: decodeURIComponent(match[1] ?? ''), task: url.searchParams.get('task') ?? undefined, command, tty: tty === 'true' },
+          cluster,
+          spec,
+          violations,
+        );
       });
     })().catch(() => socket.destroy());
   });

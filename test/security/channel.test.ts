@@ -58,7 +58,7 @@ describe('the agent channel cannot be taken or forged', () => {
     });
   }
 
-  test('/proc/1/cmdline is the agent\'s and shows no host path', async () => {
+  test("/proc/1/cmdline is the agent's and shows no host path", async () => {
     const { client, daemon } = fixture;
     const runnerId = await client.claim(ENV_ID);
     // Judged from the host: the sandbox's pid 1 must run the agent's executable (a path or a memfd named after it).
@@ -82,7 +82,10 @@ describe('the agent channel cannot be taken or forged', () => {
     const bystander = await client.claim(ENV_ID);
     const attacker = await client.claim(ENV_ID);
     const attack = await client.connect(await client.websocketUrl(attacker, pythonCommand(takeChannel(true)), 20, true), { guardMs: 40_000 });
-    const health = await client.health().then((response) => String(response.status), (error: unknown) => String(error));
+    const health = await client.health().then(
+      (response) => String(response.status),
+      (error: unknown) => String(error),
+    );
     assert.equal(health, '204', `the daemon stopped answering after the attack (${health}); its log:\n${fixture.daemon.logs().slice(-3000)}`);
     const echo = await client.run(bystander, 'echo alive');
     assert.equal(echo.stdout.trim(), 'alive', 'another runner stopped working after the attack');

@@ -46,7 +46,7 @@ describe('file uploads stay inside the sandbox and touch only regular files', ()
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
   });
 
-  test('PATCH through a learner\'s symlink to /dev (d/full) or to a device (f) is refused; host node unchanged', async () => {
+  test("PATCH through a learner's symlink to /dev (d/full) or to a device (f) is refused; host node unchanged", async () => {
     const { client } = fixture;
     const runnerId = await client.claim(ENV_ID);
     const link = await client.run(runnerId, `ln -s /dev d && ln -s ${DEVICE} f && echo linked`);
@@ -67,10 +67,7 @@ describe('file uploads stay inside the sandbox and touch only regular files', ()
     const runnerId = await client.claim(ENV_ID);
     assert.equal((await client.run(runnerId, 'mkfifo fifo && echo made')).stdout.trim(), 'made');
     const started = Date.now();
-    const outcome = await Promise.race([
-      client.patchFiles(runnerId, { copy: [{ path: 'fifo', content }] }),
-      sleep(10_000).then(() => undefined),
-    ]);
+    const outcome = await Promise.race([client.patchFiles(runnerId, { copy: [{ path: 'fifo', content }] }), sleep(10_000).then(() => undefined)]);
     assert.ok(outcome !== undefined, 'PATCH to a FIFO hangs (no answer within 10 s)');
     assert.ok(Date.now() - started < 10_000);
     assertRefused(outcome, 'PATCH fifo');

@@ -31,7 +31,7 @@ test('a daemon with a token does not warn about a missing one', () => {
 });
 
 describe('sandbox ids are not host ids', () => {
-  test('privileged execution is root inside only: its host uid and gid are not 0 and lie in the runner\'s own range', async () => {
+  test("privileged execution is root inside only: its host uid and gid are not 0 and lie in the runner's own range", async () => {
     const { client } = fixture;
     const runnerId = await client.claim(ENV_ID);
     const marked = await startMarkedProcess(client, runnerId, 'id -u; id -g', true);
@@ -59,7 +59,10 @@ describe('sandbox ids are not host ids', () => {
     for (const range of uidMap) {
       assert.ok(range.outside > 0, `uid range ${JSON.stringify(range)} includes host root`);
       for (const account of accounts) {
-        assert.ok(account < range.outside || account >= range.outside + range.count, `host account uid ${account} lies in the runner's range ${JSON.stringify(range)}`);
+        assert.ok(
+          account < range.outside || account >= range.outside + range.count,
+          `host account uid ${account} lies in the runner's range ${JSON.stringify(range)}`,
+        );
       }
     }
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
@@ -130,12 +133,18 @@ except Exception as ex:
       assert.match(added.stdout, /^ADD /m, `the probe did not run: ${added.stdout}${added.stderr}`);
       const inB = await runPython(client, runnerB, searchKey, { privilegedExecution });
       assert.match(inB.stdout, /^SEARCH /m, `the probe did not run: ${inB.stdout}${inB.stderr}`);
-      assert.ok(!inB.stdout.includes(secret) && !inB.stdout.includes(description), `runner B sees runner A's key (privileged=${privilegedExecution}):\n${inB.stdout}`);
+      assert.ok(
+        !inB.stdout.includes(secret) && !inB.stdout.includes(description),
+        `runner B sees runner A's key (privileged=${privilegedExecution}):\n${inB.stdout}`,
+      );
       assert.equal((await client.deleteRunner(runnerA)).status, 204);
       const runnerC = await client.claim(ENV_ID);
       const inC = await runPython(client, runnerC, searchKey, { privilegedExecution });
       assert.match(inC.stdout, /^SEARCH /m, `the probe did not run: ${inC.stdout}${inC.stderr}`);
-      assert.ok(!inC.stdout.includes(secret) && !inC.stdout.includes(description), `a later runner sees the deleted runner's key (privileged=${privilegedExecution}):\n${inC.stdout}`);
+      assert.ok(
+        !inC.stdout.includes(secret) && !inC.stdout.includes(description),
+        `a later runner sees the deleted runner's key (privileged=${privilegedExecution}):\n${inC.stdout}`,
+      );
       // Either add_key is refused (seccomp) or the key lived in a keyring of A's own; both are contained.
       assert.match(added.stdout, /^ADD (-1 EPERM|-1 ENOSYS|\d+ OK)$/m, added.stdout);
       assert.equal((await client.deleteRunner(runnerB)).status, 204);

@@ -38,8 +38,22 @@ interface TestHost {
 }
 
 const TEST_HOSTS: TestHost[] = [
-  { name: 'public', namespace: `pts-pub-${SUFFIX}`, hostInterface: `ptp${SUFFIX}`, hostAddress: `198.51.100.${PUBLIC_BLOCK + 1}`, address: `198.51.100.${PUBLIC_BLOCK + 2}`, port: 8000 },
-  { name: 'private', namespace: `pts-prv-${SUFFIX}`, hostInterface: `ptq${SUFFIX}`, hostAddress: `10.217.${PRIVATE_NET}.1`, address: `10.217.${PRIVATE_NET}.2`, port: 8000 },
+  {
+    name: 'public',
+    namespace: `pts-pub-${SUFFIX}`,
+    hostInterface: `ptp${SUFFIX}`,
+    hostAddress: `198.51.100.${PUBLIC_BLOCK + 1}`,
+    address: `198.51.100.${PUBLIC_BLOCK + 2}`,
+    port: 8000,
+  },
+  {
+    name: 'private',
+    namespace: `pts-prv-${SUFFIX}`,
+    hostInterface: `ptq${SUFFIX}`,
+    hostAddress: `10.217.${PRIVATE_NET}.1`,
+    address: `10.217.${PRIVATE_NET}.2`,
+    port: 8000,
+  },
   { name: 'metadata', namespace: `pts-md-${SUFFIX}`, hostInterface: `ptm${SUFFIX}`, hostAddress: '169.254.169.253', address: '169.254.169.254', port: 80 },
 ];
 const [PUBLIC, PRIVATE, METADATA] = TEST_HOSTS as [TestHost, TestHost, TestHost];
@@ -264,7 +278,10 @@ describe('private networks of runners with network access', () => {
 
   test('control: every test host and host listener answers from the host itself', async () => {
     const answers = await probeFromHost([...TEST_HOSTS.map((host) => target(host.address, host.port)), target('127.0.0.1', portOf(loopbackService))]);
-    assert.deepEqual(Object.values(answers).map((answer) => answer.split(' ')[0]), ['public', 'private', 'metadata', 'host']);
+    assert.deepEqual(
+      Object.values(answers).map((answer) => answer.split(' ')[0]),
+      ['public', 'private', 'metadata', 'host'],
+    );
   });
 
   test('a runner reaches a public host through NAT and nothing of the host, other runners, private or link-local addresses', async () => {
@@ -301,7 +318,13 @@ describe('private networks of runners with network access', () => {
     assert.equal(Object.values(unguarded)[0], 'host', 'control: the host listener answers without the input rules');
 
     // No IPv6 beyond the runner's own loopback: no address, no route.
-    assert.deepEqual(inRunner(alicePid, ['ip', '-6', '-o', 'addr']).trim().split('\n').map((line) => line.split(/\s+/)[1]), ['lo']);
+    assert.deepEqual(
+      inRunner(alicePid, ['ip', '-6', '-o', 'addr'])
+        .trim()
+        .split('\n')
+        .map((line) => line.split(/\s+/)[1]),
+      ['lo'],
+    );
     const routes = inRunner(alicePid, ['ip', '-6', 'route', 'show', 'table', 'all']);
     assert.ok(!/default|fd00|2000::/.test(routes), routes);
 
@@ -334,11 +357,14 @@ describe('private networks of runners with network access', () => {
     assert.notEqual(mapped[0]?.hostAddress, mapped[1]?.hostAddress);
     assert.match(mapped[0]?.hostAddress ?? '', /^127\.0\.0\.1:\d+$/);
     const answers = await probeFromHost(mapped.map((port) => port?.hostAddress as string));
-    assert.deepEqual(Object.values(answers).map((answer) => answer.split(' ')[0]), ['dave', 'erin']);
+    assert.deepEqual(
+      Object.values(answers).map((answer) => answer.split(' ')[0]),
+      ['dave', 'erin'],
+    );
 
     await attached[0]?.detach();
     const afterDetach = await probeFromHost([mapped[0]?.hostAddress as string]);
-    assert.match(Object.values(afterDetach)[0] ?? '', /^ERR /, 'a detached runner\'s port is still published');
+    assert.match(Object.values(afterDetach)[0] ?? '', /^ERR /, "a detached runner's port is still published");
     await made.close();
   });
 
@@ -356,14 +382,16 @@ describe('private networks of runners with network access', () => {
     const switched = TEST_HOSTS.some((host) => forwardingBefore.get(host.hostInterface) === '0');
     assert.equal(existsSync(options.stateFile), switched, 'the changed sysctls are remembered, and only they');
     await runner.detach();
-    assert.ok(!existsSync(`/sys/class/net/${link}`), 'the runner\'s link outlived its detach');
+    assert.ok(!existsSync(`/sys/class/net/${link}`), "the runner's link outlived its detach");
 
     // A daemon killed without close(): the next one with the same names starts over cleanly.
     const again = await first.attach('grace', await runnerNamespace(), []);
     const second = await createRunnerNetworks(options);
     openNetworks.push(second);
     assert.ok(!existsSync(`/sys/class/net/${(again as unknown as { hostInterface: string }).hostInterface}`), 'the leftover port is gone');
-    const ownTables = sh('nft', ['list', 'tables']).split('\n').filter((line) => line.includes(options.table));
+    const ownTables = sh('nft', ['list', 'tables'])
+      .split('\n')
+      .filter((line) => line.includes(options.table));
     assert.equal(ownTables.length, 1);
     const pidAfterRestart = await runnerNamespace();
     await second.attach('heidi', pidAfterRestart, []);
@@ -393,7 +421,9 @@ describe('private networks of runners with network access', () => {
     durations.sort((a, b) => a - b);
     const p50 = durations[Math.floor(durations.length / 2)] as number;
     const p90 = durations[Math.floor(durations.length * 0.9)] as number;
-    t.diagnostic(`attach p50 ${p50.toFixed(1)} ms, p90 ${p90.toFixed(1)} ms, max ${(durations.at(-1) as number).toFixed(1)} ms; detach ${detachMs.toFixed(1)} ms per runner`);
+    t.diagnostic(
+      `attach p50 ${p50.toFixed(1)} ms, p90 ${p90.toFixed(1)} ms, max ${(durations.at(-1) as number).toFixed(1)} ms; detach ${detachMs.toFixed(1)} ms per runner`,
+    );
     assert.ok(p50 < 200, `attach p50 ${p50} ms`);
     await made.close();
   });
@@ -403,7 +433,10 @@ describe('private networks of runners with network access', () => {
     t.after(() => daemon.stop());
     const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
     const environmentId = 81;
-    assert.equal((await client.putEnvironment(environmentSpec(environmentId, { prewarmingPoolSize: 2, networkAccess: true, exposedPorts: [RUNNER_PORT] }))).status, 201);
+    assert.equal(
+      (await client.putEnvironment(environmentSpec(environmentId, { prewarmingPoolSize: 2, networkAccess: true, exposedPorts: [RUNNER_PORT] }))).status,
+      201,
+    );
     const runners: Array<{ runnerId: string; mappedPorts: Array<{ exposedPort: number; hostAddress: string }> }> = [];
     for (let attempt = 0; runners.length < 2 && attempt < 100; attempt += 1) {
       const claim = await client.claimRunner(environmentId);
@@ -414,9 +447,15 @@ describe('private networks of runners with network access', () => {
     assert.ok(alice && bob, 'two runners claimed');
 
     const addresses: string[] = [];
-    for (const [runner, name] of [[alice, 'alice'], [bob, 'bob']] as const) {
+    for (const [runner, name] of [
+      [alice, 'alice'],
+      [bob, 'bob'],
+    ] as const) {
       assert.equal((await client.copySubmission(runner.runnerId, { 'probe.py': LEARNER_PROBE, 'index.html': name })).status, 204);
-      const started = await client.run(runner.runnerId, `trap "" HUP; python3 -m http.server ${RUNNER_PORT} >/dev/null 2>&1 & python3 probe.py ${PUBLIC.address} '[]'`);
+      const started = await client.run(
+        runner.runnerId,
+        `trap "" HUP; python3 -m http.server ${RUNNER_PORT} >/dev/null 2>&1 & python3 probe.py ${PUBLIC.address} '[]'`,
+      );
       assert.equal(started.exitCode, 0, `${name}'s probe failed: ${started.stdout} ${started.stderr}`);
       addresses.push((JSON.parse(started.stdout) as { own: string }).own);
     }
@@ -433,15 +472,22 @@ describe('private networks of runners with network access', () => {
       ...hostAddresses().map((address) => target(address, portOf(anyAddressService))),
     ];
     for (const privilegedExecution of [false, true]) {
-      const result = await client.run(alice.runnerId, `python3 probe.py ${PUBLIC.address} '${JSON.stringify(targets)}'`, { privilegedExecution, timeLimit: 30, guardMs: 60_000 });
+      const result = await client.run(alice.runnerId, `python3 probe.py ${PUBLIC.address} '${JSON.stringify(targets)}'`, {
+        privilegedExecution,
+        timeLimit: 30,
+        guardMs: 60_000,
+      });
       const { answers } = JSON.parse(result.stdout) as { answers: Record<string, string> };
       const [publicAnswer, ...denied] = Object.entries(answers);
       assert.equal(publicAnswer?.[1], `public ${PUBLIC.hostAddress}`, `privileged=${privilegedExecution}: ${result.stdout} ${result.stderr}`);
-      for (const [address, answer] of denied) assert.match(answer, /^ERR /, `privileged=${privilegedExecution}: ${address} answered a learner program: ${answer}`);
+      for (const [address, answer] of denied)
+        assert.match(answer, /^ERR /, `privileged=${privilegedExecution}: ${address} answered a learner program: ${answer}`);
     }
 
     // The sandbox's root cannot change its network: the namespace belongs to the host.
-    const meddling = await client.run(alice.runnerId, 'ip addr add 10.0.0.9/8 dev eth0; ip link set eth0 down; ip route del default; echo done', { privilegedExecution: true });
+    const meddling = await client.run(alice.runnerId, 'ip addr add 10.0.0.9/8 dev eth0; ip link set eth0 down; ip route del default; echo done', {
+      privilegedExecution: true,
+    });
     assert.match(meddling.stdout, /done/);
     const still = await client.run(alice.runnerId, `python3 probe.py ${PUBLIC.address} '${JSON.stringify([target(PUBLIC.address, PUBLIC.port)])}'`);
     assert.equal(Object.values((JSON.parse(still.stdout) as { answers: Record<string, string> }).answers)[0], `public ${PUBLIC.hostAddress}`, meddling.stderr);
@@ -452,7 +498,10 @@ describe('private networks of runners with network access', () => {
         const mapped = runner.mappedPorts[0];
         assert.equal(mapped?.exposedPort, RUNNER_PORT);
         for (let attempt = 0; attempt < 50; attempt += 1) {
-          const text = await fetch(`http://${mapped?.hostAddress}/index.html`).then((response) => response.text(), (error: unknown) => `ERR ${String(error)} ${String((error as { cause?: unknown }).cause)}`);
+          const text = await fetch(`http://${mapped?.hostAddress}/index.html`).then(
+            (response) => response.text(),
+            (error: unknown) => `ERR ${String(error)} ${String((error as { cause?: unknown }).cause)}`,
+          );
           if (!text.startsWith('ERR') || attempt === 49) return text;
           await new Promise((resolve) => setTimeout(resolve, 100));
         }

@@ -27,12 +27,15 @@ function hostSysctl(name: string): string {
   return readFileSync(`/proc/sys/${name}`, 'utf8');
 }
 
-describe('/proc like Docker\'s defaults', () => {
+describe("/proc like Docker's defaults", () => {
   test('privileged code cannot write /proc/sys (each probe writes back the value it read); host values unchanged', async () => {
     const { client } = fixture;
     const runnerId = await client.claim(ENV_ID);
     const before = Object.fromEntries(SYSCTLS.map((name) => [name, hostSysctl(name)]));
-    const result = await runPython(client, runnerId, `
+    const result = await runPython(
+      client,
+      runnerId,
+      `
 import os
 for name in ${JSON.stringify(SYSCTLS)}:
     path = '/proc/sys/' + name
@@ -54,7 +57,9 @@ for name in ${JSON.stringify(SYSCTLS)}:
         print(name, 'REFUSED', ex.strerror)
     finally:
         os.close(fd)
-`, { privilegedExecution: true });
+`,
+      { privilegedExecution: true },
+    );
     const lines = result.stdout.trim().split(/\r?\n/);
     assert.equal(lines.length, SYSCTLS.length, `the probe did not run: ${result.stdout}${result.stderr}`);
     for (const name of SYSCTLS) assert.equal(hostSysctl(name), before[name], `host ${name} changed`);
@@ -66,7 +71,10 @@ for name in ${JSON.stringify(SYSCTLS)}:
   test('/proc/sysrq-trigger, /proc/irq, /proc/bus, /proc/fs and /proc/sys cannot be opened for writing', async () => {
     const { client } = fixture;
     const runnerId = await client.claim(ENV_ID);
-    const result = await runPython(client, runnerId, `
+    const result = await runPython(
+      client,
+      runnerId,
+      `
 import os
 opened = []
 checked = 0
@@ -99,7 +107,9 @@ for top in ${JSON.stringify(READ_ONLY_TREES)}:
 print('CHECKED', checked)
 for path in opened:
     print('WRITABLE', path)
-`, { privilegedExecution: true, timeLimit: 30, guardMs: 60_000 });
+`,
+      { privilegedExecution: true, timeLimit: 30, guardMs: 60_000 },
+    );
     assert.match(result.stdout, /^CHECKED \d+$/m, `the probe did not run: ${result.stdout}${result.stderr}`);
     const writable = result.stdout.split(/\r?\n/).filter((line) => line.startsWith('WRITABLE'));
     assert.deepEqual(writable, [], `privileged code can open these for writing:\n${writable.join('\n')}`);
@@ -110,7 +120,10 @@ for path in opened:
     test(`/proc/kcore, keys, timer_list, sched_debug, acpi and scsi are masked (privileged=${privilegedExecution})`, async () => {
       const { client } = fixture;
       const runnerId = await client.claim(ENV_ID);
-      const result = await runPython(client, runnerId, `
+      const result = await runPython(
+        client,
+        runnerId,
+        `
 import os
 for path in ${JSON.stringify(MASKED)}:
     try:
@@ -123,7 +136,9 @@ for path in ${JSON.stringify(MASKED)}:
             print(path, 'BYTES', len(data))
     except Exception as ex:
         print(path, 'UNREADABLE', type(ex).__name__)
-`, { privilegedExecution });
+`,
+        { privilegedExecution },
+      );
       const lines = result.stdout.trim().split(/\r?\n/);
       assert.equal(lines.length, MASKED.length, `the probe did not run: ${result.stdout}${result.stderr}`);
       const exposed = lines.filter((line) => / (ENTRIES|BYTES) [1-9]/.test(line));

@@ -6,7 +6,17 @@ import { describe, test } from 'node:test';
 import { environmentSpec } from '../support/codeocean-client.js';
 import { descendantsOf, processesMatching } from '../support/daemon.js';
 import { useDaemon } from '../support/fixture.js';
-import { bwrapAncestor, cpuSeconds, daemonPid, hostExecutable, runnerCgroupDirectories, runPython, sandboxInit, startMarkedProcess, statusBytes } from '../support/security.js';
+import {
+  bwrapAncestor,
+  cpuSeconds,
+  daemonPid,
+  hostExecutable,
+  runnerCgroupDirectories,
+  runPython,
+  sandboxInit,
+  startMarkedProcess,
+  statusBytes,
+} from '../support/security.js';
 import { sleep, waitFor } from '../support/wait.js';
 
 /*
@@ -32,12 +42,15 @@ function resetPeak(pid: number): void {
   writeFileSync(`/proc/${pid}/clear_refs`, '5');
 }
 
-describe('resources stay within the runner\'s limits', () => {
+describe("resources stay within the runner's limits", () => {
   test('a recursive listing of 9,000 files with long names answers quickly, with flat daemon memory and a live API', async () => {
     const { client, daemon } = fixture;
     const runnerId = await client.claim(MAIN_ENV);
     // 15 directories of 240-character names, then 9,000 files of 240-character names: ~3.9 KB per path.
-    const made = await runPython(client, runnerId, `
+    const made = await runPython(
+      client,
+      runnerId,
+      `
 import os
 path = '.'
 for level in range(15):
@@ -46,7 +59,9 @@ os.makedirs(path)
 for index in range(9000):
     open(os.path.join(path, ('%06d' % index) * 40), 'w').close()
 print('MADE')
-`, { timeLimit: 60, guardMs: 90_000 });
+`,
+      { timeLimit: 60, guardMs: 90_000 },
+    );
     assert.equal(made.stdout.trim(), 'MADE', made.stderr);
     const pid = daemonPid(daemon);
     resetPeak(pid);
@@ -80,13 +95,18 @@ print('MADE')
   test('a directory chain 3,000 levels deep does not kill the agent', async () => {
     const { client } = fixture;
     const runnerId = await client.claim(MAIN_ENV);
-    const made = await runPython(client, runnerId, `
+    const made = await runPython(
+      client,
+      runnerId,
+      `
 import os
 for level in range(3000):
     os.mkdir('d')
     os.chdir('d')
 print('MADE')
-`, { timeLimit: 60, guardMs: 90_000 });
+`,
+      { timeLimit: 60, guardMs: 90_000 },
+    );
     assert.equal(made.stdout.trim(), 'MADE', made.stderr);
     for (const privilegedExecution of [false, true]) {
       const response = await client.listFiles(runnerId, { recursive: true, privilegedExecution });
@@ -132,8 +152,17 @@ print('MADE')
       }
     }
     await marked.execution;
-    await waitFor(async () => (await client.listFiles(runnerId)).status, (status) => status === 410, 'the dead runner to answer 410');
-    await waitFor(async () => directories.filter((directory) => existsSync(directory)), (left) => left.length === 0, 'the dead sandbox\'s cgroup directories to be removed', 15_000);
+    await waitFor(
+      async () => (await client.listFiles(runnerId)).status,
+      (status) => status === 410,
+      'the dead runner to answer 410',
+    );
+    await waitFor(
+      async () => directories.filter((directory) => existsSync(directory)),
+      (left) => left.length === 0,
+      "the dead sandbox's cgroup directories to be removed",
+      15_000,
+    );
   });
 
   test('filling /workspace, /tmp and /dev/shm ends with "No space left on device", not an OOM kill', async () => {
@@ -154,7 +183,10 @@ print('MADE')
   test('/dev/shm is writable by learner code: Python multiprocessing works', async () => {
     const { client } = fixture;
     const runnerId = await client.claim(MAIN_ENV);
-    const result = await runPython(client, runnerId, `
+    const result = await runPython(
+      client,
+      runnerId,
+      `
 import multiprocessing
 lock = multiprocessing.Lock()
 with lock:
@@ -163,16 +195,20 @@ with lock:
     print(queue.get())
 open('/dev/shm/probe', 'w').write('x')
 print('WROTE')
-`);
+`,
+    );
     assert.deepEqual(result.stdout.trim().split(/\r?\n/), ['ok', 'WROTE'], result.stderr);
     assert.equal((await client.deleteRunner(runnerId)).status, 204);
   });
 
-  test('socket buffers count against the runner\'s memory', async () => {
+  test("socket buffers count against the runner's memory", async () => {
     const { client } = fixture;
     const runnerId = await client.claim(MAIN_ENV);
     // Connected loopback pairs, filled from both ends and never read: kernel memory the learner pins.
-    const result = await runPython(client, runnerId, `
+    const result = await runPython(
+      client,
+      runnerId,
+      `
 import socket
 server = socket.socket(); server.bind(('127.0.0.1', 0)); server.listen(1024)
 port = server.getsockname()[1]
@@ -191,7 +227,9 @@ for index in range(300):
                 break
     pairs.append((client, accepted))
 print('QUEUED_MB', total // 1048576, flush=True)
-`, { timeLimit: 60, guardMs: 90_000 });
+`,
+      { timeLimit: 60, guardMs: 90_000 },
+    );
     const queued = /QUEUED_MB (\d+)/.exec(result.stdout);
     if (result.exitCode !== 137) {
       assert.ok(queued !== null, `the probe did not run: ${result.stdout}${result.stderr}`);
@@ -231,14 +269,20 @@ print('QUEUED_MB', total // 1048576, flush=True)
       const cpuDirectory = directories.find((directory) => directory.includes('/cpu/'));
       if (cpuDirectory !== undefined) assert.equal(readFileSync(join(cpuDirectory, 'cpu.shares'), 'utf8').trim(), String(DEFAULT_CPU));
     }
-    const result = await client.run(runnerId, `python3 -c "b = b'x' * (${DEFAULT_MEMORY_MB * 3} * 1024 * 1024); print(len(b))"`, { timeLimit: 20, guardMs: 40_000 });
+    const result = await client.run(runnerId, `python3 -c "b = b'x' * (${DEFAULT_MEMORY_MB * 3} * 1024 * 1024); print(len(b))"`, {
+      timeLimit: 20,
+      guardMs: 40_000,
+    });
     assert.equal(result.exitCode, 137, `allocating 3x the default memory did not end in an OOM kill: ${JSON.stringify(result.messages.slice(-3))}`);
     assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
   });
 
   test('environments whose image is named __proto__ or constructor fill their pools and run code', async () => {
     const { client } = fixture;
-    for (const [id, image] of [[PROTO_ENV, '__proto__'], [CONSTRUCTOR_ENV, 'constructor']] as const) {
+    for (const [id, image] of [
+      [PROTO_ENV, '__proto__'],
+      [CONSTRUCTOR_ENV, 'constructor'],
+    ] as const) {
       assert.equal((await client.putEnvironment(environmentSpec(id, { image, prewarmingPoolSize: 1 }))).status, 201);
       const runnerId = await client.claim(id);
       assert.equal((await client.run(runnerId, 'echo works')).stdout.trim(), 'works', `image ${image}`);

@@ -40,7 +40,7 @@ for name, args in probes:
     print(name, err)
 `;
 
-describe('a seccomp filter in the spirit of Docker\'s default profile', () => {
+describe("a seccomp filter in the spirit of Docker's default profile", () => {
   for (const privilegedExecution of [false, true]) {
     test(`unshare -Urm / -Urn fail (privileged=${privilegedExecution})`, async () => {
       const { client } = fixture;

@@ -10,13 +10,7 @@ import type { ErrorReporter } from '../../src/monitoring/sentry.js';
 import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../../src/dto/environment.js';
 import type { ExecutionRequest, FileHeader, FileUpdate, MappedPort } from '../../src/dto/runner.js';
 import type { PutOutcome } from '../../src/runner/accessor-handler.js';
-import {
-  BackendError,
-  EnvironmentNotFoundError,
-  FileNotAvailableError,
-  NoIdleRunnerError,
-  RunnerNotFoundError,
-} from '../../src/runner/errors.js';
+import { BackendError, EnvironmentNotFoundError, FileNotAvailableError, NoIdleRunnerError, RunnerNotFoundError } from '../../src/runner/errors.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions, Runner } from '../../src/runner/runner.js';
 
 /*
@@ -136,7 +130,12 @@ export class FakeManager implements RunnerAccessor, EnvironmentAccessor {
   }
 
   statistics(): EnvironmentStatistics[] {
-    return this.environments().map((spec) => ({ id: spec.id, prewarmingPoolSize: spec.prewarmingPoolSize, idleRunners: this.idle, usedRunners: this.runners.size }));
+    return this.environments().map((spec) => ({
+      id: spec.id,
+      prewarmingPoolSize: spec.prewarmingPoolSize,
+      idleRunners: this.idle,
+      usedRunners: this.runners.size,
+    }));
   }
 }
 

@@ -1,14 +1,7 @@
 import assert from 'node:assert/strict';
 import { posix } from 'node:path';
 import WebSocket from 'ws';
-import {
-  assertMatchesSwagger,
-  assertRequestMatchesSwagger,
-  assertWebSocketMessage,
-  type HttpMethod,
-  type Json,
-  type WsMessage,
-} from './contract.js';
+import { assertMatchesSwagger, assertRequestMatchesSwagger, assertWebSocketMessage, type HttpMethod, type Json, type WsMessage } from './contract.js';
 import type { ExecutionEnvironmentSpec } from '../../src/dto/environment.js';
 
 /*
@@ -119,12 +112,7 @@ export class CodeOceanClient {
     return headers;
   }
 
-  async request(
-    method: HttpMethod,
-    pathTemplate: string,
-    params: Record<string, string> = {},
-    options: RequestOptions = {},
-  ): Promise<ApiResponse> {
+  async request(method: HttpMethod, pathTemplate: string, params: Record<string, string> = {}, options: RequestOptions = {}): Promise<ApiResponse> {
     let path = pathTemplate;
     for (const [name, value] of Object.entries(params)) path = path.replace(`{${name}}`, encodeURIComponent(value));
     assert.ok(!path.includes('{'), `unfilled path parameter in ${path}`);
@@ -239,19 +227,29 @@ export class CodeOceanClient {
   }
 
   listFiles(runnerId: string, options: { path?: string; recursive?: boolean; privilegedExecution?: boolean } = {}): Promise<ApiResponse> {
-    return this.request('GET', '/runners/{runnerId}/files', { runnerId }, {
-      query: {
-        path: options.path ?? './',
-        recursive: String(options.recursive ?? true),
-        privilegedExecution: String(options.privilegedExecution ?? false),
+    return this.request(
+      'GET',
+      '/runners/{runnerId}/files',
+      { runnerId },
+      {
+        query: {
+          path: options.path ?? './',
+          recursive: String(options.recursive ?? true),
+          privilegedExecution: String(options.privilegedExecution ?? false),
+        },
       },
-    });
+    );
   }
 
   downloadRaw(runnerId: string, path: string, privilegedExecution = false): Promise<ApiResponse> {
-    return this.request('GET', '/runners/{runnerId}/files/raw', { runnerId }, {
-      query: { path, privilegedExecution: String(privilegedExecution) },
-    });
+    return this.request(
+      'GET',
+      '/runners/{runnerId}/files/raw',
+      { runnerId },
+      {
+        query: { path, privilegedExecution: String(privilegedExecution) },
+      },
+    );
   }
 
   /** CodeOcean never sends `environment`. */
@@ -356,7 +354,11 @@ export class CodeOceanClient {
   }
 
   /** execute + connect, asserting the schema and the exit/timeout-before-close rule. */
-  async run(runnerId: string, command: string, options: WebSocketOptions & { timeLimit?: number; privilegedExecution?: boolean } = {}): Promise<ExecutionResult> {
+  async run(
+    runnerId: string,
+    command: string,
+    options: WebSocketOptions & { timeLimit?: number; privilegedExecution?: boolean } = {},
+  ): Promise<ExecutionResult> {
     const url = await this.websocketUrl(runnerId, command, options.timeLimit ?? 10, options.privilegedExecution ?? false);
     const result = await this.connect(url, options);
     assertStreamIsWellFormed(result, command);

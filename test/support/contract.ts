@@ -215,13 +215,7 @@ const poseidon = poseidonSwagger ? new DocumentContract("Poseidon's swagger", wi
  * it, `body` is JSON (contentType says so) that validates; against the project's document, and
  * against Poseidon's where it is present. `body` is the parsed JSON or undefined.
  */
-export function assertMatchesSwagger(
-  method: HttpMethod,
-  pathTemplate: string,
-  status: number,
-  body: Json | undefined,
-  contentType?: string | null,
-): void {
+export function assertMatchesSwagger(method: HttpMethod, pathTemplate: string, status: number, body: Json | undefined, contentType?: string | null): void {
   own.assertResponse(method, pathTemplate, status, body, contentType);
   poseidon?.assertResponse(method, pathTemplate, status, body, contentType);
 }
@@ -240,11 +234,7 @@ const wsValidators = [OWN_WS_SCHEMA_PATH, ...(poseidonReferencePresent ? [POSEID
   validate: ajv.compile(JSON.parse(readFileSync(path, 'utf8')) as JsonObject),
 }));
 
-export type WsMessage =
-  | { type: 'start' }
-  | { type: 'timeout' }
-  | { type: 'exit'; data: number }
-  | { type: 'stdout' | 'stderr' | 'error'; data: string };
+export type WsMessage = { type: 'start' } | { type: 'timeout' } | { type: 'exit'; data: number } | { type: 'stdout' | 'stderr' | 'error'; data: string };
 
 export function assertWebSocketMessage(message: Json): asserts message is WsMessage & Json {
   for (const { path, validate } of wsValidators) {

@@ -17,8 +17,17 @@ export function pythonCommand(source: string): string {
   return `python3 -c "import base64; exec(base64.b64decode('${Buffer.from(source).toString('base64')}'))"`;
 }
 
-export function runPython(client: CodeOceanClient, runnerId: string, source: string, options: { privilegedExecution?: boolean; timeLimit?: number; guardMs?: number } = {}): Promise<ExecutionResult> {
-  return client.run(runnerId, pythonCommand(source), { timeLimit: options.timeLimit ?? 20, guardMs: options.guardMs ?? 40_000, privilegedExecution: options.privilegedExecution });
+export function runPython(
+  client: CodeOceanClient,
+  runnerId: string,
+  source: string,
+  options: { privilegedExecution?: boolean; timeLimit?: number; guardMs?: number } = {},
+): Promise<ExecutionResult> {
+  return client.run(runnerId, pythonCommand(source), {
+    timeLimit: options.timeLimit ?? 20,
+    guardMs: options.guardMs ?? 40_000,
+    privilegedExecution: options.privilegedExecution,
+  });
 }
 
 /* Python prelude: a raw syscall that reports the errno name, for probes that must fail with EPERM. */
@@ -53,7 +62,9 @@ export function daemonPid(daemon: Daemon): number {
 }
 
 export function statusField(pid: number, field: string): string {
-  const line = readFileSync(`/proc/${pid}/status`, 'utf8').split('\n').find((candidate) => candidate.startsWith(`${field}:`));
+  const line = readFileSync(`/proc/${pid}/status`, 'utf8')
+    .split('\n')
+    .find((candidate) => candidate.startsWith(`${field}:`));
   assert.ok(line !== undefined, `no ${field} in /proc/${pid}/status`);
   return line.slice(field.length + 1).trim();
 }
@@ -167,11 +178,19 @@ export interface MarkedProcess {
 export async function startMarkedProcess(client: CodeOceanClient, runnerId: string, prefix: string, privilegedExecution: boolean): Promise<MarkedProcess> {
   const marker = sleepMarker();
   // No stream checks: a test may kill the whole sandbox, and then no exit message can come.
-  const execution = client.websocketUrl(runnerId, `${prefix}; exec sleep ${marker}`, 60, privilegedExecution).then((url) => client.connect(url, { guardMs: 90_000 }));
+  const execution = client
+    .websocketUrl(runnerId, `${prefix}; exec sleep ${marker}`, 60, privilegedExecution)
+    .then((url) => client.connect(url, { guardMs: 90_000 }));
   // Only once the shell has exec'd sleep: the shell's own command line carries the marker too, and
   // killing it early would cut off the prefix's output.
   const sleeping = (): number[] => processesMatching(`sleep ${marker}`).filter((pid) => /(^|\/)sleep$/.test(argv0(pid)));
-  const pids = await waitFor(async () => sleeping(), (found) => found.length > 0, `the marked sleep ${marker} to appear on the host`, 20_000, 50);
+  const pids = await waitFor(
+    async () => sleeping(),
+    (found) => found.length > 0,
+    `the marked sleep ${marker} to appear on the host`,
+    20_000,
+    50,
+  );
   const pid = pids[0] as number;
   return {
     pid,
@@ -191,7 +210,9 @@ export async function startMarkedProcess(client: CodeOceanClient, runnerId: stri
 export function runnerCgroupDirectories(runnerId: string): string[] {
   const parent = process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts';
   if (existsSync('/sys/fs/cgroup/cgroup.controllers')) return [join('/sys/fs/cgroup', parent, runnerId)];
-  return ['memory', 'pids', 'cpu'].filter((controller) => existsSync(join('/sys/fs/cgroup', controller, parent))).map((controller) => join('/sys/fs/cgroup', controller, parent, runnerId));
+  return ['memory', 'pids', 'cpu']
+    .filter((controller) => existsSync(join('/sys/fs/cgroup', controller, parent)))
+    .map((controller) => join('/sys/fs/cgroup', controller, parent, runnerId));
 }
 
 export interface NodeState {

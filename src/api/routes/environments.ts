@@ -1,11 +1,6 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
-import {
-  environmentIdParamSchema,
-  environmentListSchema,
-  environmentPutBodySchema,
-  executionEnvironmentSchema,
-} from '../../dto/environment.js';
+import { environmentIdParamSchema, environmentListSchema, environmentPutBodySchema, executionEnvironmentSchema } from '../../dto/environment.js';
 import { queryBoolean } from '../../dto/runner.js';
 import { BadRequestError } from '../../runner/errors.js';
 import type { RouteDependencies } from '../dependencies.js';
@@ -51,8 +46,7 @@ export const environmentRoutes: FastifyPluginAsyncZod<RouteDependencies> = async
     {
       schema: {
         summary: 'Create or replace the execution environment',
-        description:
-          'Changing only prewarmingPoolSize resizes the pool at once; any other change destroys the environment\'s runners and rebuilds them.',
+        description: "Changing only prewarmingPoolSize resizes the pool at once; any other change destroys the environment's runners and rebuilds them.",
         tags,
         params,
         body: environmentPutBodySchema,

@@ -83,6 +83,10 @@ export const metricsRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (ap
         },
       },
     },
-    async (_request, reply) => reply.code(200).type(metrics.contentType()).send(await metrics.scrape()),
+    async (_request, reply) =>
+      reply
+        .code(200)
+        .type(metrics.contentType())
+        .send(await metrics.scrape()),
   );
 };

@@ -42,7 +42,8 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
     {
       schema: {
         summary: 'Provide a runner',
-        description: 'Claims an idle runner of the execution environment; with none idle it waits up to runners.claimtimeout for one being built (500 NOMAD_OVERLOAD when none came).',
+        description:
+          'Claims an idle runner of the execution environment; with none idle it waits up to runners.claimtimeout for one being built (500 NOMAD_OVERLOAD when none came).',
         tags,
         body: claimRequestSchema,
         response: { 200: claimResponseSchema.describe('A runner was reserved'), ...errorResponses(400, 404, 413, 415, ...PROTECTED_ERRORS) },
@@ -97,7 +98,7 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
         '/files',
         {
           schema: {
-            summary: 'Manipulate the runner\'s file system',
+            summary: "Manipulate the runner's file system",
             description:
               'Deletes the given paths first (exactly `./*` empties the workspace but spares dotfiles; any other entry is a literal path), then copies the files; a path ending in / is a directory (mode 1777); files get mode 0744.',
             tags,
@@ -138,7 +139,10 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
             params,
             querystring: rawFileQuerySchema,
             response: {
-              200: { description: 'The file', content: { 'application/octet-stream': { schema: z.instanceof(Readable).meta({ type: 'string', format: 'binary' }) } } },
+              200: {
+                description: 'The file',
+                content: { 'application/octet-stream': { schema: z.instanceof(Readable).meta({ type: 'string', format: 'binary' }) } },
+              },
               ...errorResponses(400, 410, 424, ...PROTECTED_ERRORS),
             },
           },
@@ -147,10 +151,7 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
           const content = await request.runner.getFileContent(request.query.path, request.query.privilegedExecution);
           // Counted as announced: a client that hangs up early is rare enough not to need a byte-counting stream.
           metrics.bytes(request.runner.environmentId, 'download', content.size);
-          return reply
-            .header('Content-Length', content.size)
-            .header('Content-Type', 'application/octet-stream')
-            .send(content.stream);
+          return reply.header('Content-Length', content.size).header('Content-Type', 'application/octet-stream').send(content.stream);
         },
       );
 
@@ -209,7 +210,14 @@ export const runnerRoutes: FastifyPluginAsyncZod<RouteDependencies> = async (app
           // The upgrade never reaches onResponse (the socket is taken over), so its request line is written here.
           metrics.websocketUpgrade('accepted');
           request.log.info(
-            { method: request.method, url: request.url, statusCode: 101, runnerId: request.runner.id, remoteAddress: request.ip, userAgent: request.headers['user-agent'] },
+            {
+              method: request.method,
+              url: request.url,
+              statusCode: 101,
+              runnerId: request.runner.id,
+              remoteAddress: request.ip,
+              userAgent: request.headers['user-agent'],
+            },
             'websocket upgrade accepted',
           );
           const closed = metrics.websocketOpened();

@@ -328,7 +328,11 @@ export class AgentClient {
     const payload = new PayloadWriter().u32(update.delete.length);
     for (const entry of update.delete) payload.str(entry);
     payload.u32(update.copy.length);
-    for (const copy of update.copy) payload.u8(copy.isDirectory ? 1 : 0).str(copy.path).bytes(copy.content);
+    for (const copy of update.copy)
+      payload
+        .u8(copy.isDirectory ? 1 : 0)
+        .str(copy.path)
+        .bytes(copy.content);
     await this.#request(RequestType.files, payload.toBuffer(), (frame) => violation(`event 0x${frame.type.toString(16)} for a FILES request`));
   }
 
@@ -337,7 +341,12 @@ export class AgentClient {
    * arrive, so memory is bounded by limits (what the agent may send) rather than by the tree.
    * Past a limit: AgentRequestError with status E2BIG.
    */
-  async list(path: string, recursive: boolean, identity: AgentIdentity = { privileged: true }, limits: AgentListLimits = DEFAULT_LIST_LIMITS): Promise<FileHeader[]> {
+  async list(
+    path: string,
+    recursive: boolean,
+    identity: AgentIdentity = { privileged: true },
+    limits: AgentListLimits = DEFAULT_LIST_LIMITS,
+  ): Promise<FileHeader[]> {
     const entries: FileHeader[] = [];
     const parser = new FindOutputParser();
     let bytes = 0;

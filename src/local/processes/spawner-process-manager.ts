@@ -37,7 +37,9 @@ export class SpawnerProcessManager implements ProcessManager {
     const idsEnd = config.idmapbase + config.idmapslots * IDS_PER_RUNNER;
     const clashes = hostIdsInRange(config.idmapbase, idsEnd);
     if (clashes.length > 0) {
-      throw new Error(`local.idmapbase/idmapslots: host ids ${config.idmapbase}..${idsEnd - 1} are in use, so a runner's root could be a host account: ${clashes.join(', ')}`);
+      throw new Error(
+        `local.idmapbase/idmapslots: host ids ${config.idmapbase}..${idsEnd - 1} are in use, so a runner's root could be a host account: ${clashes.join(', ')}`,
+      );
     }
     this.#bwrap = resolveExecutable(config.bwrap);
     void removeStaleSocketDirectories().then((removed) => {

@@ -43,11 +43,7 @@ export class NomadExecError extends NomadError {
   /* The socket ended without an exit frame: the command may or may not have finished. */
   readonly exitUnknown: boolean;
 
-  constructor(
-    errorCode: NomadErrorCode,
-    message: string,
-    close: { code?: number; reason?: string; exitUnknown?: boolean; cause?: unknown } = {},
-  ) {
+  constructor(errorCode: NomadErrorCode, message: string, close: { code?: number; reason?: string; exitUnknown?: boolean; cause?: unknown } = {}) {
     super(errorCode, message, { operation: 'exec', cause: close.cause });
     this.name = 'NomadExecError';
     this.closeCode = close.code;

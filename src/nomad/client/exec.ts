@@ -148,11 +148,15 @@ export function execInAllocation(
       }
       // Known Nomad bugs end sessions with close 1000 or a bare EOF before the exit frame (#14595, #9892).
       finish({
-        error: new NomadExecError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad exec session ended without an exit code (close ${code}${reason === '' ? '' : `: ${reason}`})`, {
-          code,
-          reason,
-          exitUnknown: true,
-        }),
+        error: new NomadExecError(
+          'NOMAD_INTERNAL_SERVER_ERROR',
+          `Nomad exec session ended without an exit code (close ${code}${reason === '' ? '' : `: ${reason}`})`,
+          {
+            code,
+            reason,
+            exitUnknown: true,
+          },
+        ),
       });
     });
   });

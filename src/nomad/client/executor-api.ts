@@ -30,7 +30,6 @@ export interface RegisterResult {
   readonly jobModifyIndex: number | undefined;
 }
 
-
 /*
  * The daemon's only door to Nomad: typed calls for the handful of endpoints Poseidon uses. Every
  * failure is a NomadError (NOMAD_UNREACHABLE or NOMAD_INTERNAL_SERVER_ERROR); reads are retried

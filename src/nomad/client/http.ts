@@ -97,7 +97,11 @@ export class NomadHttp {
     return `${path}?${params.toString()}`;
   }
 
-  async call<S extends z.ZodType>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, options: CallOptions<S> & { notFoundIsUndefined: true }): Promise<z.infer<S> | undefined>;
+  async call<S extends z.ZodType>(
+    method: 'GET' | 'POST' | 'PUT' | 'DELETE',
+    path: string,
+    options: CallOptions<S> & { notFoundIsUndefined: true },
+  ): Promise<z.infer<S> | undefined>;
   async call<S extends z.ZodType>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, options: CallOptions<S>): Promise<z.infer<S>>;
   async call<S extends z.ZodType>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, options: CallOptions<S>): Promise<z.infer<S> | undefined> {
     const attempts = options.idempotent === true ? this.retry.retries + 1 : 1;
@@ -153,7 +157,10 @@ export class NomadHttp {
     }
     const parsed = options.schema.safeParse(json);
     if (!parsed.success) {
-      const issues = parsed.error.issues.slice(0, 3).map((issue) => `${issue.path.join('.')}: ${issue.message}`).join('; ');
+      const issues = parsed.error.issues
+        .slice(0, 3)
+        .map((issue) => `${issue.path.join('.')}: ${issue.message}`)
+        .join('; ');
       throw new NomadError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad's answer to ${operation} has an unexpected shape: ${issues}`, {
         status,
         operation,
