@@ -6,9 +6,8 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { AgentClient, AgentExecOptions } from '../src/local/agent/agent-client.js';
 import { ensureAgentBuilt } from '../src/local/binaries.js';
-import { hostSystemArguments } from '../src/local/host-root.js';
 import { seccompProgram } from '../src/local/seccomp.js';
-import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
+import { type AgentSandbox, minimalSandboxArguments, startAgentSandbox } from './support/agent-sandbox.js';
 
 /*
  * The seccomp filter of every sandbox (agent/seccomp-policy.c), loaded by bwrap --seccomp into a
@@ -317,26 +316,9 @@ describe('seccomp filter', () => {
     const start = (withFilter: boolean): Promise<number> =>
       new Promise((resolve, reject) => {
         const began = process.hrtime.bigint();
-        const child = spawn(
-          'bwrap',
-          [
-            '--unshare-pid',
-            '--unshare-ipc',
-            '--unshare-uts',
-            '--unshare-net',
-            '--die-with-parent',
-            '--new-session',
-            ...hostSystemArguments(),
-            '--proc',
-            '/proc',
-            '--dev',
-            '/dev',
-            ...(withFilter ? ['--seccomp', '3'] : []),
-            '--',
-            '/bin/true',
-          ],
-          { stdio: withFilter ? ['ignore', 'ignore', 'inherit', 'pipe'] : ['ignore', 'ignore', 'inherit'] },
-        );
+        const child = spawn('bwrap', [...minimalSandboxArguments(), ...(withFilter ? ['--seccomp', '3'] : []), '--', '/bin/true'], {
+          stdio: withFilter ? ['ignore', 'ignore', 'inherit', 'pipe'] : ['ignore', 'ignore', 'inherit'],
+        });
         if (withFilter) (child.stdio[3] as NodeJS.WritableStream).end(program);
         child.once('error', reject);
         child.once('exit', (code) => (code === 0 ? resolve(Number(process.hrtime.bigint() - began) / 1e6) : reject(new Error(`bwrap exited ${code}`))));

@@ -4,8 +4,8 @@ import type net from 'node:net';
 import { after, before, describe, test } from 'node:test';
 import { AgentClient } from '../src/local/agent/agent-client.js';
 import { AGENT_BINARY, agentCapabilityArguments, AGENT_SANDBOX_PATH, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/binaries.js';
-import { hostSystemArguments } from '../src/local/host-root.js';
 import { type SpawnedProcess, SpawnerClient } from '../src/local/spawner-client.js';
+import { minimalSandboxArguments } from './support/agent-sandbox.js';
 
 /*
  * The spawner (agent/poseidon-spawner.c) forks for the daemon: a spawned process talks over one
@@ -146,15 +146,7 @@ describe('sandbox spawner', () => {
       [
         '/usr/bin/env',
         'bwrap',
-        '--unshare-pid',
-        '--unshare-net',
-        '--die-with-parent',
-        '--new-session',
-        ...hostSystemArguments(),
-        '--proc',
-        '/proc',
-        '--dev',
-        '/dev',
+        ...minimalSandboxArguments(),
         '--perms',
         '1777',
         '--tmpfs',

@@ -17,26 +17,30 @@ export interface AgentSandbox {
   stop(): Promise<void>;
 }
 
+/* The namespaces of every test sandbox; the host's system read-only, /proc and /dev come after. */
+export function testSandboxNamespaces(): string[] {
+  return ['--unshare-pid', '--unshare-ipc', '--unshare-uts', '--unshare-net', '--die-with-parent', '--new-session'];
+}
+
+/* A minimal bwrap sandbox on the host's system directories, before its command. */
+export function minimalSandboxArguments(): string[] {
+  return [...testSandboxNamespaces(), ...hostSystemArguments(), '--proc', '/proc', '--dev', '/dev'];
+}
+
 /*
  * A sandbox like the daemon's (host /usr read-only, private /workspace and /tmp), running the agent;
  * with options.seccomp, bwrap loads that BPF program (seccompProgram()) through an extra pipe, fd 5.
  */
 export async function startAgentSandbox(extraArguments: string[] = [], options: { seccomp?: Buffer } = {}): Promise<AgentSandbox> {
   const agent = ensureAgentBuilt();
-  const system = hostSystemArguments();
   const child = spawn(
     'bwrap',
     [
-      '--unshare-pid',
-      '--unshare-ipc',
-      '--unshare-uts',
-      '--unshare-net',
+      ...testSandboxNamespaces(),
       '--unshare-cgroup-try',
-      '--die-with-parent',
-      '--new-session',
       '--hostname',
       'runner',
-      ...system,
+      ...hostSystemArguments(),
       '--perms',
       '0644',
       '--ro-bind-data',
