@@ -53,6 +53,17 @@ const allocationOf = (runnerId: string): string => {
   return String(running['ID']);
 };
 
+/* A runner whose allocation is gone answers 410 to everything. */
+async function runnerGone(runnerId: string): Promise<void> {
+  await waitFor(
+    async () => (await client.execute(runnerId, 'true')).status,
+    (status) => status === 410,
+    'runner gone',
+    5_000,
+    100,
+  );
+}
+
 /* The pool is full and every runner job in Nomad is counted exactly once (nothing leaked or doubled). */
 async function settled(used: number): Promise<void> {
   await waitFor(
@@ -115,13 +126,7 @@ describe('Nomad backend recovery and faults', () => {
     const runnerId = await client.claim(ENV_ID);
     await settled(1);
     fake.control.failAllocation(allocationOf(runnerId));
-    await waitFor(
-      async () => (await client.execute(runnerId, 'true')).status,
-      (status) => status === 410,
-      'runner gone',
-      5_000,
-      100,
-    );
+    await runnerGone(runnerId);
     assert.equal((await client.deleteRunner(runnerId)).status, 410);
     await settled(0);
     assert.ok(!runnerJobs().includes(runnerId), 'its job is purged');
@@ -143,13 +148,7 @@ describe('Nomad backend recovery and faults', () => {
     const runnerId = await client.claim(ENV_ID);
     await settled(1);
     fake.control.loseAllocation(allocationOf(runnerId), { reschedule: true });
-    await waitFor(
-      async () => (await client.execute(runnerId, 'true')).status,
-      (status) => status === 410,
-      'runner gone',
-      5_000,
-      100,
-    );
+    await runnerGone(runnerId);
     await settled(0);
     assert.ok(!runnerJobs().includes(runnerId));
   });
