@@ -49,7 +49,20 @@ docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}
 port=$((20000 + RANDOM % 20000))
 cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
   --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
-trap 'docker logs "$cid" 2>&1 | tail -20; docker rm -f "$cid" >/dev/null; [ -z "${started_dockerd:-}" ] || $sudo kill "$(cat /tmp/poseidon-smoke-dockerd.pid)"' EXIT
+# The daemon in the container drains on SIGTERM and removes its runners' cgroups, which live in the
+# host's cgroup tree (the mount is shared): stop it gracefully, never with a bare SIGKILL. A dockerd
+# started here goes again, with the bridge it made.
+cleanup() {
+  docker logs "$cid" 2>&1 | tail -20
+  docker stop -t 30 "$cid" >/dev/null 2>&1 || true
+  docker rm -f "$cid" >/dev/null 2>&1 || true
+  if [ -n "${started_dockerd:-}" ]; then
+    $sudo kill "$(cat /tmp/poseidon-smoke-dockerd.pid)" || true
+    for _ in $(seq 1 30); do docker info >/dev/null 2>&1 || break; sleep 1; done
+    $sudo ip link delete docker0 2>/dev/null || true
+  fi
+}
+trap cleanup EXIT
 API="http://127.0.0.1:$port/api/v1"
 for _ in $(seq 1 30); do curl -fsS -o /dev/null "$API/health" 2>/dev/null && break; sleep 1; done
 set -x
