@@ -15,18 +15,9 @@ export interface EnvironmentStorage {
   delete(environmentId: number): Promise<void>;
 }
 
-/*
- * When a deleted environment leaves the pools, relative to its removal from the storage:
- * 'pools-first' answers requests during the removal as if it were gone already, so a PUT in between
- * creates and stores it afresh (the local file); 'storage-first' leaves everything in place when the
- * removal fails, because the storage is the truth a resync reads back (Nomad).
- */
-export type DeleteOrder = 'pools-first' | 'storage-first';
-
 export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
   readonly runners: RunnerFactory<R>;
   readonly storage: EnvironmentStorage;
-  readonly deleteOrder: DeleteOrder;
   readonly refillConcurrency: number;
   readonly logger: Logger;
   /*
@@ -157,7 +148,11 @@ export class EnvironmentPools<R extends ManagedRunner> {
     return existing ? 'replaced' : 'created';
   }
 
-  /* Removes the environment from the pools and the storage, then destroys all its runners. */
+  /*
+   * Removes the environment from the storage, then from the pools, then destroys all its runners:
+   * a failed removal leaves everything in place (the storage is the truth a restart or resync reads
+   * back), and changes to one environment run one after another, so nothing slips in between.
+   */
   delete(environmentId: number, log?: ContextLogger): Promise<void> {
     return this.#serialised(environmentId, () => this.#delete(environmentId, log));
   }
@@ -165,7 +160,6 @@ export class EnvironmentPools<R extends ManagedRunner> {
   async #delete(environmentId: number, log?: ContextLogger): Promise<void> {
     const environment = this.#byId.get(environmentId);
     if (!environment) throw new EnvironmentNotFoundError(environmentId);
-    if (this.#options.deleteOrder === 'pools-first') this.#byId.delete(environmentId);
     await this.#options.storage.delete(environmentId);
     if (this.#byId.get(environmentId) === environment) this.#byId.delete(environmentId);
     await environment.delete('environment deleted', log);

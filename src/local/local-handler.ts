@@ -43,7 +43,6 @@ export class LocalAccessorHandler extends AccessorHandler {
         put: (spec) => this.#store.put(spec).catch((error: unknown) => this.#storeFailed(error, spec.id, 'store')),
         delete: (environmentId) => this.#store.delete(environmentId).catch((error: unknown) => this.#storeFailed(error, environmentId, 'delete')),
       },
-      deleteOrder: 'storage-first',
       refillConcurrency,
       claimTimeoutSeconds: options.claimTimeout ?? 0,
       logger: this.#logger,

@@ -12,7 +12,7 @@ export interface SandboxOptions {
   bwrap: string;
   /* Root file system directory of the image; undefined means the host's system directories. */
   rootfs: string | undefined;
-  /* Host ids of the sandbox's user namespace: its root is rootIds.base on the host. */
+  /* Host ids of the sandbox's user namespace: its root is ids.base on the host. */
   ids: IdRange;
   /* The learner user, who owns nothing but may write /workspace, /tmp and /dev/shm. */
   learner: { uid: number; gid: number };

@@ -90,8 +90,6 @@ export class NomadAccessorHandler extends AccessorHandler {
     this.pools = new EnvironmentPools({
       runners: { createRunner: (spec) => this.#createRunner(spec) },
       storage: { put: (spec) => this.#storeTemplate(spec), delete: (environmentId) => this.#removeTemplate(environmentId) },
-      // Nomad is the store a resync reads back: a failed deregistration leaves everything in place.
-      deleteOrder: 'storage-first',
       refillConcurrency,
       claimTimeoutSeconds: options.claimTimeout ?? 0,
       logger: this.#logger,
