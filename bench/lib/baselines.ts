@@ -1,5 +1,8 @@
-import { spawn } from 'node:child_process';
-import { existsSync, lstatSync } from 'node:fs';
+import { spawn, spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
 import Fastify from 'fastify';
 import { BenchClient } from './client.js';
 import { nowMs, round, summarize, type Summary } from './stats.js';
@@ -120,32 +123,61 @@ export function terminalBytes(bytes: number): number {
   return bytes + Math.floor(bytes / (STREAM_LINE.length + 1));
 }
 
-/* Reads the same command's output straight from a pipe in Node: the ceiling for streaming it. */
-export function pipeReadOnce(bytes: number): Promise<number> {
+/*
+ * Reads the command's output straight from its stdout, with nothing between: from a pipe in Node
+ * (what output could reach without a terminal), or from a terminal's master (terminal-read.c,
+ * the kernel's own ceiling for a program whose stdout is a terminal, as every execution's is).
+ */
+export type OutputChannel = 'pipe' | 'terminal';
+
+let terminalReader: string | undefined;
+
+/* Compiles bench/lib/terminal-read.c once per run (gcc comes with the set-up script). */
+function terminalReaderBinary(): string {
+  if (terminalReader !== undefined) return terminalReader;
+  const output = join(mkdtempSync(join(tmpdir(), 'poseidon-bench-')), 'terminal-read');
+  const source = fileURLToPath(new URL('terminal-read.c', import.meta.url));
+  const compiled = spawnSync('gcc', ['-O2', '-o', output, source], { encoding: 'utf8' });
+  if (compiled.status !== 0) throw new Error(`cannot compile ${source}: ${compiled.stderr}`);
+  terminalReader = output;
+  return output;
+}
+
+export function outputReadOnce(bytes: number, channel: OutputChannel = 'pipe'): Promise<number> {
   return new Promise((resolve, reject) => {
-    const child = spawn('/bin/sh', ['-c', streamCommand(bytes)], { stdio: ['ignore', 'pipe', 'ignore'] });
+    const expected = channel === 'pipe' ? bytes : terminalBytes(bytes);
+    const child =
+      channel === 'pipe'
+        ? spawn('/bin/sh', ['-c', streamCommand(bytes)], { stdio: ['ignore', 'pipe', 'ignore'] })
+        : spawn(terminalReaderBinary(), [streamCommand(bytes)], { stdio: ['ignore', 'pipe', 'ignore'] });
     let received = 0;
-    child.stdout.on('data', (chunk: Buffer) => (received += chunk.length));
+    let report = '';
+    child.stdout.on('data', (chunk: Buffer) => {
+      if (channel === 'pipe') received += chunk.length;
+      else report += chunk.toString();
+    });
     child.once('error', reject);
     child.once('close', () => {
-      if (received !== bytes) reject(new Error(`pipe read ${received} of ${bytes} bytes`));
+      if (channel === 'terminal') received = Number(report);
+      if (received !== expected) reject(new Error(`${channel} read ${received} of ${expected} bytes`));
       else resolve(received);
     });
   });
 }
 
-export async function pipeRead(n: number, bytes: number, streams = 1): Promise<Baseline> {
-  await pipeReadOnce(Math.min(bytes, 1024 * 1024));
+export async function outputRead(n: number, bytes: number, streams = 1, channel: OutputChannel = 'pipe'): Promise<Baseline> {
+  await outputReadOnce(Math.min(bytes, 1024 * 1024), channel);
   const samples: number[] = [];
   for (let i = 0; i < n; i++) {
     const start = nowMs();
-    await Promise.all(Array.from({ length: streams }, () => pipeReadOnce(bytes)));
+    await Promise.all(Array.from({ length: streams }, () => outputReadOnce(bytes, channel)));
     samples.push(nowMs() - start);
   }
   const summary = summarize(samples);
   const mb = (bytes * streams) / 1e6;
+  const source = channel === 'pipe' ? 'pipe' : 'terminal (pty master)';
   return {
-    what: streams === 1 ? `raw pipe read of ${mb} MB` : `raw pipe reads, ${streams} × ${bytes / 1e6} MB at once`,
+    what: streams === 1 ? `raw ${source} read of ${mb} MB` : `raw ${source} reads, ${streams} × ${bytes / 1e6} MB at once`,
     ...summary,
     mb_per_s: round(mb / (Math.max(summary.p50_ms, 0.001) / 1000), 1),
   };

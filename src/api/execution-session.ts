@@ -50,6 +50,33 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
     if (socket.readyState === socket.OPEN) socket.close(1000);
   };
 
+  /*
+   * A terminal hands the agent at most 4 KiB per read, so output arrives as many small chunks;
+   * those that arrive in one turn of the event loop go out as one message per stream (in the
+   * order they came), which keeps the cost per message off a fast writer's throughput without
+   * delaying a prompt.
+   */
+  let pending: { type: 'stdout' | 'stderr'; data: string } | undefined;
+  let flushScheduled = false;
+  const flushPending = (): void => {
+    flushScheduled = false;
+    if (pending === undefined) return;
+    const message = pending;
+    pending = undefined;
+    if (!finished) send(message);
+  };
+  const COALESCE_LIMIT = 256 * 1024;
+  const enqueue = (type: 'stdout' | 'stderr', data: string): void => {
+    if (pending !== undefined && pending.type !== type) flushPending();
+    if (pending === undefined) pending = { type, data };
+    else pending.data += data;
+    if (pending.data.length >= COALESCE_LIMIT) flushPending();
+    else if (!flushScheduled) {
+      flushScheduled = true;
+      setImmediate(flushPending);
+    }
+  };
+
   const forward = (type: 'stdout' | 'stderr') => {
     const decoder = new StringDecoder('utf8');
     return {
@@ -60,16 +87,18 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
         if (outputBytes > options.maxOutputBytes) {
           if (!outputLimitReported) {
             outputLimitReported = true;
+            flushPending();
             send({ type: 'error', data: `output limit of ${options.maxOutputBytes} bytes exceeded: further output is dropped` });
           }
           return;
         }
         const data = decoder.write(chunk);
-        if (data) send({ type, data });
+        if (data) enqueue(type, data);
       },
       flush(): void {
         const data = decoder.end();
-        if (data && !finished) send({ type, data });
+        if (data && !finished) enqueue(type, data);
+        flushPending();
       },
     };
   };
@@ -98,6 +127,7 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
       ? setTimeout(() => {
           timedOut = true;
           running.kill();
+          flushPending();
           send({ type: 'timeout' });
           close();
         }, request.timeLimit * 1000)
