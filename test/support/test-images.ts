@@ -340,14 +340,16 @@ async function writeLayout(directory: string, blobs: Map<string, Buffer>, index:
 
 /*
  * An image index over this image and a fake arm64 one (whose manifest points at the same config):
- * a client must pick linux/amd64 from it. Returns the index's bytes and digest; blobs gains both.
+ * a client must pick linux/amd64 from it.
  */
-export function indexOf(image: TestImage, format: 'oci' | 'docker' = 'oci'): { bytes: Buffer; digest: string; mediaType: string } {
+export function indexOf(
+  image: TestImage,
+  format: 'oci' | 'docker' = 'oci',
+): { bytes: Buffer; digest: string; mediaType: string; otherManifest: { digest: string; bytes: Buffer } } {
   const amd64 = image.blobs.get(image.manifestDigest);
   if (!amd64) throw new Error('the image has no manifest blob');
   const arm64 = Buffer.from(amd64.toString('utf8').replace('{', '{"annotations":{"fake":"arm64"},'));
   const arm64Digest = digestOf(arm64);
-  image.blobs.set(arm64Digest, arm64);
   const mediaType = format === 'docker' ? MEDIA_TYPES.dockerManifestList : MEDIA_TYPES.ociIndex;
   const bytes = Buffer.from(
     JSON.stringify({
@@ -359,7 +361,5 @@ export function indexOf(image: TestImage, format: 'oci' | 'docker' = 'oci'): { b
       ],
     }),
   );
-  const digest = digestOf(bytes);
-  image.blobs.set(digest, bytes);
-  return { bytes, digest, mediaType };
+  return { bytes, digest: digestOf(bytes), mediaType, otherManifest: { digest: arm64Digest, bytes: arm64 } };
 }
