@@ -81,6 +81,18 @@ function moveTemplateJobFile(tree: Tree): void {
   delete server.templatejobfile;
 }
 
+/*
+ * Poseidon's nomad.disableforcepull (true: use a pulled image, false: pull at every start) is the
+ * local backend's pull policy too, unless local.pullpolicy says otherwise.
+ */
+function mapForcePull(tree: Tree): void {
+  const nomad = tree.nomad;
+  if (!isTree(nomad) || typeof nomad.disableforcepull !== 'boolean') return;
+  if (!isTree(tree.local)) tree.local = {};
+  const local = tree.local as Tree;
+  if (local.pullpolicy === undefined) local.pullpolicy = nomad.disableforcepull ? 'ifnotpresent' : 'always';
+}
+
 /* One warning per set key of Poseidon's that has no effect here (see UNIMPLEMENTED_KEYS). */
 export function unimplementedKeyWarnings(tree: Tree, prefix: string[] = []): ConfigWarning[] {
   const warnings: ConfigWarning[] = [];
@@ -132,6 +144,7 @@ export async function loadConfiguration(file: string | undefined, environment: N
   }
   tree = applyEnvironment(tree, environment);
   moveTemplateJobFile(tree);
+  mapForcePull(tree);
   const config = parseConfig(tree);
   return { config, warnings: unimplementedKeyWarnings(tree) };
 }

@@ -210,6 +210,49 @@ const imagesSchema = z
   })
   .default(() => new Map<string, string>());
 
+/*
+ * How the local backend gets an environment's image (src/local/images): `ifnotpresent` pulls a
+ * reference once and then uses the cache, `always` asks the registry for the tag's current digest
+ * at every environment start (and uses the cache when the registry cannot be reached), `never`
+ * uses only the cache (`poseidon pull` fills it). Kubernetes' spellings (IfNotPresent) work too.
+ */
+const pullPolicySchema = z
+  .string()
+  .transform((policy) => policy.toLowerCase())
+  .pipe(z.enum(['always', 'ifnotpresent', 'never']));
+
+/* Credentials and a mirror for one registry, keyed by its host[:port] as written in references (docker.io for Docker Hub). */
+const registrySchema = z.strictObject({
+  username: z.string().min(1).optional(),
+  password: z.string().optional(),
+  /*
+   * Every pull of this registry goes to this base URL instead (a pull-through cache or a copy of
+   * the images inside an air-gapped site), with the same repository names.
+   */
+  mirror: z
+    .url({ protocol: /^https?$/ })
+    .transform((url) => url.replace(/\/+$/, ''))
+    .optional(),
+  /* Plain HTTP instead of HTTPS (always so for loopback hosts). */
+  insecure: z.boolean().default(false),
+});
+
+const registriesSchema = z.record(z.string().regex(/^[A-Za-z0-9.-]+(:[0-9]{1,5})?$/, 'expected a registry host[:port]'), registrySchema).default({});
+
+/* The image cache under local.statedir/images: unpinned images unused for longer than this are removed. */
+const imageCacheSchema = z
+  .strictObject({
+    /* Seconds an image no environment or runner uses is kept (0: removed as soon as it is unused). */
+    unusedretention: z
+      .number()
+      .int()
+      .min(0)
+      .default(7 * 24 * 3600),
+    /* Most MiB of unused images kept; beyond it the least recently used unused ones go first (0: no limit). */
+    maxunusedsize: z.number().int().min(0).default(0),
+  })
+  .prefault({});
+
 const cgroupModeSchema = z.enum(['auto', 'v1', 'v2', 'off']);
 
 const localSchema = z
@@ -220,6 +263,10 @@ const localSchema = z
     bwrap: z.string().min(1).default('bwrap'),
     /* Maps an environment's `image` to a root file system directory; unknown images use the host's system directories read-only. */
     images: imagesSchema,
+    /* When an environment's image is fetched from its registry; Poseidon's nomad.disableforcepull maps to it (see load.ts). */
+    pullpolicy: pullPolicySchema.default('ifnotpresent'),
+    registries: registriesSchema,
+    imagecache: imageCacheSchema,
     /* The learner user every non-privileged command runs as, inside the runner's user namespace. */
     uid: z.number().int().min(1).max(65535).default(1000),
     gid: z.number().int().min(1).max(65535).default(1000),
@@ -369,5 +416,7 @@ export const UNIMPLEMENTED_KEYS: Record<string, UnimplementedKey> = {
 export type Config = z.infer<typeof configSchema>;
 export type NomadConfig = z.infer<typeof nomadSchema>;
 export type LocalConfig = z.infer<typeof localSchema>;
+export type RegistryConfig = z.infer<typeof registrySchema>;
+export type ImageCacheConfig = z.infer<typeof imageCacheSchema>;
 export type LocalNetworkConfig = z.infer<typeof localNetworkSchema>;
 export type CgroupMode = z.infer<typeof cgroupModeSchema>;
