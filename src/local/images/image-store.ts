@@ -87,6 +87,8 @@ export interface ImageStore {
   pin(digest: string): () => void;
   /* Removes unpinned images past the configured policy, then blobs no kept image refers to. Never a pinned image. */
   collectGarbage(): Promise<GarbageCollection>;
+  /* Stops the periodic collection and waits for pulls under way. */
+  close(): Promise<void>;
 }
 
 /* Why an image could not be prepared; `definite` ones will not change by retrying with the same reference. */
@@ -106,7 +108,9 @@ export type ImageErrorReason =
   /* A media type, compression (zstd without Node support) or platform the store cannot use. */
   | 'unsupported'
   /* The image is malformed (bad manifest, config or layer). */
-  | 'invalid-image';
+  | 'invalid-image'
+  /* The cache under local.statedir cannot be written (disk full, permissions). */
+  | 'cache-unwritable';
 
 const DEFINITE: ReadonlySet<ImageErrorReason> = new Set(['bad-reference', 'not-found', 'access-denied', 'unsupported', 'invalid-image', 'not-cached']);
 
