@@ -133,6 +133,7 @@ export class FileImageStore implements ImageStore {
   readonly #pins = new Map<string, number>();
   /* Builds under way by manifest digest: concurrent prepares of one image share one. */
   readonly #building = new Map<string, Promise<ImageRecord>>();
+  readonly #preparing = new Map<string, Promise<{ image: PreparedImage; pulled: boolean }>>();
   /* Blob downloads under way by digest: two images with a common layer share one. */
   readonly #downloading = new Map<string, Promise<void>>();
   #loaded: Promise<void> | undefined;
@@ -226,8 +227,21 @@ export class FileImageStore implements ImageStore {
     }
   }
 
-  async #prepare(text: string, options: PrepareOptions): Promise<{ image: PreparedImage; pulled: boolean }> {
+  /* Concurrent prepares of one reference and policy share one resolution (and so one manifest GET). */
+  #prepare(text: string, options: PrepareOptions): Promise<{ image: PreparedImage; pulled: boolean }> {
     const reference = parseReference(text);
+    const key = `${options.policy} ${formatReference(reference)}`;
+    // A caller with its own signal or progress listener gets its own resolution.
+    if (options.signal || options.onProgress) return this.#resolveAndPrepare(reference, text, options);
+    let shared = this.#preparing.get(key);
+    if (!shared) {
+      shared = this.#resolveAndPrepare(reference, text, options).finally(() => this.#preparing.delete(key));
+      this.#preparing.set(key, shared);
+    }
+    return shared;
+  }
+
+  async #resolveAndPrepare(reference: ImageReference, text: string, options: PrepareOptions): Promise<{ image: PreparedImage; pulled: boolean }> {
     const name = formatReference(reference);
     await this.#load().catch((error: unknown) => {
       this.#loaded = undefined;
