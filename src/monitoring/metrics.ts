@@ -10,8 +10,35 @@ import type { ExecutionResult } from '../runner/runner.js';
  * names and labels are defined here only.
  */
 
+/* What the image store (src/local/images) reports: bytes per layer as they arrive, and how prepares end. */
+export interface ImageInstruments {
+  /* `bytes` more arrived from `registry`. */
+  imageBytes?(registry: string, bytes: number): void;
+  /* A layer's download so far; `done` ends it (its gauges go). */
+  imageLayerProgress?(reference: string, layer: string, downloaded: number, total: number, done: boolean): void;
+  /* An image prepare ended: served from the cache, pulled, or failed. */
+  imagePrepared?(outcome: ImagePrepareOutcome, seconds: number): void;
+}
+
+export type ImagePrepareOutcome = 'cached' | 'pulled' | 'failed';
+
+/* Forwards the image store's reports to every target that listens to them. */
+function imageFanOut(targets: Array<Partial<Instruments>>): ImageInstruments {
+  return {
+    imageBytes: (...args) => {
+      for (const target of targets) target.imageBytes?.(...args);
+    },
+    imageLayerProgress: (...args) => {
+      for (const target of targets) target.imageLayerProgress?.(...args);
+    },
+    imagePrepared: (...args) => {
+      for (const target of targets) target.imagePrepared?.(...args);
+    },
+  };
+}
+
 /* What the backends report about themselves: kept this small so a backend depends on no metrics library. */
-export interface Instruments {
+export interface Instruments extends ImageInstruments {
   /* A runner build ended: ready (no error) or failed. */
   runnerBuilt(environmentId: number, seconds: number, error?: unknown): void;
   /* One HTTP call to Nomad ended; `endpoint` is a path template without ids. */
@@ -35,6 +62,7 @@ export const noInstruments: Instruments = {
 /* Calls every observer in turn: metrics and the health monitor both listen to runner builds. */
 export function fanOut(...targets: Array<Partial<Instruments>>): Instruments {
   return {
+    ...imageFanOut(targets),
     runnerBuilt: (...args) => {
       for (const target of targets) target.runnerBuilt?.(...args);
     },
@@ -90,6 +118,10 @@ export class Metrics implements Instruments {
   readonly #bytes: Counter<'environment_id' | 'direction'>;
   readonly #nomadDuration: Histogram<'method' | 'endpoint' | 'outcome'>;
   readonly #nomadErrors: Counter<'method' | 'endpoint' | 'error_code'>;
+  readonly #imageBytes: Counter<'registry'>;
+  readonly #imageLayerDownloaded: Gauge<'reference' | 'layer'>;
+  readonly #imageLayerSize: Gauge<'reference' | 'layer'>;
+  readonly #imagePrepares: Histogram<'outcome'>;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -187,6 +219,31 @@ export class Metrics implements Instruments {
       labelNames: ['method', 'endpoint', 'error_code'],
       registers,
     });
+    this.#imageBytes = new Counter({
+      name: 'poseidon_image_pull_bytes_total',
+      help: 'Bytes of image layers and configs downloaded, by registry',
+      labelNames: ['registry'],
+      registers,
+    });
+    this.#imageLayerDownloaded = new Gauge({
+      name: 'poseidon_image_layer_downloaded_bytes',
+      help: 'Bytes of each layer downloading now, by image reference and layer digest (gone once the layer is done)',
+      labelNames: ['reference', 'layer'],
+      registers,
+    });
+    this.#imageLayerSize = new Gauge({
+      name: 'poseidon_image_layer_size_bytes',
+      help: 'Size of each layer downloading now, by image reference and layer digest (gone once the layer is done)',
+      labelNames: ['reference', 'layer'],
+      registers,
+    });
+    this.#imagePrepares = new Histogram({
+      name: 'poseidon_image_prepare_duration_seconds',
+      help: 'Time to have an image ready for runners, by outcome (cached, pulled, failed)',
+      labelNames: ['outcome'],
+      buckets: [0.001, 0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600],
+      registers,
+    });
 
     // Pool gauges are read at scrape time from the manager's statistics, so they can never drift from it.
     const pools = (): EnvironmentStatistics[] => this.#pools();
@@ -264,6 +321,25 @@ export class Metrics implements Instruments {
   nomadCall(method: string, endpoint: string, seconds: number, error?: { errorCode?: string }): void {
     this.#nomadDuration.observe({ method, endpoint, outcome: error === undefined ? 'success' : 'error' }, seconds);
     if (error !== undefined) this.#nomadErrors.inc({ method, endpoint, error_code: error.errorCode ?? 'UNKNOWN' });
+  }
+
+  imageBytes(registry: string, bytes: number): void {
+    if (bytes > 0) this.#imageBytes.inc({ registry }, bytes);
+  }
+
+  imageLayerProgress(reference: string, layer: string, downloaded: number, total: number, done: boolean): void {
+    const labels = { reference, layer };
+    if (done) {
+      this.#imageLayerDownloaded.remove(labels);
+      this.#imageLayerSize.remove(labels);
+      return;
+    }
+    this.#imageLayerDownloaded.set(labels, downloaded);
+    this.#imageLayerSize.set(labels, total);
+  }
+
+  imagePrepared(outcome: ImagePrepareOutcome, seconds: number): void {
+    this.#imagePrepares.observe({ outcome }, seconds);
   }
 
   contentType(): string {

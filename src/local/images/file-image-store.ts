@@ -3,7 +3,8 @@ import { mkdir, open, readdir, readFile, readlink, rename, rm, stat, unlink, wri
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
-import type { ImageCacheConfig, RegistryConfig } from '../../config/schema.js';
+import type { ImageCacheConfig, LocalConfig, RegistryConfig } from '../../config/schema.js';
+import type { ImageInstruments } from '../../monitoring/metrics.js';
 import { resolveAccounts } from './accounts.js';
 import {
   type GarbageCollection,
@@ -62,23 +63,14 @@ type ImageRecord = z.infer<typeof recordSchema>;
 const referencesSchema = z.record(z.string(), z.object({ topDigest: z.string(), manifestDigest: z.string() }));
 type References = z.infer<typeof referencesSchema>;
 
-/* What the store reports for metrics; kept narrow so it depends on no metrics library. */
-export interface ImageStoreInstruments {
-  /* `bytes` more of a layer arrived from `registry`. */
-  layerBytes(registry: string, bytes: number): void;
-  /* A layer's download progress (total bytes so far); done removes it. */
-  layerProgress(reference: string, layer: string, downloaded: number, total: number, done: boolean): void;
-  /* A prepare ended: from the cache, after a pull, or failed with a reason. */
-  prepared(outcome: 'cached' | 'pulled' | 'failed', seconds: number): void;
-}
-
 export interface FileImageStoreOptions {
   /* local.statedir/images */
   directory: string;
   registries: Record<string, RegistryConfig>;
   cache: ImageCacheConfig;
   logger: Logger;
-  instruments?: () => ImageStoreInstruments | undefined;
+  /* Where progress and outcomes are reported (the handler's current instruments). */
+  instruments?: () => ImageInstruments | undefined;
 }
 
 function hexOf(digest: string): string {
@@ -152,6 +144,11 @@ export class FileImageStore implements ImageStore {
     this.#logger = options.logger.child({ component: 'images' });
   }
 
+  /* The store of the local backend: local.statedir/images, local.registries, local.imagecache. */
+  static fromConfig(local: LocalConfig, logger: Logger, instruments?: () => ImageInstruments | undefined): FileImageStore {
+    return new FileImageStore({ directory: path.join(local.statedir, 'images'), registries: local.registries, cache: local.imagecache, logger, instruments });
+  }
+
   /* Where an image's root is, whether or not it exists. */
   rootDirectory(digest: string): string {
     return path.join(this.#roots, hexOf(digest), 'rootfs');
@@ -219,10 +216,10 @@ export class FileImageStore implements ImageStore {
     const seconds = (): number => Number(process.hrtime.bigint() - started) / 1e9;
     try {
       const { image, pulled } = await this.#prepare(text, options);
-      this.#options.instruments?.()?.prepared(pulled ? 'pulled' : 'cached', seconds());
+      this.#options.instruments?.()?.imagePrepared?.(pulled ? 'pulled' : 'cached', seconds());
       return image;
     } catch (error) {
-      this.#options.instruments?.()?.prepared('failed', seconds());
+      this.#options.instruments?.()?.imagePrepared?.('failed', seconds());
       throw error;
     }
   }
@@ -464,10 +461,10 @@ export class FileImageStore implements ImageStore {
     let lastProgress = 0;
     let lastLog = Date.now();
     const report = (downloaded: number, done: boolean): void => {
-      instruments?.layerBytes(reference.registry, downloaded - reported);
+      instruments?.imageBytes?.(reference.registry, downloaded - reported);
       reported = downloaded;
       if (!isLayer) return;
-      instruments?.layerProgress(name, descriptor.digest, downloaded, descriptor.size, done);
+      instruments?.imageLayerProgress?.(name, descriptor.digest, downloaded, descriptor.size, done);
       const now = Date.now();
       if (done || now - lastProgress >= PROGRESS_INTERVAL_MS) {
         lastProgress = now;
@@ -484,7 +481,7 @@ export class FileImageStore implements ImageStore {
       report(descriptor.size, true);
       await rename(partial, this.#blobPath(descriptor.digest));
     } catch (error) {
-      if (isLayer) instruments?.layerProgress(name, descriptor.digest, reported, descriptor.size, true);
+      if (isLayer) instruments?.imageLayerProgress?.(name, descriptor.digest, reported, descriptor.size, true);
       await rm(partial, { force: true });
       throw error;
     }
