@@ -3,6 +3,13 @@ import { parseArgs } from 'node:util';
 export const HELP = `poseidon-ts: a Poseidon-compatible runner daemon for CodeOcean
 
 Usage: poseidon [--config FILE]
+       poseidon pull [--config FILE] IMAGE...
+
+Commands:
+  pull IMAGE...      fetch images from their registries into the local backend's image cache
+                     (local.statedir/images) and exit: prepulls images too large for CodeOcean's
+                     60-second window, or fills the cache of a site whose local.pullpolicy is never.
+                     Prints one line per image: the reference, its digest and its root directory.
 
 Options:
   -c, --config FILE  YAML configuration (default: ./configuration.yaml if present, else built-in defaults);
@@ -28,17 +35,30 @@ export function normaliseArguments(args: string[]): string[] {
 
 export class UsageError extends Error {}
 
-export function parseArguments(args: string[]): { config?: string; help?: boolean; version?: boolean } {
+const OPTIONS = {
+  config: { type: 'string', short: 'c' },
+  help: { type: 'boolean', short: 'h' },
+  version: { type: 'boolean', short: 'v' },
+} as const;
+
+export interface CliArguments {
+  config?: string;
+  help?: boolean;
+  version?: boolean;
+  /* `pull`: the images to fetch. */
+  pull?: string[];
+}
+
+export function parseArguments(args: string[]): CliArguments {
+  let parsed: ReturnType<typeof parseArgs<{ options: typeof OPTIONS; allowPositionals: true }>>;
   try {
-    return parseArgs({
-      args: normaliseArguments(args),
-      options: {
-        config: { type: 'string', short: 'c' },
-        help: { type: 'boolean', short: 'h' },
-        version: { type: 'boolean', short: 'v' },
-      },
-    }).values;
+    parsed = parseArgs({ args: normaliseArguments(args), options: OPTIONS, allowPositionals: true });
   } catch (error) {
     throw new UsageError(`${(error as Error).message}\n\n${HELP}`);
   }
+  const [command, ...operands] = parsed.positionals;
+  if (command === undefined) return parsed.values;
+  if (command !== 'pull') throw new UsageError(`unknown command "${command}"\n\n${HELP}`);
+  if (operands.length === 0 && !parsed.values.help) throw new UsageError(`pull needs at least one IMAGE\n\n${HELP}`);
+  return { ...parsed.values, pull: operands };
 }

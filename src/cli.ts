@@ -3,6 +3,7 @@ import type { Logger } from 'pino';
 import { HELP, parseArguments, UsageError } from './cli-arguments.js';
 import { ConfigError, loadConfiguration } from './config/load.js';
 import { type Daemon, packageVersion, startDaemon } from './daemon.js';
+import { pullImages } from './local/images/pull-command.js';
 import { createLogger } from './monitoring/logger.js';
 import { createErrorReporter, type ErrorReporter } from './monitoring/sentry.js';
 
@@ -35,6 +36,12 @@ async function main(): Promise<void> {
   }
   const configFile = values.config ?? (existsSync('configuration.yaml') ? 'configuration.yaml' : undefined);
   const { config, warnings } = await loadConfiguration(configFile);
+  if (values.pull) {
+    // The answer is on standard output, so the log goes to standard error.
+    const failed = await pullImages(values.pull, config.local, createLogger(config.logger, 2), (line) => process.stdout.write(line));
+    process.exitCode = failed > 0 ? 1 : 0;
+    return;
+  }
   const logger = createLogger(config.logger);
   logger.info({ configFile: configFile ?? '(defaults)' }, 'configuration loaded');
   for (const warning of warnings) logger.warn({ key: warning.key }, warning.message);

@@ -32,7 +32,7 @@ export function loggerOptions(config: Pick<Config['logger'], 'level' | 'formatte
  * Text lines for people (Poseidon's TextFormatter), one per entry, synchronously written so that a
  * crash or exit loses nothing; JSON (one object per line) for machines.
  */
-function destination(config: Pick<Config['logger'], 'formatter'>): DestinationStream {
+function destination(config: Pick<Config['logger'], 'formatter'>, fd: number): DestinationStream {
   if (config.formatter === 'text') {
     return pretty({
       sync: true,
@@ -40,14 +40,15 @@ function destination(config: Pick<Config['logger'], 'formatter'>): DestinationSt
       singleLine: true,
       translateTime: "UTC:yyyy-mm-dd'T'HH:MM:ss.l'Z'",
       ignore: 'pid,hostname,service',
-      destination: 1,
+      destination: fd,
     });
   }
-  return pino.destination({ dest: 1, sync: true });
+  return pino.destination({ dest: fd, sync: true });
 }
 
-export function createLogger(config: Pick<Config['logger'], 'level' | 'formatter'>): Logger {
-  return pino(loggerOptions(config), destination(config));
+/* Standard output for the daemon; commands whose answer is on standard output (`poseidon pull`) log to standard error (2). */
+export function createLogger(config: Pick<Config['logger'], 'level' | 'formatter'>, fd = 1): Logger {
+  return pino(loggerOptions(config), destination(config, fd));
 }
 
 /*
