@@ -51,6 +51,8 @@ export interface Faults {
   manifestFailures: number;
   /* Blobs answer 404 (gone from storage). */
   missingBlobs: Set<string>;
+  /* Manifests (by digest) served with a byte more than their digest covers. */
+  corruptManifests: Set<string>;
 }
 
 function errorBody(code: string, message: string): string {
@@ -59,7 +61,7 @@ function errorBody(code: string, message: string): string {
 
 export class FakeRegistry {
   readonly requests: RecordedRequest[] = [];
-  readonly faults: Faults = { bytesPerSecond: 0, corruptBlobs: new Set(), manifestFailures: 0, missingBlobs: new Set() };
+  readonly faults: Faults = { bytesPerSecond: 0, corruptBlobs: new Set(), manifestFailures: 0, missingBlobs: new Set(), corruptManifests: new Set() };
   readonly #repositories = new Map<string, Repository>();
   readonly #tokens = new Set<string>();
   readonly #registry: Server;
@@ -238,8 +240,9 @@ export class FakeRegistry {
       response.end(errorBody('MANIFEST_UNKNOWN', `manifest of type ${manifest.mediaType} found, but the Accept header does not support it`));
       return;
     }
-    response.writeHead(200, { 'content-type': manifest.mediaType, 'content-length': manifest.bytes.length, 'docker-content-digest': digest });
-    response.end(request.method === 'HEAD' ? undefined : manifest.bytes);
+    const bytes = this.faults.corruptManifests.has(digest) ? Buffer.concat([manifest.bytes, Buffer.from(' ')]) : manifest.bytes;
+    response.writeHead(200, { 'content-type': manifest.mediaType, 'content-length': bytes.length, 'docker-content-digest': digest });
+    response.end(request.method === 'HEAD' ? undefined : bytes);
   }
 
   #handleBlob(request: IncomingMessage, response: ServerResponse, repository: Repository, digest: string): void {

@@ -39,7 +39,6 @@ const MOUNT_POINT_DIRECTORIES = ['proc', 'dev', 'tmp', 'workspace', '.poseidon']
 const MOUNT_POINT_FILES = ['etc/passwd', 'etc/group'];
 /* Layers downloaded at once per image. */
 const DOWNLOAD_CONCURRENCY = 3;
-/* An image used this recently is never collected, so that a prepare and its caller's pin are not raced by a collection. */
 const MINIMUM_RETENTION_MS = 60_000;
 const PROGRESS_INTERVAL_MS = 200;
 const PROGRESS_LOG_INTERVAL_MS = 5_000;
@@ -69,6 +68,8 @@ export interface FileImageStoreOptions {
   registries: Record<string, RegistryConfig>;
   cache: ImageCacheConfig;
   logger: Logger;
+  /* An image used this recently is never collected (default a minute), so that a prepare and its caller's pin are not raced by a collection. */
+  minimumRetentionMs?: number;
   /* Where progress and outcomes are reported (the handler's current instruments). */
   instruments?: () => ImageInstruments | undefined;
 }
@@ -568,9 +569,10 @@ export class FileImageStore implements ImageStore {
     await this.#load();
     const result: GarbageCollection = { removedImages: [], removedBlobs: 0, freedBytes: 0 };
     const now = Date.now();
-    const retention = Math.max(this.#options.cache.unusedretention * 1000, MINIMUM_RETENTION_MS);
+    const minimum = this.#options.minimumRetentionMs ?? MINIMUM_RETENTION_MS;
+    const retention = Math.max(this.#options.cache.unusedretention * 1000, minimum);
     const unused = [...this.#records.values()]
-      .filter((record) => !this.#pins.has(record.digest) && !this.#building.has(record.digest) && now - Date.parse(record.lastUsedAt) >= MINIMUM_RETENTION_MS)
+      .filter((record) => !this.#pins.has(record.digest) && !this.#building.has(record.digest) && now - Date.parse(record.lastUsedAt) >= minimum)
       .sort((a, b) => Date.parse(a.lastUsedAt) - Date.parse(b.lastUsedAt));
     const expired = new Set(unused.filter((record) => now - Date.parse(record.lastUsedAt) >= retention));
     const limit = this.#options.cache.maxunusedsize * 1024 * 1024;
