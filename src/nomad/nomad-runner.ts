@@ -333,16 +333,20 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     const stream = new PassThrough();
     stream.on('close', () => abort.abort(new Error('download ended')));
     let written = 0;
-    let size = 0;
+    let size: number | undefined;
+    // The first read's header fixes the size, before any of its body is written.
+    const learnSize = (announced: number): void => {
+      size ??= announced;
+    };
     // Bytes past the announced size (a file growing while read) would break the Content-Length.
     const write = (chunk: Buffer): void => {
-      const room = size - written;
+      const room = (size ?? 0) - written;
       if (room <= 0 || stream.destroyed) return;
       const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
       written += part.length;
       stream.write(part);
     };
-    let read = this.#readFile(requestedPath, privilegedExecution, 0, write, abort.signal);
+    let read = this.#readFile(requestedPath, privilegedExecution, 0, learnSize, write, abort.signal);
     const announced = await read.size;
     if (announced === undefined) {
       abort.abort(new Error('no file'));
@@ -353,7 +357,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
       if (failure !== undefined && !(failure instanceof Error && failure.message === 'no file')) throw this.#domainError(failure);
       throw new FileNotAvailableError(`cannot read ${requestedPath}: ${read.stderr().trim() || 'no such file'}`);
     }
-    size = announced;
+    const total = announced;
     void (async () => {
       for (let attempt = 1; ; attempt += 1) {
         const failure = await read.session.then(
@@ -361,26 +365,37 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
           (error: unknown) => error,
         );
         if (stream.destroyed) return;
-        if (written >= size) {
+        if (written >= total) {
           stream.end();
           return;
         }
-        const shortfall = `${requestedPath}: ${written} of ${size} bytes arrived${failure instanceof Error ? ` (${failure.message})` : ''}`;
+        const shortfall = `${requestedPath}: ${written} of ${total} bytes arrived${failure instanceof Error ? ` (${failure.message})` : ''}`;
         if (attempt >= DOWNLOAD_ATTEMPTS || isAllocationUnknown(failure)) {
-          this.#logger.error({ path: requestedPath, written, size }, 'download incomplete; giving up');
+          this.#logger.error({ path: requestedPath, written, size: total }, 'download incomplete; giving up');
           stream.destroy(new Error(`download incomplete: ${shortfall}`));
           return;
         }
-        this.#logger.warn({ path: requestedPath, written, size, attempt }, 'download incomplete; reading the rest');
-        read = this.#readFile(requestedPath, privilegedExecution, written, write, abort.signal);
+        this.#logger.warn({ path: requestedPath, written, size: total, attempt }, 'download incomplete; reading the rest');
+        // A file that changed size meanwhile must not be stitched together: its rest is not written.
+        let changed = false;
+        read = this.#readFile(
+          requestedPath,
+          privilegedExecution,
+          written,
+          (resumed) => (changed = resumed !== total),
+          (chunk) => {
+            if (!changed) write(chunk);
+          },
+          abort.signal,
+        );
         const resumed = await read.size;
-        if (resumed !== size && !stream.destroyed) {
-          stream.destroy(new Error(`download incomplete: ${requestedPath} changed while read (${size} then ${resumed ?? 'unreadable'} bytes)`));
+        if (resumed !== total && !stream.destroyed) {
+          stream.destroy(new Error(`download incomplete: ${requestedPath} changed while read (${total} then ${resumed ?? 'unreadable'} bytes)`));
           return;
         }
       }
     })();
-    return { size, stream };
+    return { size: total, stream };
   }
 
   /* One read exec from `offset`: its announced size (undefined for no header), then body bytes to `write`. */
@@ -388,6 +403,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     requestedPath: string,
     privilegedExecution: boolean,
     offset: number,
+    onSize: (size: number) => void,
     write: (chunk: Buffer) => void,
     signal: AbortSignal,
   ): { size: Promise<number | undefined>; session: Promise<number>; stderr: () => string } {
@@ -396,11 +412,15 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     let resolveSize: (size: number | undefined) => void = () => undefined;
     const size = new Promise<number | undefined>((resolve) => (resolveSize = resolve));
     const onStdout = (chunk: Buffer): void => {
-      if (head === undefined) return write(chunk);
+      if (head === undefined) {
+        write(chunk);
+        return;
+      }
       head = Buffer.concat([head, chunk]);
       const announced = splitAnnounced(head);
       if (announced === undefined) return;
       head = undefined;
+      onSize(announced.size);
       resolveSize(announced.size);
       if (announced.body.length > 0) write(announced.body);
     };

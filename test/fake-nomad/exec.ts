@@ -44,8 +44,8 @@ export interface ExecFault {
 
 interface RunningExec {
   readonly command: readonly string[];
-  /* The command's process group: a tty exec's session, else the detached child's group. */
-  group(): number | undefined;
+  /* The command's process group (a tty exec's session, else the detached child's); unset before it starts. */
+  group: () => number | undefined;
 }
 
 /* The execs running in each allocation, for OOM kills of single processes. */
@@ -69,6 +69,19 @@ export function oomKillExecs(record: AllocRecord, match: RegExp | undefined): nu
     }
   }
   return killed;
+}
+
+/* The argv of every exec of the allocation that is running or about to start (delay-start). */
+export function runningExecCommands(record: AllocRecord): string[][] {
+  return [...(runningExecs.get(record) ?? [])].map((exec) => [...exec.command]);
+}
+
+function registerExec(record: AllocRecord, command: readonly string[]): { exec: RunningExec; done: () => void } {
+  const execs = runningExecs.get(record) ?? new Set<RunningExec>();
+  runningExecs.set(record, execs);
+  const exec: RunningExec = { command, group: () => undefined };
+  execs.add(exec);
+  return { exec, done: () => execs.delete(exec) };
 }
 
 const outputChunkBytes = 1024;
@@ -109,13 +122,16 @@ export function handleExec(
   const [file, ...args] = request.command;
   if (file === undefined) return refuse(closePolicy, 'command is not present');
 
+  const registration = registerExec(record, request.command);
   if (fault?.kind === 'delay-start') {
+    // Docker starts an exec it created even when the client is gone by then.
     setTimeout(() => {
-      if (socket.readyState === socket.OPEN && record.dir !== undefined) runProcess(socket, record, request, file, args, send, spec, violations, undefined);
+      if (record.dir !== undefined) runProcess(socket, record, request, file, args, send, spec, violations, undefined, registration);
+      else registration.done();
     }, fault.afterMs ?? 1_000);
     return;
   }
-  runProcess(socket, record, request, file, args, send, spec, violations, fault);
+  runProcess(socket, record, request, file, args, send, spec, violations, fault, registration);
 }
 
 function runProcess(
@@ -128,6 +144,7 @@ function runProcess(
   spec: NomadSpec | undefined,
   violations: string[],
   fault: ExecFault | undefined,
+  registration: { exec: RunningExec; done: () => void },
 ): void {
   const dir = record.dir ?? '/';
   const [command, commandArgs] = request.tty ? [PYTHON, [PTY_HELPER, file, ...args]] : [file, args];
@@ -156,9 +173,7 @@ function runProcess(
   record.processes.add(child);
   let spawnError: Error | undefined;
   let ttyGroup: number | undefined;
-  const exec: RunningExec = { command: request.command, group: () => (request.tty ? ttyGroup : child.pid) };
-  const execs = runningExecs.get(record) ?? new Set<RunningExec>();
-  runningExecs.set(record, execs.add(exec));
+  registration.exec.group = () => (request.tty ? ttyGroup : child.pid);
   if (fault?.kind === 'close-1000' && fault.afterMs !== undefined) setTimeout(() => socket.close(1000), fault.afterMs);
 
   const forward = (stream: 'stdout' | 'stderr', bytes: Buffer): void => {
@@ -199,7 +214,7 @@ function runProcess(
   });
   child.on('close', (code: number | null, signal: NodeJS.Signals | null) => {
     record.processes.delete(child);
-    execs.delete(exec);
+    registration.done();
     let exitCode = code ?? 0;
     if (signal !== null) exitCode = 128 + signalNumber(signal);
     if (ttyGroup !== undefined) record.ttyGroups.delete(ttyGroup);

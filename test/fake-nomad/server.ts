@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocketServer } from 'ws';
 import { Cluster, HttpError, type EventBatch, type Timings } from './cluster.js';
-import { type ExecFault, handleExec, oomKillExecs } from './exec.js';
+import { type ExecFault, handleExec, oomKillExecs, runningExecCommands } from './exec.js';
 import { isObject, omitEmpty, type JsonObject } from './model.js';
 import { NomadSpec, type SpecMethod } from './spec.js';
 
@@ -72,6 +72,8 @@ export interface FakeNomadControl {
   clearExecFaults(): void;
   /* OOM in an exec: only the matching exec'd processes die (137); no task event, no restart. */
   oomKillExec(allocId: string, match?: RegExp): number;
+  /* argv of the allocation's execs that run or wait for a delayed start. */
+  runningExecs(allocId: string): string[][];
   /* Nomad's http_max_conns_per_client: connections past it get Nomad's raw 429 and are closed. */
   setConnectionLimit(limit: number): void;
   /* Per client address: the most concurrent connections seen, and how many got a 429. */
@@ -343,6 +345,10 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       if (record === undefined) throw new HttpError(404, `unknown allocation ${allocId}`);
       return oomKillExecs(record, match);
     },
+    runningExecs: (allocId) => {
+      const record = cluster.allocs.get(allocId);
+      return record === undefined ? [] : runningExecCommands(record);
+    },
     setConnectionLimit: (limit) => {
       connectionLimit = limit;
     },
@@ -393,7 +399,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     if (path === '/faults' && method === 'DELETE') return (control.clearFaults(), done());
     if (path === '/exec-faults' && method === 'POST') {
       const kind = field('kind');
-      if (kind !== 'missing-exited' && kind !== 'close-1000' && kind !== 'truncate-tail' && kind !== 'delay-start') throw new HttpError(400, 'unknown exec fault kind');
+      if (kind !== 'missing-exited' && kind !== 'close-1000' && kind !== 'truncate-tail' && kind !== 'delay-start')
+        throw new HttpError(400, 'unknown exec fault kind');
       control.injectExecFault({
         kind,
         ...(typeof field('match') === 'string' ? { match: new RegExp(String(field('match'))) } : {}),
