@@ -76,6 +76,8 @@ export interface FakeNomadControl {
   runningExecs(allocId: string): string[][];
   /* Nomad's http_max_conns_per_client: connections past it get Nomad's raw 429 and are closed. */
   setConnectionLimit(limit: number): void;
+  /* The next `count` new connections get the 429 whatever the limit (a client near its limit). */
+  rejectNextConnections(count: number): void;
   /* Per client address: the most concurrent connections seen, and how many got a 429. */
   connections(): { peak: number; rejected: number };
   resetConnectionStats(): void;
@@ -116,6 +118,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
   let connectionLimit = options.maxConnsPerClient ?? 100;
   const openConnections = new Map<string, number>();
   const connectionStats = { peak: 0, rejected: 0 };
+  let forcedRejections = 0;
   /* Connections answered with the 429: whatever request they still carry is never handled. */
   const rejectedSockets = new WeakSet<Socket>();
   const subscribers = new Set<Subscriber>();
@@ -352,6 +355,9 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     setConnectionLimit: (limit) => {
       connectionLimit = limit;
     },
+    rejectNextConnections: (count) => {
+      forcedRejections = count;
+    },
     connections: () => ({ ...connectionStats }),
     resetConnectionStats: () => {
       connectionStats.peak = Math.max(0, ...openConnections.values());
@@ -413,6 +419,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     if (path === '/exec-faults' && method === 'DELETE') return (control.clearExecFaults(), done());
     if (path === '/connection-limit' && method === 'PUT') return (control.setConnectionLimit(Number(field('limit') ?? 100)), done());
     if (path === '/connections' && method === 'GET') return sendJson(response, control.connections());
+    if (path === '/connections/reject' && method === 'POST') return (control.rejectNextConnections(Number(field('count') ?? 1)), done());
     if ((match = /^\/allocations\/([^/]+)\/oom-exec$/.exec(path)) !== null && method === 'POST') {
       const pattern = field('match');
       return sendJson(response, { killed: control.oomKillExec(match[1] ?? '', typeof pattern === 'string' ? new RegExp(pattern) : undefined) });
@@ -460,7 +467,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     // is read; past the limit the raw 429 is written and the connection closed (command/agent/http.go).
     const client = socket.remoteAddress ?? '';
     const open = (openConnections.get(client) ?? 0) + 1;
-    if (connectionLimit > 0 && open > connectionLimit) {
+    if ((connectionLimit > 0 && open > connectionLimit) || forcedRejections > 0) {
+      forcedRejections = Math.max(0, forcedRejections - 1);
       connectionStats.rejected += 1;
       rejectedSockets.add(socket);
       const message = 'Your IP is issuing too many concurrent connections, please rate limit your calls\n';

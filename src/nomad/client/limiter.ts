@@ -34,7 +34,7 @@ export class ConnectionLimiter {
       return Promise.resolve(this.#releaser());
     }
     if (this.#waiting.length >= this.maxQueued) {
-      return Promise.reject(this.#overload(`${this.#waiting.length} more are queued, the most allowed`));
+      return Promise.reject(this.#overload(`the queue is full (${this.maxQueued} waiting)`));
     }
     return new Promise<() => void>((resolve, reject) => {
       const entry = {
