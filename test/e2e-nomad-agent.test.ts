@@ -3,6 +3,7 @@ import { randomInt } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import { CodeOceanClient, DEFAULT_IMAGE, environmentSpec, fileEntries, type FileListEntry } from './support/codeocean-client.js';
 import { startDaemon, type Daemon } from './support/daemon.js';
+import { poolStatistics, stopNomadTest } from './support/nomad-e2e.js';
 import { nomadTarget, type NomadTarget } from './support/nomad-target.js';
 import { waitFor } from './support/wait.js';
 
@@ -24,11 +25,7 @@ let readyMs: number;
 const stripDot = (name: string): string => name.replace(/^\.\//, '').replace(/^\./, '');
 const byName = (entries: FileListEntry[]): Map<string, FileListEntry> => new Map(entries.map((e) => [stripDot(e.name), e]));
 
-async function statistics(): Promise<{ idleRunners: number; usedRunners: number } | undefined> {
-  const response = await client.request('GET', '/statistics/execution-environments', {});
-  const body = response.body as Record<string, { idleRunners: number; usedRunners: number }> | undefined;
-  return body?.[String(environmentId)];
-}
+const statistics = (): ReturnType<typeof poolStatistics> => poolStatistics(client, environmentId);
 
 before(async () => {
   target = await nomadTarget();
@@ -39,15 +36,9 @@ before(async () => {
 });
 
 after(async () => {
-  const logs = daemon?.logs().trim() ?? '';
-  try {
-    // Leaves nothing behind on a real cluster, even when a test failed halfway.
-    if (daemon !== undefined) await client.deleteEnvironment(environmentId).catch(() => undefined);
-    await daemon?.stop();
-  } finally {
-    await target?.stop();
-    if (logs.length > 0 && process.env['NOMAD_E2E_LOGS'] !== undefined) process.stderr.write(`--- daemon output ---\n${logs.slice(-8000)}\n`);
-  }
+  // Leaves nothing behind on a real cluster, even when a test failed halfway.
+  if (daemon !== undefined) await client.deleteEnvironment(environmentId).catch(() => undefined);
+  await stopNomadTest(daemon, async () => target?.stop());
 });
 
 describe('CodeOcean flow on a Nomad agent (NOMAD_ADDR, else the fake)', () => {

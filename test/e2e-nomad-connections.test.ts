@@ -3,6 +3,7 @@ import { after, before, describe, test } from 'node:test';
 import { CodeOceanClient, environmentSpec, type ExecutionResult } from './support/codeocean-client.js';
 import { startDaemon, type ConfigTree, type Daemon } from './support/daemon.js';
 import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
+import { nomadOnly, stopNomadTest } from './support/nomad-e2e.js';
 
 /*
  * Bounded connections to Nomad, through the public API: the fake refuses connections past its
@@ -20,7 +21,7 @@ async function start(nomad: ConfigTree): Promise<void> {
   await daemon?.stop();
   daemon = await startDaemon({
     token: TOKEN,
-    config: { nomad: { enabled: true, address: '127.0.0.1', port: fake.port, requesttimeout: 3000, ...nomad }, local: { enabled: false } },
+    config: nomadOnly(fake.port, nomad),
   });
   client = new CodeOceanClient(daemon.baseUrl, TOKEN);
   const put = await client.putEnvironment(environmentSpec(ENV_ID, { prewarmingPoolSize: 1 }));
@@ -33,15 +34,7 @@ before(async () => {
   fake = await startFakeNomad({ heartbeatMs: 200 });
 });
 
-after(async () => {
-  const logs = daemon?.logs().trim() ?? '';
-  try {
-    await daemon?.stop();
-  } finally {
-    await fake?.close();
-    if (logs.length > 0 && process.env['NOMAD_E2E_LOGS'] !== undefined) process.stderr.write(`--- daemon output ---\n${logs.slice(-8000)}\n`);
-  }
-});
+after(() => stopNomadTest(daemon, async () => fake?.close()));
 
 describe('Nomad connection limits', () => {
   test('many parallel executions queue below nomad.maxconnections and never meet Nomad’s limit', async () => {

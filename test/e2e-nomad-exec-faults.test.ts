@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
 import { after, before, beforeEach, describe, test } from 'node:test';
-import { CodeOceanClient, environmentSpec, fileEntries } from './support/codeocean-client.js';
-import { startDaemon, type Daemon } from './support/daemon.js';
+import { type CodeOceanClient, environmentSpec, fileEntries } from './support/codeocean-client.js';
+import type { Daemon } from './support/daemon.js';
+import { startNomadTest, stopNomadTest } from './support/nomad-e2e.js';
 import { waitFor } from './support/wait.js';
-import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
+import type { FakeNomad } from './fake-nomad/index.js';
 
 /*
  * Exec results that survive Nomad's exec bugs, through the public API: the fake drops the `exited`
@@ -33,27 +34,14 @@ const allocation = (): string => {
 const taskState = (): string => JSON.stringify((fake.control.allocations(runnerId)[0]?.['TaskStates'] as Record<string, unknown> | undefined) ?? {});
 
 before(async () => {
-  fake = await startFakeNomad({ heartbeatMs: 200 });
-  daemon = await startDaemon({
-    token: TOKEN,
-    config: { nomad: { enabled: true, address: '127.0.0.1', port: fake.port, requesttimeout: 3000 }, local: { enabled: false } },
-  });
-  client = new CodeOceanClient(daemon.baseUrl, TOKEN);
+  ({ fake, daemon, client } = await startNomadTest(TOKEN));
   assert.equal((await client.putEnvironment(environmentSpec(ENV_ID, { prewarmingPoolSize: 1 }))).status, 201);
   runnerId = await client.claim(ENV_ID, 300);
 });
 
 beforeEach(() => fake.control.clearExecFaults());
 
-after(async () => {
-  const logs = daemon?.logs().trim() ?? '';
-  try {
-    await daemon?.stop();
-  } finally {
-    await fake?.close();
-    if (logs.length > 0 && process.env['NOMAD_E2E_LOGS'] !== undefined) process.stderr.write(`--- daemon output ---\n${logs.slice(-8000)}\n`);
-  }
-});
+after(() => stopNomadTest(daemon, async () => fake?.close()));
 
 describe('Nomad exec faults', () => {
   test('a missing exited frame: the exit code is recovered from the wrapper, not reported as an error', async () => {

@@ -1,9 +1,10 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
-import { startDaemon, type Daemon } from './support/daemon.js';
+import { type CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
+import type { Daemon } from './support/daemon.js';
+import { poolStatistics, startNomadTest, stopNomadTest } from './support/nomad-e2e.js';
 import { waitFor } from './support/wait.js';
-import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
+import type { FakeNomad } from './fake-nomad/index.js';
 
 /*
  * What the Nomad backend does in Nomad during the CodeOcean flow, seen through the fake's control
@@ -18,31 +19,13 @@ let fake: FakeNomad;
 let daemon: Daemon;
 let client: CodeOceanClient;
 
-
-async function statistics(environmentId: number): Promise<{ idleRunners: number; usedRunners: number } | undefined> {
-  const response = await client.request('GET', '/statistics/execution-environments', {});
-  const body = response.body as Record<string, { idleRunners: number; usedRunners: number }> | undefined;
-  return body?.[String(environmentId)];
-}
+const statistics = (environmentId: number): ReturnType<typeof poolStatistics> => poolStatistics(client, environmentId);
 
 before(async () => {
-  fake = await startFakeNomad({ heartbeatMs: 200 });
-  daemon = await startDaemon({
-    token: TOKEN,
-    config: { nomad: { enabled: true, address: '127.0.0.1', port: fake.port, requesttimeout: 3000 }, local: { enabled: false } },
-  });
-  client = new CodeOceanClient(daemon.baseUrl, TOKEN);
+  ({ fake, daemon, client } = await startNomadTest(TOKEN));
 });
 
-after(async () => {
-  const logs = daemon?.logs().trim() ?? '';
-  try {
-    await daemon?.stop();
-  } finally {
-    await fake?.close();
-    if (logs.length > 0) process.stderr.write(`--- daemon output ---\n${logs.slice(-8000)}\n`);
-  }
-});
+after(() => stopNomadTest(daemon, async () => fake?.close(), true));
 
 describe('CodeOcean flow on the Nomad backend', () => {
   test('PUT registers the template job; the pool fills from allocation events', async () => {
