@@ -14,7 +14,7 @@ import { NomadExecError } from './client/errors.js';
 import type { ExecutorApi } from './client/executor-api.js';
 import { domainErrorOf, isAllocationUnknown } from './failures.js';
 import { defaultTaskName } from './job-template.js';
-import { type AnnouncedOutput, buildArchive, listCommand, readCommand, splitAnnounced, updateCommand } from './workspace-commands.js';
+import { buildArchive, listCommand, readCommand, splitAnnounced, updateCommand } from './workspace-commands.js';
 
 /*
  * Unprivileged commands run as the image's `user` through /sbin/setuser, Poseidon's convention for
@@ -310,7 +310,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
 
   async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
     const { start, argv } = listCommand(options.path, options.recursive);
-    const result = await this.#exec(asUser(argv, options.privilegedExecution), { complete: (stdout) => isComplete(splitAnnounced(stdout)) });
+    const result = await this.#exec(asUser(argv, options.privilegedExecution), { complete: listingComplete });
     const listing = splitAnnounced(result.stdout);
     const status = listing?.status ?? result.exitCode;
     const entries = parseFindOutput(listing?.body ?? Buffer.alloc(0)).filter(
@@ -573,8 +573,11 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   }
 }
 
-function isComplete(output: AnnouncedOutput | undefined): boolean {
-  return output !== undefined && output.body.length >= output.size;
+/* A listing arrived whole, or its script failed before the header (e.g. no mktemp): then stderr says why. */
+function listingComplete(stdout: Buffer, exitCode: number | undefined): boolean {
+  const listing = splitAnnounced(stdout);
+  if (listing === undefined) return exitCode !== undefined && exitCode !== 0 && stdout.length === 0;
+  return listing.body.length >= listing.size;
 }
 
 function isExitUnknown(error: unknown): error is NomadExecError {
