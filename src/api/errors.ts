@@ -18,6 +18,7 @@ export const ERROR_ANSWERS: Readonly<Record<ErrorKind, HttpAnswer>> = {
   'bad-request': { statusCode: 400, errorCode: 'BAD_REQUEST' },
   'backend-unreachable': { statusCode: 500, errorCode: 'NOMAD_UNREACHABLE' },
   'backend-failed': { statusCode: 500, errorCode: 'NOMAD_INTERNAL_SERVER_ERROR' },
+  'backend-overloaded': { statusCode: 500, errorCode: 'NOMAD_OVERLOAD' },
   'backend-error': { statusCode: 500, errorCode: 'UNKNOWN' },
 };
 

@@ -157,8 +157,16 @@ const nomadSchema = z
     network: z.strictObject({ mode: z.string().min(1).default('bridge') }).prefault({}),
     /* Path of a JSON job template replacing the built-in default (Poseidon's templatejobfile). */
     templatejobfile: z.string().min(1).optional(),
-    /* Timeout of one Nomad HTTP call, in milliseconds. */
+    /* Timeout of one Nomad HTTP call, in milliseconds; also the longest wait for a free connection. */
     requesttimeout: z.number().int().positive().default(10_000),
+    /*
+     * Connections to the Nomad address at once, HTTP calls, the event stream and exec sessions together
+     * (every execution holds one or two exec sessions). Keep it below Nomad's http_max_conns_per_client
+     * (100 by default), counted per client IP, so several daemons behind one address must share it.
+     */
+    maxconnections: z.number().int().min(4).default(64),
+    /* Calls and exec sessions that may wait for a free connection; more are refused with NOMAD_OVERLOAD. */
+    maxqueued: z.number().int().min(0).default(1000),
   })
   .prefault({});
 

@@ -9,7 +9,9 @@ export function domainErrorOf(error: unknown, runnerId?: string): Error {
   if (error instanceof DomainError) return error;
   if (runnerId !== undefined && isAllocationUnknown(error)) return new RunnerNotFoundError(runnerId);
   if (error instanceof NomadError) {
-    return new BackendError(error.message, error.errorCode === 'NOMAD_UNREACHABLE' ? 'backend-unreachable' : 'backend-failed', { cause: error });
+    const kind =
+      error.errorCode === 'NOMAD_UNREACHABLE' ? 'backend-unreachable' : error.errorCode === 'NOMAD_OVERLOAD' ? 'backend-overloaded' : 'backend-failed';
+    return new BackendError(error.message, kind, { cause: error });
   }
   return error instanceof Error ? error : new Error(String(error));
 }

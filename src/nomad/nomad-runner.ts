@@ -10,10 +10,11 @@ import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, L
 import { parseFindOutput, WORKSPACE } from '../runner/workspace-files.js';
 import type { NomadJob, PortMapping } from './client/api-types.js';
 import type { StdinSource } from './client/exec.js';
+import { NomadExecError } from './client/errors.js';
 import type { ExecutorApi } from './client/executor-api.js';
 import { domainErrorOf, isAllocationUnknown } from './failures.js';
 import { defaultTaskName } from './job-template.js';
-import { buildArchive, listCommand, readCommand, updateCommand } from './workspace-commands.js';
+import { buildArchive, listCommand, readCommand, splitAnnounced, updateCommand } from './workspace-commands.js';
 
 /*
  * Unprivileged commands run as the image's `user` through /sbin/setuser, Poseidon's convention for
@@ -25,31 +26,60 @@ const AS_USER = 'if [ "$1" = 0 ] && [ -x /sbin/setuser ]; then shift; exec /sbin
 /*
  * Wraps a learner's command. Records the wrapper's pid so that a kill can reach the process group
  * from a second exec (Nomad offers no signal for an exec session), removes Nomad's variables as
- * Poseidon does, and runs the command with the request's variables and CODEOCEAN=true.
+ * Poseidon does, and runs the command with the request's variables and CODEOCEAN=true. Its files
+ * share one stem: <stem>.pid while it runs; <stem>.kill, a kill that came before the pid file; and
+ * <stem>.exit, the status, for when Nomad's session ends without its exit frame (nomad#9892, #14595).
+ * $5 names the exit files of earlier executions whose status arrived, removed here at no extra exec.
  */
 const EXECUTE_SCRIPT = [
-  'pidfile=$1; privileged=$2; command=$3; fifo=$4; shift 4',
-  'echo $$ > "$pidfile"',
+  'stem=$1; privileged=$2; command=$3; fifo=$4; stale=$5; shift 5',
+  'echo $$ > "$stem.pid"',
+  '[ -z "$stale" ] || rm -f $stale',
   // Interactive stderr as in Poseidon: wait for the FIFO the stderr exec makes (for 5 s at most:
   // without it stderr stays on the terminal), then send stderr there instead of the terminal.
   'if [ -n "$fifo" ]; then i=0; until [ -e "$fifo" ] || [ $i -ge 500 ]; do sleep 0.01; i=$((i+1)); done; [ -e "$fifo" ] && exec 2> "$fifo"; fi',
+  // A kill sets the mark before it reads the pid file, and we wrote the pid file before reading the
+  // mark: either the kill finds our pid or we find its mark. Leaving closes the FIFO, so its cat ends.
+  'if [ -e "$stem.kill" ]; then rm -f "$stem.kill" "$stem.pid"; exit 137; fi',
   'for variable in $(env | sed -n "s/^\\(NOMAD_[A-Za-z0-9_]*\\)=.*/\\1/p" 2>/dev/null); do unset "$variable"; done',
   'if [ "$privileged" = 0 ] && [ -x /sbin/setuser ]; then /sbin/setuser user env CODEOCEAN=true "$@" /bin/sh -c "$command"',
   'else env CODEOCEAN=true "$@" /bin/sh -c "$command"; fi',
-  'status=$?; rm -f "$pidfile"; exit $status',
+  'status=$?; echo $status > "$stem.exit.new" && mv -f "$stem.exit.new" "$stem.exit"; rm -f "$stem.pid"; exit $status',
 ].join('\n');
 
 /*
  * Kills what EXECUTE_SCRIPT started. Only a process that leads its own group is killed as a group:
- * otherwise the group may be the container's, and killing it would take the runner down.
+ * otherwise the group may be the container's, and killing it would take the runner down. Without a
+ * pid file yet, the mark stops the wrapper before it runs the command.
  */
 const KILL_SCRIPT = [
-  'pid=$(cat "$1" 2>/dev/null) || exit 0',
-  'rm -f "$1"',
+  'stem=$1',
+  '[ -e "$stem.exit" ] && exit 0',
+  ': > "$stem.kill"',
+  'pid=$(cat "$stem.pid" 2>/dev/null) || exit 0',
+  'rm -f "$stem.pid" "$stem.kill"',
   'group=$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f3)',
   // dash's kill knows no `--`; `-9 -<pid>` addresses the group in every POSIX shell.
   'if [ "$group" = "$pid" ]; then kill -9 "-$pid" 2>/dev/null; else kill -9 "$pid" 2>/dev/null; fi',
   'exit 0',
+].join('\n');
+
+/*
+ * Reads an execution's status from EXECUTE_SCRIPT's exit file once it is there, waiting while the
+ * wrapper still runs (Nomad may end the session before the command ends). Exits 3 when the status
+ * cannot be known: the wrapper died without writing it, or never started within 5 s.
+ */
+const RECOVER_EXIT_SCRIPT = [
+  'stem=$1; waited=0',
+  'while :; do',
+  '  if [ -e "$stem.exit" ]; then cat "$stem.exit"; exit 0; fi',
+  '  if pid=$(cat "$stem.pid" 2>/dev/null) && [ -n "$pid" ]; then',
+  '    kill -0 "$pid" 2>/dev/null || [ -e "$stem.exit" ] || exit 3',
+  '  else',
+  '    waited=$((waited+1)); [ $waited -ge 50 ] && { [ -e "$stem.exit" ] && continue; exit 3; }',
+  '  fi',
+  '  sleep 0.1',
+  'done',
 ].join('\n');
 
 /*
@@ -67,6 +97,10 @@ const TTY_SIZE = { height: 24, width: 80 };
 
 /* Where the workspace goes when the image's working directory is the root (never empty `/` with ./*). */
 const FALLBACK_WORKSPACE = WORKSPACE;
+
+/* Read execs per download (the first and its resumptions) and runs of an idempotent helper exec. */
+const DOWNLOAD_ATTEMPTS = 4;
+const HELPER_EXEC_ATTEMPTS = 3;
 
 /* Docker reports some OOM kills as 128; the allocation's OOM event may follow the exit that closely. */
 const OOM_CONFIRMATION_MS = 1_000;
@@ -126,6 +160,8 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   /* Meta writes and the final purge are serialised, so a late meta write never re-creates a purged job. */
   #jobOperations: Promise<void> = Promise.resolve();
   readonly #executions = new Set<AbortController>();
+  /* Exit files of executions whose status arrived in the exit frame; the next execution removes them. */
+  readonly #staleExitFiles: string[] = [];
   readonly #ports: MappedPort[];
   readonly #logger: Logger;
 
@@ -183,10 +219,11 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
 
   async execute(request: ExecutionRequest, output: ExecutionOutput): Promise<ExecutionProcess> {
     this.#assertAlive();
-    const pidFile = `/tmp/.poseidon-${randomUUID()}.pid`;
+    const stem = `/tmp/.poseidon-${randomUUID()}`;
     const environment = Object.entries(request.environment).map(([key, value]) => `${key}=${value}`);
     const fifo = this.interactiveStderr ? `/tmp/stderr_${randomUUID()}.fifo` : '';
-    const argv = ['/bin/sh', '-c', EXECUTE_SCRIPT, 'execute', pidFile, request.privilegedExecution ? '1' : '0', request.command, fifo, ...environment];
+    const stale = this.#staleExitFiles.splice(0).join(' ');
+    const argv = ['/bin/sh', '-c', EXECUTE_SCRIPT, 'execute', stem, request.privilegedExecution ? '1' : '0', request.command, fifo, stale, ...environment];
     const stdin = new StdinQueue();
     const abort = new AbortController();
     this.#executions.add(abort);
@@ -225,7 +262,15 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     };
     const result = (async (): Promise<ExecutionResult> => {
       try {
-        const exitCode = await session.finally(stderrDone);
+        const exitCode = await session
+          .then(
+            (code) => {
+              this.#staleExitFiles.push(`${stem}.exit`);
+              return code;
+            },
+            (error: unknown) => (killed || !isExitUnknown(error) ? Promise.reject(error) : this.#recoverExitCode(stem, error, abort.signal)),
+          )
+          .finally(stderrDone);
         if (exitCode === 137 || (exitCode === 128 && (await this.#confirmOom()))) return this.#oomKilled ? { kind: 'oomKilled' } : { kind: 'exited', exitCode };
         return { kind: 'exited', exitCode: exitCode & 0xff };
       } catch (error) {
@@ -245,7 +290,7 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
         killed = true;
         abort.abort(new Error('execution killed'));
         stderrAbort.abort(new Error('execution killed'));
-        void this.#exec(['/bin/sh', '-c', KILL_SCRIPT, 'kill', pidFile]).catch((error: unknown) => {
+        void this.#exec(['/bin/sh', '-c', KILL_SCRIPT, 'kill', stem]).catch((error: unknown) => {
           this.#logger.warn({ err: error }, 'killing the execution in the allocation failed');
         });
       },
@@ -265,64 +310,130 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
 
   async listFileSystem(options: ListFilesOptions): Promise<FileHeader[]> {
     const { start, argv } = listCommand(options.path, options.recursive);
-    const result = await this.#exec(asUser(argv, options.privilegedExecution));
-    const entries = parseFindOutput(result.stdout).filter((entry, index) => !(index === 0 && entry.name === start && entry.entryType === 'd'));
-    if (result.exitCode !== 0 && entries.length === 0) {
-      throw new FileNotAvailableError(`cannot list ${options.path}: ${result.stderr.trim() || `exit ${result.exitCode}`}`);
+    const result = await this.#exec(asUser(argv, options.privilegedExecution), { complete: listingComplete });
+    const listing = splitAnnounced(result.stdout);
+    const status = listing?.status ?? result.exitCode;
+    const entries = parseFindOutput(listing?.body ?? Buffer.alloc(0)).filter(
+      (entry, index) => !(index === 0 && entry.name === start && entry.entryType === 'd'),
+    );
+    if (status !== 0 && entries.length === 0) {
+      throw new FileNotAvailableError(`cannot list ${options.path}: ${result.stderr.trim() || `exit ${status ?? 'unknown'}`}`);
     }
     return entries;
   }
 
+  /*
+   * Streams a file after its announced size. When Nomad loses the tail of the output (nomad#27146)
+   * or drops the session, the rest is read from where it stopped, a few times; a download that
+   * still falls short ends with an error, which cuts the response short of its Content-Length.
+   */
   async getFileContent(requestedPath: string, privilegedExecution: boolean): Promise<FileContent> {
     this.#assertAlive();
     const abort = new AbortController();
     const stream = new PassThrough();
-    let head: Buffer | undefined = Buffer.alloc(0);
-    let stderr = '';
-    let resolveSize: (size: number | undefined) => void = () => undefined;
-    const sizeKnown = new Promise<number | undefined>((resolve) => (resolveSize = resolve));
-    // The first line is the size (for Content-Length); the rest is the file, streamed as it comes.
-    const onStdout = (chunk: Buffer): void => {
-      if (head === undefined) {
-        stream.write(chunk);
-        return;
-      }
-      head = Buffer.concat([head, chunk]);
-      const newline = head.indexOf(10);
-      if (newline < 0) return;
-      const size = Number(head.subarray(0, newline).toString('utf8'));
-      const rest = head.subarray(newline + 1);
-      head = undefined;
-      resolveSize(Number.isSafeInteger(size) ? size : undefined);
-      if (rest.length > 0) stream.write(rest);
-    };
-    const session = this.api.exec(this.allocationId, defaultTaskName, asUser(readCommand(requestedPath), privilegedExecution), {
-      onStdout,
-      onStderr: (chunk) => (stderr += chunk.toString('utf8')),
-      signal: abort.signal,
-    });
     stream.on('close', () => abort.abort(new Error('download ended')));
-    void session.then(
-      () => {
-        resolveSize(undefined);
-        stream.end();
-      },
-      (error: unknown) => {
-        resolveSize(undefined);
-        stream.destroy(error instanceof Error ? error : new Error(String(error)));
-      },
-    );
-    const size = await sizeKnown;
-    if (size === undefined) {
+    let written = 0;
+    let size: number | undefined;
+    // The first read's header fixes the size, before any of its body is written.
+    const learnSize = (announced: number): void => {
+      size ??= announced;
+    };
+    // Bytes past the announced size (a file growing while read) would break the Content-Length.
+    const write = (chunk: Buffer): void => {
+      const room = (size ?? 0) - written;
+      if (room <= 0 || stream.destroyed) return;
+      const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
+      written += part.length;
+      stream.write(part);
+    };
+    let read = this.#readFile(requestedPath, privilegedExecution, 0, learnSize, write, abort.signal);
+    const announced = await read.size;
+    if (announced === undefined) {
       abort.abort(new Error('no file'));
-      const failure = await session.then(
+      const failure = await read.session.then(
         () => undefined,
         (error: unknown) => error,
       );
       if (failure !== undefined && !(failure instanceof Error && failure.message === 'no file')) throw this.#domainError(failure);
-      throw new FileNotAvailableError(`cannot read ${requestedPath}: ${stderr.trim() || 'no such file'}`);
+      throw new FileNotAvailableError(`cannot read ${requestedPath}: ${read.stderr().trim() || 'no such file'}`);
     }
-    return { size, stream };
+    const total = announced;
+    void (async () => {
+      for (let attempt = 1; ; attempt += 1) {
+        const failure = await read.session.then(
+          () => undefined,
+          (error: unknown) => error,
+        );
+        if (stream.destroyed) return;
+        if (written >= total) {
+          stream.end();
+          return;
+        }
+        const shortfall = `${requestedPath}: ${written} of ${total} bytes arrived${failure instanceof Error ? ` (${failure.message})` : ''}`;
+        if (attempt >= DOWNLOAD_ATTEMPTS || isAllocationUnknown(failure)) {
+          this.#logger.error({ path: requestedPath, written, size: total }, 'download incomplete; giving up');
+          stream.destroy(new Error(`download incomplete: ${shortfall}`));
+          return;
+        }
+        this.#logger.warn({ path: requestedPath, written, size: total, attempt }, 'download incomplete; reading the rest');
+        // A file that changed size meanwhile must not be stitched together: its rest is not written.
+        let changed = false;
+        read = this.#readFile(
+          requestedPath,
+          privilegedExecution,
+          written,
+          (resumed) => (changed = resumed !== total),
+          (chunk) => {
+            if (!changed) write(chunk);
+          },
+          abort.signal,
+        );
+        const resumed = await read.size;
+        if (resumed !== total && !stream.destroyed) {
+          stream.destroy(new Error(`download incomplete: ${requestedPath} changed while read (${total} then ${resumed ?? 'unreadable'} bytes)`));
+          return;
+        }
+      }
+    })();
+    return { size: total, stream };
+  }
+
+  /* One read exec from `offset`: its announced size (undefined for no header), then body bytes to `write`. */
+  #readFile(
+    requestedPath: string,
+    privilegedExecution: boolean,
+    offset: number,
+    onSize: (size: number) => void,
+    write: (chunk: Buffer) => void,
+    signal: AbortSignal,
+  ): { size: Promise<number | undefined>; session: Promise<number>; stderr: () => string } {
+    let head: Buffer | undefined = Buffer.alloc(0);
+    let stderr = '';
+    let resolveSize: (size: number | undefined) => void = () => undefined;
+    const size = new Promise<number | undefined>((resolve) => (resolveSize = resolve));
+    const onStdout = (chunk: Buffer): void => {
+      if (head === undefined) {
+        write(chunk);
+        return;
+      }
+      head = Buffer.concat([head, chunk]);
+      const announced = splitAnnounced(head);
+      if (announced === undefined) return;
+      head = undefined;
+      onSize(announced.size);
+      resolveSize(announced.size);
+      if (announced.body.length > 0) write(announced.body);
+    };
+    const session = this.api.exec(this.allocationId, defaultTaskName, asUser(readCommand(requestedPath, offset), privilegedExecution), {
+      onStdout,
+      onStderr: (chunk) => (stderr += chunk.toString('utf8')),
+      signal,
+    });
+    void session.then(
+      () => resolveSize(undefined),
+      () => resolveSize(undefined),
+    );
+    return { size, session, stderr: () => stderr };
   }
 
   /* Removes the runner for good: running executions end and its job is purged. */
@@ -393,22 +504,59 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     return this.#workspace;
   }
 
-  /* Runs a helper command to completion, collecting its output; Nomad failures become API errors. */
-  async #exec(argv: string[], options: { stdin?: Buffer } = {}): Promise<{ exitCode: number; stdout: Buffer; stderr: string }> {
-    this.#assertAlive();
-    const stdout: Buffer[] = [];
-    let stderr = '';
-    const stdin: StdinSource | undefined = options.stdin === undefined ? undefined : once(options.stdin);
-    try {
-      const exitCode = await this.api.exec(this.allocationId, defaultTaskName, argv, {
-        ...(stdin === undefined ? {} : { stdin }),
-        onStdout: (chunk) => stdout.push(chunk),
-        onStderr: (chunk) => (stderr += chunk.toString('utf8')),
-      });
-      return { exitCode, stdout: Buffer.concat(stdout), stderr };
-    } catch (error) {
-      throw this.#domainError(error);
+  /*
+   * Runs a helper command to completion, collecting its output; Nomad failures become API errors.
+   * Helpers are idempotent, so a session that ended without its exit frame, or whose output
+   * `complete` finds cut short, is run again; with `complete` the exit code may stay unknown.
+   */
+  async #exec(
+    argv: string[],
+    options: { stdin?: Buffer; complete?: (stdout: Buffer, exitCode: number | undefined) => boolean; signal?: AbortSignal } = {},
+  ): Promise<{ exitCode: number | undefined; stdout: Buffer; stderr: string }> {
+    for (let attempt = 1; ; attempt += 1) {
+      this.#assertAlive();
+      const stdout: Buffer[] = [];
+      let stderr = '';
+      const stdin: StdinSource | undefined = options.stdin === undefined ? undefined : once(options.stdin);
+      let exitCode: number | undefined;
+      let failure: unknown;
+      try {
+        exitCode = await this.api.exec(this.allocationId, defaultTaskName, argv, {
+          ...(stdin === undefined ? {} : { stdin }),
+          ...(options.signal === undefined ? {} : { signal: options.signal }),
+          onStdout: (chunk) => stdout.push(chunk),
+          onStderr: (chunk) => (stderr += chunk.toString('utf8')),
+        });
+      } catch (error) {
+        if (!isExitUnknown(error)) throw this.#domainError(error);
+        failure = error;
+      }
+      const output = { exitCode, stdout: Buffer.concat(stdout), stderr };
+      const complete = options.complete?.(output.stdout, exitCode);
+      if (complete === true || (complete === undefined && failure === undefined)) return output;
+      if (attempt >= HELPER_EXEC_ATTEMPTS) {
+        throw this.#domainError(
+          failure ?? new NomadExecError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad delivered less output than announced, ${attempt} times`, { exitUnknown: true }),
+        );
+      }
+      this.#logger.warn({ err: failure, attempt, command: argv[3] ?? argv[0] }, 'helper exec ended without its exit code or full output; running it again');
     }
+  }
+
+  /* The session of an execution ended without an exit frame: its status comes from the wrapper's exit file. */
+  async #recoverExitCode(stem: string, lost: unknown, signal: AbortSignal): Promise<number> {
+    // Its output is the whole answer, so a recovery whose own exit frame is lost needs no second run.
+    const recovered = await this.#exec(['/bin/sh', '-c', RECOVER_EXIT_SCRIPT, 'recover', stem], {
+      signal,
+      complete: (stdout, exitCode) => exitCode !== undefined || /^\d+\n$/.test(stdout.toString('utf8')),
+    });
+    const exitCode = Number(recovered.stdout.toString('utf8').trim());
+    if ((recovered.exitCode ?? 0) !== 0 || recovered.stdout.length === 0 || !Number.isInteger(exitCode)) {
+      throw lost;
+    }
+    this.#staleExitFiles.push(`${stem}.exit`);
+    this.#logger.warn({ exitCode, cause: lost instanceof Error ? lost.message : String(lost) }, 'execution exit code recovered after Nomad lost it');
+    return exitCode;
   }
 
   #domainError(error: unknown): Error {
@@ -423,6 +571,17 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     }
     return error instanceof Error ? error.message : String(error);
   }
+}
+
+/* A listing arrived whole, or its script failed before the header (e.g. no mktemp): then stderr says why. */
+function listingComplete(stdout: Buffer, exitCode: number | undefined): boolean {
+  const listing = splitAnnounced(stdout);
+  if (listing === undefined) return exitCode !== undefined && exitCode !== 0 && stdout.length === 0;
+  return listing.body.length >= listing.size;
+}
+
+function isExitUnknown(error: unknown): error is NomadExecError {
+  return error instanceof NomadExecError && error.exitUnknown;
 }
 
 function asUser(argv: string[], privileged: boolean): string[] {

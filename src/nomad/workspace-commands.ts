@@ -26,8 +26,27 @@ const UPDATE_SCRIPT = [
   'if [ "$extract" = 1 ]; then tar -x -p --same-owner -f - -C /; fi',
 ].join('\n');
 
-/* Prints the size on the first line (for Content-Length), then the file. */
-const READ_SCRIPT = '[ -f "$1" ] && [ -r "$1" ] || { echo "$1 is not a readable regular file" >&2; exit 1; }; stat -L -c %s -- "$1" && exec cat -- "$1"';
+/*
+ * Prints the size on the first line (for Content-Length), then the file from byte $2 on: a download
+ * whose tail Nomad lost (nomad#27146) resumes where it stopped.
+ */
+const READ_SCRIPT = [
+  '[ -f "$1" ] && [ -r "$1" ] || { echo "$1 is not a readable regular file" >&2; exit 1; }',
+  'stat -L -c %s -- "$1" || exit 1',
+  'if [ "$2" -gt 0 ]; then exec tail -c "+$(($2 + 1))" -- "$1"; fi',
+  'exec cat -- "$1"',
+].join('\n');
+
+/*
+ * Runs find into a file first, so that the first line can announce the listing's byte count and
+ * find's status: a listing whose tail Nomad lost, or whose exit frame never came, is recognised.
+ */
+const LIST_SCRIPT = [
+  'out=$(mktemp) || exit 1',
+  'find "$@" > "$out"; status=$?',
+  'printf "%s %s\\n" "$(($(wc -c < "$out")))" "$status"',
+  'cat "$out"; rm -f "$out"; exit $status',
+].join('\n');
 
 /* Resolves a request path the way Poseidon does: relative to the workspace, absolute as given. */
 function workspacePath(requested: string, workspace: string = WORKSPACE): string {
@@ -50,14 +69,35 @@ export function updateCommand(update: FileUpdate, withArchive: boolean, workspac
   ];
 }
 
-/* find's argv for a listing (NUL-separated fields, see parseFindOutput); a leading '-' would read as an option. */
+/*
+ * A listing's argv: find (NUL-separated fields, see parseFindOutput) behind LIST_SCRIPT's header; a
+ * leading '-' would read as an option.
+ */
 export function listCommand(requestedPath: string, recursive: boolean): { start: string; argv: string[] } {
   const start = requestedPath.startsWith('-') ? `./${requestedPath}` : requestedPath;
-  return { start, argv: ['find', start, ...(recursive ? [] : ['-maxdepth', '1']), '-printf', FIND_FORMAT] };
+  return { start, argv: ['/bin/sh', '-c', LIST_SCRIPT, 'list', start, ...(recursive ? [] : ['-maxdepth', '1']), '-printf', FIND_FORMAT] };
 }
 
-export function readCommand(requestedPath: string): string[] {
-  return ['/bin/sh', '-c', READ_SCRIPT, 'read', requestedPath];
+export function readCommand(requestedPath: string, offset = 0): string[] {
+  return ['/bin/sh', '-c', READ_SCRIPT, 'read', requestedPath, String(offset)];
+}
+
+export interface AnnouncedOutput {
+  readonly body: Buffer;
+  /* The byte count the first line announced, and the status after it (LIST_SCRIPT). */
+  readonly size: number;
+  readonly status: number | undefined;
+}
+
+/* Splits `<size> [status]\n<body>`; undefined while the first line is incomplete or malformed. */
+export function splitAnnounced(output: Buffer): AnnouncedOutput | undefined {
+  const newline = output.indexOf(10);
+  if (newline < 0) return undefined;
+  const [sizeText = '', statusText] = output.subarray(0, newline).toString('utf8').trim().split(/\s+/);
+  const size = Number(sizeText);
+  const status = statusText === undefined ? undefined : Number(statusText);
+  if (sizeText === '' || !Number.isSafeInteger(size) || size < 0 || (status !== undefined && !Number.isInteger(status))) return undefined;
+  return { body: output.subarray(newline + 1), size, status };
 }
 
 export async function buildArchive(copies: FileUpdate['copy'], workspace: string = WORKSPACE): Promise<Buffer> {

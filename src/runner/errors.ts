@@ -17,6 +17,8 @@ export type ErrorKind =
   | 'backend-unreachable'
   /* The backend answered, but with a failure. */
   | 'backend-failed'
+  /* Too many calls to the backend at once (its connection limit); the client may retry shortly. */
+  | 'backend-overloaded'
   /* Anything else that went wrong in a backend. */
   | 'backend-error';
 

@@ -21,6 +21,69 @@ export interface ExecRequest {
   tty: boolean;
 }
 
+/*
+ * Exec failures of real Nomad, switched on by a test for the execs whose command matches:
+ * - missing-exited: the connection drops after the output, without the `exited` frame (nomad#9892);
+ * - close-1000: a normal close before the `exited` frame (nomad#14595), when the command ends or,
+ *   with `afterMs`, that long after it started (the command keeps running);
+ * - truncate-tail: the last `bytes` of output are lost, the exit frame still comes (nomad#27146,
+ *   Docker's exec inspect returning before the output copy finished);
+ * - delay-start: the command starts `afterMs` late (a slow Docker exec create).
+ */
+export type ExecFaultKind = 'missing-exited' | 'close-1000' | 'truncate-tail' | 'delay-start';
+
+export interface ExecFault {
+  readonly kind: ExecFaultKind;
+  /* Matched against the command's argv joined with spaces; every exec when absent. */
+  readonly match?: RegExp;
+  readonly afterMs?: number;
+  readonly bytes?: number;
+  /* How many matching execs it applies to; unlimited when absent. */
+  readonly times?: number;
+}
+
+interface RunningExec {
+  readonly command: readonly string[];
+  /* The command's process group (a tty exec's session, else the detached child's); unset before it starts. */
+  group: () => number | undefined;
+}
+
+/* The execs running in each allocation, for OOM kills of single processes. */
+const runningExecs = new WeakMap<AllocRecord, Set<RunningExec>>();
+
+/*
+ * What Docker on cgroup v2 usually shows for an OOM in an exec: the kernel kills the exec'd process
+ * (exit 137), the task keeps running, no task event, no restart. Returns how many execs it killed.
+ */
+export function oomKillExecs(record: AllocRecord, match: RegExp | undefined): number {
+  let killed = 0;
+  for (const exec of runningExecs.get(record) ?? []) {
+    if (match !== undefined && !match.test(exec.command.join(' '))) continue;
+    const group = exec.group();
+    if (group === undefined) continue;
+    try {
+      process.kill(-group, 'SIGKILL');
+      killed += 1;
+    } catch {
+      // already gone
+    }
+  }
+  return killed;
+}
+
+/* The argv of every exec of the allocation that is running or about to start (delay-start). */
+export function runningExecCommands(record: AllocRecord): string[][] {
+  return [...(runningExecs.get(record) ?? [])].map((exec) => [...exec.command]);
+}
+
+function registerExec(record: AllocRecord, command: readonly string[]): { exec: RunningExec; done: () => void } {
+  const execs = runningExecs.get(record) ?? new Set<RunningExec>();
+  runningExecs.set(record, execs);
+  const exec: RunningExec = { command, group: () => undefined };
+  execs.add(exec);
+  return { exec, done: () => execs.delete(exec) };
+}
+
 const outputChunkBytes = 1024;
 /* tty=true runs the command on a real pseudo-terminal through this helper (Docker's exec with a TTY). */
 const PTY_HELPER = fileURLToPath(new URL('./pty-exec.py', import.meta.url));
@@ -29,7 +92,14 @@ const PYTHON = existsSync('/usr/bin/python3') ? '/usr/bin/python3' : 'python3';
 const closePolicy = 1008;
 const closeInternal = 1011;
 
-export function handleExec(socket: WebSocket, request: ExecRequest, cluster: Cluster, spec: NomadSpec | undefined, violations: string[]): void {
+export function handleExec(
+  socket: WebSocket,
+  request: ExecRequest,
+  cluster: Cluster,
+  spec: NomadSpec | undefined,
+  violations: string[],
+  fault: ExecFault | undefined,
+): void {
   const send = (frame: Record<string, unknown>): void => {
     if (spec !== undefined) violations.push(...spec.execServerFrame(frame));
     if (socket.readyState === socket.OPEN) socket.send(JSON.stringify(frame));
@@ -52,7 +122,16 @@ export function handleExec(socket: WebSocket, request: ExecRequest, cluster: Clu
   const [file, ...args] = request.command;
   if (file === undefined) return refuse(closePolicy, 'command is not present');
 
-  runProcess(socket, record, request, file, args, send, spec, violations);
+  const registration = registerExec(record, request.command);
+  if (fault?.kind === 'delay-start') {
+    // Docker starts an exec it created even when the client is gone by then.
+    setTimeout(() => {
+      if (record.dir !== undefined) runProcess(socket, record, request, file, args, send, spec, violations, undefined, registration);
+      else registration.done();
+    }, fault.afterMs ?? 1_000);
+    return;
+  }
+  runProcess(socket, record, request, file, args, send, spec, violations, fault, registration);
 }
 
 function runProcess(
@@ -64,6 +143,8 @@ function runProcess(
   send: (frame: Record<string, unknown>) => void,
   spec: NomadSpec | undefined,
   violations: string[],
+  fault: ExecFault | undefined,
+  registration: { exec: RunningExec; done: () => void },
 ): void {
   const dir = record.dir ?? '/';
   const [command, commandArgs] = request.tty ? [PYTHON, [PTY_HELPER, file, ...args]] : [file, args];
@@ -91,17 +172,30 @@ function runProcess(
   });
   record.processes.add(child);
   let spawnError: Error | undefined;
+  let ttyGroup: number | undefined;
+  registration.exec.group = () => (request.tty ? ttyGroup : child.pid);
+  if (fault?.kind === 'close-1000' && fault.afterMs !== undefined) setTimeout(() => socket.close(1000), fault.afterMs);
 
   const forward = (stream: 'stdout' | 'stderr', bytes: Buffer): void => {
     for (let offset = 0; offset < bytes.length; offset += outputChunkBytes) {
       send({ [stream]: { data: bytes.subarray(offset, offset + outputChunkBytes).toString('base64') } });
     }
   };
+  // truncate-tail holds the newest `bytes` of stdout back and drops them at the end.
+  let heldBack = Buffer.alloc(0);
+  const forwardStdout = (chunk: Buffer): void => {
+    if (fault?.kind !== 'truncate-tail') return forward('stdout', chunk);
+    heldBack = Buffer.concat([heldBack, chunk]);
+    const keep = fault.bytes ?? 1;
+    if (heldBack.length > keep) {
+      forward('stdout', heldBack.subarray(0, heldBack.length - keep));
+      heldBack = heldBack.subarray(heldBack.length - keep);
+    }
+  };
   // With a TTY everything comes from the terminal, as stdout frames; the helper's stderr only
   // names the command's process group, which goes with the container.
-  child.stdout.on('data', (chunk: Buffer) => forward('stdout', chunk));
+  child.stdout.on('data', forwardStdout);
   let helperLines = '';
-  let ttyGroup: number | undefined;
   child.stderr.on('data', (chunk: Buffer) => {
     if (!request.tty) return forward('stderr', chunk);
     if (ttyGroup !== undefined) return;
@@ -120,6 +214,7 @@ function runProcess(
   });
   child.on('close', (code: number | null, signal: NodeJS.Signals | null) => {
     record.processes.delete(child);
+    registration.done();
     let exitCode = code ?? 0;
     if (signal !== null) exitCode = 128 + signalNumber(signal);
     if (ttyGroup !== undefined) record.ttyGroups.delete(ttyGroup);
@@ -130,7 +225,11 @@ function runProcess(
     }
     send({ stdout: { close: true } });
     send({ stderr: { close: true } });
-    send(exitCode === 0 ? { exited: true, result: {} } : { exited: true, result: { exit_code: exitCode } });
+    if (fault?.kind === 'close-1000' && fault.afterMs === undefined) {
+      socket.close(1000);
+      return;
+    }
+    if (fault?.kind !== 'missing-exited') send(exitCode === 0 ? { exited: true, result: {} } : { exited: true, result: { exit_code: exitCode } });
     // Nomad drops the connection after the exit frame instead of sending a close frame.
     setImmediate(() => socket.terminate());
   });

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { WebSocketServer } from 'ws';
 import { Cluster, HttpError, type EventBatch, type Timings } from './cluster.js';
-import { handleExec } from './exec.js';
+import { type ExecFault, handleExec, oomKillExecs, runningExecCommands } from './exec.js';
 import { isObject, omitEmpty, type JsonObject } from './model.js';
 import { NomadSpec, type SpecMethod } from './spec.js';
 
@@ -21,6 +21,8 @@ export interface FakeNomadOptions {
   /* Validate responses, events and exec frames against the spec + overlay; reject invalid request bodies with 400 (default true). */
   readonly validate?: boolean;
   readonly port?: number;
+  /* Nomad's http_max_conns_per_client (default 100; 0: no limit). */
+  readonly maxConnsPerClient?: number;
 }
 
 export interface RequestLogEntry {
@@ -65,6 +67,20 @@ export interface FakeNomadControl {
   crashTask(allocId: string, exitCode: number): void;
   /* Allocations of jobs whose ID starts with the prefix fail to start (image pull error). */
   failAllocationStart(jobIdPrefix: string): void;
+  /* Exec failures of real Nomad for the execs whose argv (joined with spaces) matches; see ExecFault. */
+  injectExecFault(fault: ExecFault): void;
+  clearExecFaults(): void;
+  /* OOM in an exec: only the matching exec'd processes die (137); no task event, no restart. */
+  oomKillExec(allocId: string, match?: RegExp): number;
+  /* argv of the allocation's execs that run or wait for a delayed start. */
+  runningExecs(allocId: string): string[][];
+  /* Nomad's http_max_conns_per_client: connections past it get Nomad's raw 429 and are closed. */
+  setConnectionLimit(limit: number): void;
+  /* The next `count` new connections get the 429 whatever the limit (a client near its limit). */
+  rejectNextConnections(count: number): void;
+  /* Per client address: the most concurrent connections seen, and how many got a 429. */
+  connections(): { peak: number; rejected: number };
+  resetConnectionStats(): void;
   specViolations(): readonly string[];
   /* Every batch emitted since start (the ring buffer only keeps the newest ones). */
   events(): readonly EventBatch[];
@@ -98,6 +114,13 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
   const requestLog: RequestLogEntry[] = [];
   const allEvents: EventBatch[] = [];
   const faults: Array<HttpFault & { remaining: number }> = [];
+  const execFaults: Array<ExecFault & { remaining: number }> = [];
+  let connectionLimit = options.maxConnsPerClient ?? 100;
+  const openConnections = new Map<string, number>();
+  const connectionStats = { peak: 0, rejected: 0 };
+  let forcedRejections = 0;
+  /* Connections answered with the 429: whatever request they still carry is never handled. */
+  const rejectedSockets = new WeakSet<Socket>();
   const subscribers = new Set<Subscriber>();
   const sockets = new Set<Socket>();
   let latencyMs = 0;
@@ -120,6 +143,12 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     if (options.token === undefined) return true;
     const bearer = request.headers.authorization?.replace(/^Bearer\s+/i, '');
     return request.headers['x-nomad-token'] === options.token || bearer === options.token;
+  };
+
+  const takeExecFault = (command: readonly string[]): ExecFault | undefined => {
+    const fault = execFaults.find((candidate) => candidate.remaining > 0 && (candidate.match?.test(command.join(' ')) ?? true));
+    if (fault !== undefined) fault.remaining -= 1;
+    return fault;
   };
 
   /* Latency and injected faults; returns a fault answer to send instead of handling, if any. */
@@ -308,6 +337,32 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     failAllocationStart: (prefix) => {
       cluster.failStartPrefixes.add(prefix);
     },
+    injectExecFault: (fault) => {
+      execFaults.push({ ...fault, remaining: fault.times ?? Number.POSITIVE_INFINITY });
+    },
+    clearExecFaults: () => {
+      execFaults.length = 0;
+    },
+    oomKillExec: (allocId, match) => {
+      const record = cluster.allocs.get(allocId);
+      if (record === undefined) throw new HttpError(404, `unknown allocation ${allocId}`);
+      return oomKillExecs(record, match);
+    },
+    runningExecs: (allocId) => {
+      const record = cluster.allocs.get(allocId);
+      return record === undefined ? [] : runningExecCommands(record);
+    },
+    setConnectionLimit: (limit) => {
+      connectionLimit = limit;
+    },
+    rejectNextConnections: (count) => {
+      forcedRejections = count;
+    },
+    connections: () => ({ ...connectionStats }),
+    resetConnectionStats: () => {
+      connectionStats.peak = Math.max(0, ...openConnections.values());
+      connectionStats.rejected = 0;
+    },
     specViolations: () => [...violations],
     events: () => [...allEvents],
     allocations: (jobId) =>
@@ -348,6 +403,27 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       return done();
     }
     if (path === '/faults' && method === 'DELETE') return (control.clearFaults(), done());
+    if (path === '/exec-faults' && method === 'POST') {
+      const kind = field('kind');
+      if (kind !== 'missing-exited' && kind !== 'close-1000' && kind !== 'truncate-tail' && kind !== 'delay-start')
+        throw new HttpError(400, 'unknown exec fault kind');
+      control.injectExecFault({
+        kind,
+        ...(typeof field('match') === 'string' ? { match: new RegExp(String(field('match'))) } : {}),
+        ...(typeof field('afterMs') === 'number' ? { afterMs: Number(field('afterMs')) } : {}),
+        ...(typeof field('bytes') === 'number' ? { bytes: Number(field('bytes')) } : {}),
+        ...(typeof field('times') === 'number' ? { times: Number(field('times')) } : {}),
+      });
+      return done();
+    }
+    if (path === '/exec-faults' && method === 'DELETE') return (control.clearExecFaults(), done());
+    if (path === '/connection-limit' && method === 'PUT') return (control.setConnectionLimit(Number(field('limit') ?? 100)), done());
+    if (path === '/connections' && method === 'GET') return sendJson(response, control.connections());
+    if (path === '/connections/reject' && method === 'POST') return (control.rejectNextConnections(Number(field('count') ?? 1)), done());
+    if ((match = /^\/allocations\/([^/]+)\/oom-exec$/.exec(path)) !== null && method === 'POST') {
+      const pattern = field('match');
+      return sendJson(response, { killed: control.oomKillExec(match[1] ?? '', typeof pattern === 'string' ? new RegExp(pattern) : undefined) });
+    }
     if (path === '/event-stream/drop' && method === 'POST') return (control.dropEventStreams({ clearBuffer: field('clearBuffer') === true }), done());
     if ((match = /^\/allocations\/([^/]+)\/(fail|lose|oom|crash)$/.exec(path)) !== null && method === 'POST') {
       const allocId = match[1] ?? '';
@@ -364,6 +440,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
   };
 
   const server = createServer((request, response) => {
+    if (rejectedSockets.has(request.socket)) return;
     const url = new URL(request.url ?? '/', 'http://fake-nomad');
     const handle = async (): Promise<void> => {
       if (url.pathname.startsWith('/__control/')) return handleControl(request, response, url);
@@ -383,12 +460,28 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       else sendText(response, 500, error instanceof Error ? error.message : String(error));
     });
   });
-  server.on('connection', (socket) => {
+  server.on('connection', (socket: Socket) => {
     sockets.add(socket);
     socket.on('close', () => sockets.delete(socket));
+    // Nomad's connlimit: counted per client IP when the connection is accepted, before any request
+    // is read; past the limit the raw 429 is written and the connection closed (command/agent/http.go).
+    const client = socket.remoteAddress ?? '';
+    const open = (openConnections.get(client) ?? 0) + 1;
+    if ((connectionLimit > 0 && open > connectionLimit) || forcedRejections > 0) {
+      forcedRejections = Math.max(0, forcedRejections - 1);
+      connectionStats.rejected += 1;
+      rejectedSockets.add(socket);
+      const message = 'Your IP is issuing too many concurrent connections, please rate limit your calls\n';
+      socket.end(`HTTP/1.1 429 Too Many Requests\r\nContent-Type: text/plain\r\nContent-Length: ${message.length}\r\nConnection: close\r\n\r\n${message}`);
+      return;
+    }
+    openConnections.set(client, open);
+    connectionStats.peak = Math.max(connectionStats.peak, open);
+    socket.on('close', () => openConnections.set(client, (openConnections.get(client) ?? 1) - 1));
   });
 
   server.on('upgrade', (request: IncomingMessage, socket: Socket, head: Buffer) => {
+    if (rejectedSockets.has(socket)) return;
     const url = new URL(request.url ?? '/', 'http://fake-nomad');
     const match = /^\/v1\/client\/allocation\/([^/]+)\/exec$/.exec(url.pathname);
     requestLog.push({ method: 'GET', path: url.pathname, query: url.search, time: Date.now(), kind: 'exec' });
@@ -421,6 +514,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
           cluster,
           spec,
           violations,
+          takeExecFault(command),
         );
       });
     })().catch(() => socket.destroy());

@@ -3,7 +3,8 @@
  * translate it into Poseidon's error codes without knowing about undici or ws internals.
  */
 
-export type NomadErrorCode = 'NOMAD_UNREACHABLE' | 'NOMAD_INTERNAL_SERVER_ERROR';
+/* NOMAD_OVERLOAD: our own connection limit for Nomad (see limiter.ts) is exhausted. */
+export type NomadErrorCode = 'NOMAD_UNREACHABLE' | 'NOMAD_INTERNAL_SERVER_ERROR' | 'NOMAD_OVERLOAD';
 
 export interface NomadErrorDetails {
   /* HTTP status of Nomad's answer, when there was one. */
@@ -26,9 +27,18 @@ export class NomadError extends Error {
     this.operation = details.operation;
   }
 
-  /* Transport failures and 5xx answers may heal by themselves; 4xx answers will not. */
+  /* Transport failures, 5xx answers and Nomad's connection limit may heal by themselves; other 4xx answers will not. */
   get retryable(): boolean {
-    return this.errorCode === 'NOMAD_UNREACHABLE' || this.status === undefined || this.status >= 500;
+    if (this.errorCode === 'NOMAD_OVERLOAD') return false;
+    return this.errorCode === 'NOMAD_UNREACHABLE' || this.status === undefined || this.status >= 500 || this.tooManyConnections;
+  }
+
+  /*
+   * Nomad's answer past http_max_conns_per_client: written when the connection is accepted, before
+   * any request is read (command/agent/http.go), so repeating even a write is safe.
+   */
+  get tooManyConnections(): boolean {
+    return this.status === 429;
   }
 }
 
@@ -43,8 +53,12 @@ export class NomadExecError extends NomadError {
   /* The socket ended without an exit frame: the command may or may not have finished. */
   readonly exitUnknown: boolean;
 
-  constructor(errorCode: NomadErrorCode, message: string, close: { code?: number; reason?: string; exitUnknown?: boolean; cause?: unknown } = {}) {
-    super(errorCode, message, { operation: 'exec', cause: close.cause });
+  constructor(
+    errorCode: NomadErrorCode,
+    message: string,
+    close: { code?: number; reason?: string; exitUnknown?: boolean; cause?: unknown; status?: number } = {},
+  ) {
+    super(errorCode, message, { operation: 'exec', cause: close.cause, ...(close.status === undefined ? {} : { status: close.status }) });
     this.name = 'NomadExecError';
     this.closeCode = close.code;
     this.closeReason = close.reason ?? '';

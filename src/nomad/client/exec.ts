@@ -99,6 +99,7 @@ export function execInAllocation(
         finish({
           error: new NomadExecError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad refused exec with ${response.statusCode ?? '?'}: ${text}`, {
             reason: text,
+            ...(response.statusCode === undefined ? {} : { status: response.statusCode }),
           }),
         });
       });

@@ -1,4 +1,5 @@
 import type { Logger } from 'pino';
+import { setTimeout as sleep } from 'node:timers/promises';
 import { z } from 'zod';
 import type { NomadConfig } from '../../config/schema.js';
 import {
@@ -97,7 +98,21 @@ export class ExecutorApi {
   /* Runs argv (no shell is added) in a task of an allocation; resolves with its exit code. */
   async exec(allocationId: string, task: string, command: readonly string[], options: ExecOptions = {}): Promise<number> {
     if (command.length === 0) throw new NomadError('NOMAD_INTERNAL_SERVER_ERROR', 'exec needs a non-empty command', { operation: 'exec' });
-    return execInAllocation(this.http, this.logger, this.config.requesttimeout, allocationId, task, command, options);
+    for (let attempt = 1; ; attempt += 1) {
+      try {
+        // The slot is held for the whole session: each session is a connection of its own.
+        return await this.http.execs.run(
+          () => execInAllocation(this.http, this.logger, this.config.requesttimeout, allocationId, task, command, options),
+          options.signal,
+        );
+      } catch (error) {
+        // A 429 comes before the upgrade, so nothing ran and stdin is untouched: the session may start again.
+        if (!(error instanceof NomadError && error.tooManyConnections) || attempt >= this.http.attempts || options.signal?.aborted === true) throw error;
+        const delay = this.http.backoff(attempt);
+        this.logger.warn({ err: error, attempt, delay, allocationId }, 'Nomad refused an exec session (connection limit), retrying');
+        await sleep(delay, undefined, options.signal === undefined ? {} : { signal: options.signal });
+      }
+    }
   }
 
   /* Starts a self-reconnecting event stream subscription; close() stops it too. */

@@ -8,6 +8,7 @@ import type { z } from 'zod';
 import type { NomadConfig } from '../../config/schema.js';
 import { nomadEndpoint, secondsSince } from '../../monitoring/metrics.js';
 import { NomadError, unreachable } from './errors.js';
+import { ConnectionLimiter } from './limiter.js';
 
 export type QueryValue = string | number | boolean | readonly string[] | undefined;
 export type Query = Readonly<Record<string, QueryValue>>;
@@ -45,9 +46,19 @@ export interface StreamResponse {
 }
 
 /*
+ * How nomad.maxconnections is shared: a quarter (at least 2) for the HTTP pool, one of which the
+ * event stream keeps, the rest for exec sessions, which each hold a connection of their own.
+ */
+export function connectionShares(maxConnections: number): { pool: number; calls: number; execs: number } {
+  const pool = Math.max(2, Math.round(maxConnections / 4));
+  return { pool, calls: pool - 1, execs: maxConnections - pool };
+}
+
+/*
  * The HTTP side of the Nomad client: one undici Pool per Nomad address (keep-alive connection
- * reuse), the token header and namespace parameter on every call, per-call timeouts, and
- * retries with exponential backoff for idempotent calls.
+ * reuse) with a bounded number of connections, the token header and namespace parameter on every
+ * call, per-call timeouts, and retries with exponential backoff for idempotent calls and for
+ * Nomad's 429 (connection limit).
  */
 export class NomadHttp {
   readonly baseUrl: URL;
@@ -55,6 +66,9 @@ export class NomadHttp {
   readonly token: string | undefined;
   readonly namespace: string;
   private readonly pool: Pool;
+  private readonly calls: ConnectionLimiter;
+  /* Exec sessions are WebSockets outside the pool; ExecutorApi.exec holds one of these per session. */
+  readonly execs: ConnectionLimiter;
   private readonly timeoutMs: number;
   private closed = false;
 
@@ -71,7 +85,11 @@ export class NomadHttp {
     this.token = config.token;
     this.namespace = config.namespace;
     this.timeoutMs = config.requesttimeout;
+    const shares = connectionShares(config.maxconnections);
+    this.calls = new ConnectionLimiter('HTTP calls', shares.calls, config.maxqueued, this.timeoutMs);
+    this.execs = new ConnectionLimiter('exec sessions', shares.execs, config.maxqueued, this.timeoutMs);
     this.pool = new Pool(this.baseUrl.origin, {
+      connections: shares.pool,
       connect: { ...this.tls, timeout: this.timeoutMs },
       headersTimeout: this.timeoutMs,
       bodyTimeout: this.timeoutMs,
@@ -104,21 +122,31 @@ export class NomadHttp {
   ): Promise<z.infer<S> | undefined>;
   async call<S extends z.ZodType>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, options: CallOptions<S>): Promise<z.infer<S>>;
   async call<S extends z.ZodType>(method: 'GET' | 'POST' | 'PUT' | 'DELETE', path: string, options: CallOptions<S>): Promise<z.infer<S> | undefined> {
-    const attempts = options.idempotent === true ? this.retry.retries + 1 : 1;
     for (let attempt = 1; ; attempt++) {
       const started = process.hrtime.bigint();
       try {
-        const result = await this.callOnce(method, path, options);
+        const result = await this.calls.run(() => this.callOnce(method, path, options));
         this.onCall(method, nomadEndpoint(path), secondsSince(started));
         return result;
       } catch (error) {
         this.onCall(method, nomadEndpoint(path), secondsSince(started), { errorCode: error instanceof NomadError ? error.errorCode : undefined });
-        if (!(error instanceof NomadError) || !error.retryable || attempt >= attempts || this.closed) throw error;
-        const delay = Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1));
+        if (!(error instanceof NomadError) || !error.retryable || this.closed) throw error;
+        const attempts = options.idempotent === true || error.tooManyConnections ? this.attempts : 1;
+        if (attempt >= attempts) throw error;
+        const delay = this.backoff(attempt);
         this.logger.warn({ err: error, attempt, delay }, 'Nomad call failed, retrying');
-        await sleep(delay * (0.75 + Math.random() * 0.5));
+        await sleep(delay);
       }
     }
+  }
+
+  /* Attempts a call or exec may make for a retryable failure, and the jittered delay before attempt + 1. */
+  get attempts(): number {
+    return this.retry.retries + 1;
+  }
+
+  backoff(attempt: number): number {
+    return Math.min(this.retry.maxDelayMs, this.retry.baseDelayMs * 2 ** (attempt - 1)) * (0.75 + Math.random() * 0.5);
   }
 
   private async callOnce<S extends z.ZodType>(method: string, path: string, options: CallOptions<S>): Promise<z.infer<S> | undefined> {
