@@ -121,7 +121,7 @@ describe('fake Nomad scheduler', () => {
     const reblocked = String(again['BlockedEval']);
     assert.equal(fake.control.evaluation(reblocked)?.['Status'], 'blocked');
     await register(fake, job('blocked', {}, { Resources: { CPU: 100, MemoryMB: 80 } }, { Count: 2 }));
-    await fake.control.waitFor(() => fake.control.evaluation(reblocked)?.['Status'] === 'cancelled');
+    await fake.control.waitFor(() => fake.control.evaluation(reblocked)?.['Status'] === 'canceled');
     assert.match(String(fake.control.evaluation(reblocked)?.['StatusDescription']), /successful/);
     await call(fake, 'DELETE', '/v1/job/blocked?purge=true');
     fake.control.setNodes([{}]);

@@ -18,6 +18,8 @@ export interface Instruments {
   nomadCall(method: string, endpoint: string, seconds: number, error?: { errorCode?: string }): void;
   /* A claim that found its pool empty waited for a runner under construction, and how that ended. */
   claimWaited(environmentId: number, seconds: number, outcome: ClaimWaitOutcome): void;
+  /* Nomad could not place an environment's template or runner job; `cause` is no_nodes, constraints or resources. */
+  placementFailed(environmentId: number, cause: string): void;
 }
 
 /*
@@ -30,6 +32,7 @@ export const noInstruments: Instruments = {
   runnerBuilt: () => undefined,
   nomadCall: () => undefined,
   claimWaited: () => undefined,
+  placementFailed: () => undefined,
 };
 
 /* Calls every observer in turn: metrics and the health monitor both listen to runner builds. */
@@ -43,6 +46,9 @@ export function fanOut(...targets: Array<Partial<Instruments>>): Instruments {
     },
     claimWaited: (...args) => {
       for (const target of targets) target.claimWaited?.(...args);
+    },
+    placementFailed: (...args) => {
+      for (const target of targets) target.placementFailed?.(...args);
     },
   };
 }
@@ -90,6 +96,7 @@ export class Metrics implements Instruments {
   readonly #bytes: Counter<'environment_id' | 'direction'>;
   readonly #nomadDuration: Histogram<'method' | 'endpoint' | 'outcome'>;
   readonly #nomadErrors: Counter<'method' | 'endpoint' | 'error_code'>;
+  readonly #placementFailures: Counter<'environment_id' | 'cause'>;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -181,6 +188,12 @@ export class Metrics implements Instruments {
       buckets: REQUEST_BUCKETS,
       registers,
     });
+    this.#placementFailures = new Counter({
+      name: 'poseidon_nomad_placement_failures_total',
+      help: "Registrations Nomad evaluated but could not place, by environment and cause (no_nodes, constraints, resources)",
+      labelNames: ['environment_id', 'cause'],
+      registers,
+    });
     this.#nomadErrors = new Counter({
       name: 'poseidon_nomad_request_errors_total',
       help: 'Failed HTTP calls to Nomad by endpoint and error code',
@@ -240,6 +253,10 @@ export class Metrics implements Instruments {
     const labels = { environment_id: String(environmentId), outcome: error === undefined ? 'success' : 'failure' };
     this.#builds.inc(labels);
     this.#buildDuration.observe(labels, seconds);
+  }
+
+  placementFailed(environmentId: number, cause: string): void {
+    this.#placementFailures.inc({ environment_id: String(environmentId), cause });
   }
 
   websocketUpgrade(outcome: 'accepted' | 'refused'): void {

@@ -421,7 +421,7 @@ export class Cluster {
    */
   private async schedule(evalId: string, jobKey: string): Promise<void> {
     const evaluation = this.evals.get(evalId);
-    if (evaluation === undefined || evaluation['Status'] === 'cancelled') return;
+    if (evaluation === undefined || evaluation['Status'] === 'canceled') return;
     const reblocking = evaluation['Status'] === 'blocked';
     const record = this.jobs.get(jobKey);
     const events: PendingEvent[] = [];
@@ -520,7 +520,8 @@ export class Cluster {
         SnapshotIndex: evalIndex - 1,
       });
       const updates = [this.evalEvent('EvaluationUpdated', evaluation)];
-      if (!hasFailures) updates.push(...this.#cancelBlocked(jobKey, (blocked) => `evaluation ${JSON.stringify(blocked['ID'])} successful`));
+      // The state store cancels the job's blocked evaluations once one of its evaluations placed everything.
+      if (!hasFailures) updates.push(...this.#cancelBlocked(jobKey, `evaluation ${JSON.stringify(evalId)} successful`));
       this.commit(updates);
     }
     for (const alloc of started) this.later(this.timings.startDelayMs, () => this.startAlloc(alloc));
@@ -540,7 +541,8 @@ export class Cluster {
   /* Evaluation.CreateBlockedEval: a blocked evaluation for what could not be placed, replacing an older one of the job. */
   #block(evaluation: JsonObject, failed: Record<string, AllocMetric>): PendingEvent[] {
     const jobKey = `${String(evaluation['Namespace'])}/${String(evaluation['JobID'])}`;
-    const events = this.#cancelBlocked(jobKey, () => `existing blocked evaluation exists for job ${JSON.stringify(evaluation['JobID'])}`);
+    // The leader cancels duplicate blocked evaluations of a job (leader.go reapDupBlockedEvaluations).
+    const events = this.#cancelBlocked(jobKey, `existing blocked evaluation exists for job ${JSON.stringify(evaluation['JobID'])}`);
     const blocked = this.newEval(newId(), {}, 'queued-allocs', this.index + 1);
     Object.assign(blocked, {
       Namespace: evaluation['Namespace'],
@@ -559,13 +561,13 @@ export class Cluster {
     return events;
   }
 
-  #cancelBlocked(jobKey: string, description: (blocked: JsonObject) => string): PendingEvent[] {
+  #cancelBlocked(jobKey: string, description: string): PendingEvent[] {
     const events: PendingEvent[] = [];
     for (const [id, key] of this.blocked) {
       const blocked = this.evals.get(id);
       if (key !== jobKey || blocked?.['Status'] !== 'blocked') continue;
       this.blocked.delete(id);
-      Object.assign(blocked, { Status: 'cancelled', StatusDescription: description(blocked), ModifyIndex: this.index + 1, ModifyTime: nowNs() });
+      Object.assign(blocked, { Status: 'canceled', StatusDescription: description, ModifyIndex: this.index + 1, ModifyTime: nowNs() });
       events.push(this.evalEvent('EvaluationUpdated', blocked));
     }
     return events;
