@@ -190,7 +190,7 @@ export class Metrics implements Instruments {
     });
     this.#placementFailures = new Counter({
       name: 'poseidon_nomad_placement_failures_total',
-      help: "Registrations Nomad evaluated but could not place, by environment and cause (no_nodes, constraints, resources)",
+      help: 'Registrations Nomad evaluated but could not place, by environment and cause (no_nodes, constraints, resources)',
       labelNames: ['environment_id', 'cause'],
       registers,
     });

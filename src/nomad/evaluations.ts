@@ -35,7 +35,8 @@ function describeMetric(metric: AllocationMetric): string[] {
     if (available === 0) lines.push(`No nodes are available in datacenter "${datacenter}"`);
   }
   for (const [nodeClass, count] of Object.entries(metric.ClassFiltered ?? {})) lines.push(`Class "${nodeClass}": ${count} nodes excluded by filter`);
-  for (const [constraint, count] of Object.entries(metric.ConstraintFiltered ?? {})) lines.push(`Constraint "${constraint}": ${count} nodes excluded by filter`);
+  for (const [constraint, count] of Object.entries(metric.ConstraintFiltered ?? {}))
+    lines.push(`Constraint "${constraint}": ${count} nodes excluded by filter`);
   if ((metric.NodesExhausted ?? 0) > 0) lines.push(`Resources exhausted on ${metric.NodesExhausted} nodes`);
   for (const [nodeClass, count] of Object.entries(metric.ClassExhausted ?? {})) lines.push(`Class "${nodeClass}" exhausted on ${count} nodes`);
   for (const [dimension, count] of Object.entries(metric.DimensionExhausted ?? {})) lines.push(`Dimension "${dimension}" exhausted on ${count} nodes`);

@@ -258,7 +258,9 @@ export class NomadAccessorHandler extends AccessorHandler {
               return;
             }
             const seconds = this.#readinessTimeoutMs / 1000;
-            this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${seconds} s (nomad.runnerstarttimeout)`, 'backend-failed'));
+            this.#waiters
+              .get(jobId)
+              ?.reject(new BackendError(`runner ${jobId} did not start within ${seconds} s (nomad.runnerstarttimeout)`, 'backend-failed'));
           });
         }, this.#readinessTimeoutMs);
         timer.unref();
