@@ -66,6 +66,13 @@ export interface FakeNomadControl {
   crashTask(allocId: string, exitCode: number): void;
   /* Allocations of jobs whose ID starts with the prefix fail to start (image pull error). */
   failAllocationStart(jobIdPrefix: string): void;
+  specViolations(): readonly string[];
+  /* Every batch emitted since start (the ring buffer only keeps the newest ones). */
+  events(): readonly EventBatch[];
+  allocations(jobId?: string): JsonObject[];
+  jobIds(): string[];
+  readonly index: number;
+  waitFor(predicate: () => boolean, timeoutMs?: number): Promise<void>;
   /* Allocations of jobs whose ID starts with the prefix stay pending without any event (a hung client). */
   stallAllocationStart(jobIdPrefix: string): void;
   /* Pulling the image takes timings.pullDelayMs on every node that has not pulled it yet ("Downloading image"). */
@@ -76,13 +83,6 @@ export interface FakeNomadControl {
   updateNode(nodeId: string, change: NodeSpec): FakeNode;
   nodes(): FakeNode[];
   evaluation(evalId: string): JsonObject | undefined;
-  specViolations(): readonly string[];
-  /* Every batch emitted since start (the ring buffer only keeps the newest ones). */
-  events(): readonly EventBatch[];
-  allocations(jobId?: string): JsonObject[];
-  jobIds(): string[];
-  readonly index: number;
-  waitFor(predicate: () => boolean, timeoutMs?: number): Promise<void>;
 }
 
 export interface FakeNomad {
@@ -317,19 +317,6 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     failAllocationStart: (prefix) => {
       cluster.failStartPrefixes.add(prefix);
     },
-    stallAllocationStart: (prefix) => {
-      cluster.stallStartPrefixes.add(prefix);
-    },
-    slowImagePull: (image) => {
-      cluster.slowImages.add(image);
-    },
-    setNodes: (nodes) => cluster.setNodes(nodes),
-    updateNode: (nodeId, change) => cluster.updateNode(nodeId, change),
-    nodes: () => [...cluster.nodes.values()],
-    evaluation: (evalId) => {
-      const evaluation = cluster.evals.get(evalId);
-      return evaluation === undefined ? undefined : structuredClone(evaluation);
-    },
     specViolations: () => [...violations],
     events: () => [...allEvents],
     allocations: (jobId) =>
@@ -344,6 +331,19 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
         if (Date.now() > deadline) throw new Error('fake nomad: condition not reached in time');
         await sleep(5);
       }
+    },
+    stallAllocationStart: (prefix) => {
+      cluster.stallStartPrefixes.add(prefix);
+    },
+    slowImagePull: (image) => {
+      cluster.slowImages.add(image);
+    },
+    setNodes: (nodes) => cluster.setNodes(nodes),
+    updateNode: (nodeId, change) => cluster.updateNode(nodeId, change),
+    nodes: () => [...cluster.nodes.values()],
+    evaluation: (evalId) => {
+      const evaluation = cluster.evals.get(evalId);
+      return evaluation === undefined ? undefined : structuredClone(evaluation);
     },
   };
 
