@@ -264,7 +264,13 @@ describe('ExecutorApi with an ACL token', () => {
       const allocId = await startRunner(fake, api, '11-token');
       assert.equal(await api.exec(allocId, defaultTaskName, ['true']), 0);
       await rejectsWith(wrong.listJobs(''), 'NOMAD_INTERNAL_SERVER_ERROR', 403);
-      await rejectsWith(wrong.exec(allocId, defaultTaskName, ['true']), 'NOMAD_INTERNAL_SERVER_ERROR');
+      // Nomad upgrades the exec WebSocket, then closes it with 1011 "Permission denied": named as such.
+      const denied = await wrong.exec(allocId, defaultTaskName, ['true']).then(
+        () => assert.fail('exec with a wrong token succeeded'),
+        (error: unknown) => error,
+      );
+      assert.ok(denied instanceof NomadExecError && denied.permissionDenied && denied.closeCode === 1011, String(denied));
+      assert.match(denied.message, /Permission denied.*nomad\.token.*alloc-exec.*namespace default/);
       assert.ok(fake.control.requests().every((entry) => entry.query.includes('namespace=default')));
     } finally {
       await Promise.all([api.close(), wrong.close()]);

@@ -154,6 +154,12 @@ const nomadSchema = z
     tls: tlsSchema,
     namespace: z.string().min(1).default('default'),
     disableforcepull: z.boolean().default(true),
+    /*
+     * Seconds a new runner may take from registration to a running allocation before it is given up
+     * (ours; Poseidon has no such limit). A runner whose image is still being pulled gets another
+     * period each time: Nomad itself bounds pulls (the Docker driver's image_pull_timeout).
+     */
+    runnerstarttimeout: goNumber().pipe(z.number().positive()).default(120),
     network: z.strictObject({ mode: z.string().min(1).default('bridge') }).prefault({}),
     /* Path of a JSON job template replacing the built-in default (Poseidon's templatejobfile). */
     templatejobfile: z.string().min(1).optional(),

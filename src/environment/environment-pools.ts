@@ -184,6 +184,7 @@ export class EnvironmentPools<R extends ManagedRunner> {
         runnerBuilt: (...args) => instruments().runnerBuilt(...args),
         nomadCall: (...args) => instruments().nomadCall(...args),
         claimWaited: (...args) => instruments().claimWaited(...args),
+        placementFailed: (...args) => instruments().placementFailed(...args),
       },
     });
     // An environment stored while draining is kept for the next start, but builds nothing now.

@@ -45,6 +45,8 @@ export interface Instruments extends ImageInstruments {
   nomadCall(method: string, endpoint: string, seconds: number, error?: { errorCode?: string }): void;
   /* A claim that found its pool empty waited for a runner under construction, and how that ended. */
   claimWaited(environmentId: number, seconds: number, outcome: ClaimWaitOutcome): void;
+  /* Nomad could not place an environment's template or runner job; `cause` is no_nodes, constraints or resources. */
+  placementFailed(environmentId: number, cause: string): void;
 }
 
 /*
@@ -57,6 +59,7 @@ export const noInstruments: Instruments = {
   runnerBuilt: () => undefined,
   nomadCall: () => undefined,
   claimWaited: () => undefined,
+  placementFailed: () => undefined,
 };
 
 /* Calls every observer in turn: metrics and the health monitor both listen to runner builds. */
@@ -71,6 +74,9 @@ export function fanOut(...targets: Array<Partial<Instruments>>): Instruments {
     },
     claimWaited: (...args) => {
       for (const target of targets) target.claimWaited?.(...args);
+    },
+    placementFailed: (...args) => {
+      for (const target of targets) target.placementFailed?.(...args);
     },
   };
 }
@@ -122,6 +128,7 @@ export class Metrics implements Instruments {
   readonly #imageLayerDownloaded: Gauge<'reference' | 'layer'>;
   readonly #imageLayerSize: Gauge<'reference' | 'layer'>;
   readonly #imagePrepares: Histogram<'outcome'>;
+  readonly #placementFailures: Counter<'environment_id' | 'cause'>;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -213,6 +220,12 @@ export class Metrics implements Instruments {
       buckets: REQUEST_BUCKETS,
       registers,
     });
+    this.#placementFailures = new Counter({
+      name: 'poseidon_nomad_placement_failures_total',
+      help: 'Registrations Nomad evaluated but could not place, by environment and cause (no_nodes, constraints, resources)',
+      labelNames: ['environment_id', 'cause'],
+      registers,
+    });
     this.#nomadErrors = new Counter({
       name: 'poseidon_nomad_request_errors_total',
       help: 'Failed HTTP calls to Nomad by endpoint and error code',
@@ -297,6 +310,10 @@ export class Metrics implements Instruments {
     const labels = { environment_id: String(environmentId), outcome: error === undefined ? 'success' : 'failure' };
     this.#builds.inc(labels);
     this.#buildDuration.observe(labels, seconds);
+  }
+
+  placementFailed(environmentId: number, cause: string): void {
+    this.#placementFailures.inc({ environment_id: String(environmentId), cause });
   }
 
   websocketUpgrade(outcome: 'accepted' | 'refused'): void {

@@ -9,6 +9,7 @@ import { BackendError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
 import { newRunnerId } from '../runner/runner-id.js';
 import type { Allocation, EventBatch, NomadJob } from './client/api-types.js';
+import { EvaluationTracker, evaluationFailure, PlacementError } from './evaluations.js';
 import type { EventStreamSubscription } from './client/event-stream.js';
 import { ExecutorApi, type ExecutorApiOptions } from './client/executor-api.js';
 import { domainErrorOf } from './failures.js';
@@ -26,14 +27,12 @@ import {
   withRunnerUsage,
 } from './job-template.js';
 import { NomadRunner } from './nomad-runner.js';
-import { isRunning, metaEnvironmentSpec, ReconciliationLoop, restartsOf, specOfTemplate } from './reconciliation.js';
+import { isPullingImage, isRunning, metaEnvironmentSpec, ReconciliationLoop, restartsOf, specOfTemplate } from './reconciliation.js';
 
 /* Poseidon's fallback when a used runner's meta lacks its timeout. */
 const DEFAULT_USED_TIMEOUT_SECONDS = 60;
 
 export interface NomadHandlerOptions {
-  /* How long a new runner may take from registration to a running allocation. */
-  readonly readinessTimeoutMs?: number;
   readonly api?: ExecutorApiOptions;
   /* server.interactivestderr: stderr apart from the executions' terminal, through a FIFO (default). */
   readonly interactiveStderr?: boolean;
@@ -68,7 +67,9 @@ export class NomadAccessorHandler extends AccessorHandler {
   readonly #discarded = new Set<string>();
   /* Environments PUT while a resync runs: the resync's older job list must not delete them. */
   readonly #putDuringResync = new Set<number>();
+  /* nomad.runnerstarttimeout: how long a new runner may take from registration to a running allocation, image pulls aside. */
   readonly #readinessTimeoutMs: number;
+  readonly #evaluations: EvaluationTracker;
   readonly #reconciliation: ReconciliationLoop;
   readonly #interactiveStderr: boolean;
   #subscription: EventStreamSubscription | undefined;
@@ -86,7 +87,8 @@ export class NomadAccessorHandler extends AccessorHandler {
     // Every Nomad call is reported (latency, errors) to whatever instruments the daemon attached later.
     this.#api = new ExecutorApi(config, this.#logger, { ...options.api, onCall: (...args) => this.instruments.nomadCall(...args) });
     this.#base = loadBaseTemplate(config);
-    this.#readinessTimeoutMs = options.readinessTimeoutMs ?? 120_000;
+    this.#readinessTimeoutMs = config.runnerstarttimeout * 1000;
+    this.#evaluations = new EvaluationTracker((evalId) => this.#api.getEvaluation(evalId), this.#logger);
     this.pools = new EnvironmentPools({
       runners: { createRunner: (spec) => this.#createRunner(spec) },
       storage: { put: (spec) => this.#storeTemplate(spec), delete: (environmentId) => this.#removeTemplate(environmentId) },
@@ -136,12 +138,52 @@ export class NomadAccessorHandler extends AccessorHandler {
     const job = buildTemplateJob(this.#base, spec, this.config);
     const configGroup = job.TaskGroups?.find((group) => group.Name === configGroupName);
     if (configGroup) configGroup.Meta = { ...(configGroup.Meta ?? {}), [metaEnvironmentSpec]: JSON.stringify(spec) };
+    const previous = this.#templates.get(spec.id);
+    let evalId: string;
     try {
-      await this.#api.registerJob(job);
+      ({ evalId } = await this.#api.registerJob(job));
     } catch (error) {
       throw domainErrorOf(error);
     }
+    // Poseidon fails the PUT when Nomad cannot place the template (its allocation is what runners will look like).
+    const failure = await this.#evaluationFailure(evalId, job.ID, spec.id);
+    if (failure !== undefined) {
+      await this.#revertTemplate(job.ID, previous);
+      throw failure;
+    }
     this.#templates.set(spec.id, job);
+  }
+
+  /* A failed PUT leaves Nomad as it was: a new template goes, an updated one gets its previous version back. */
+  async #revertTemplate(jobId: string, previous: NomadJob | undefined): Promise<void> {
+    try {
+      if (previous === undefined) await this.#api.deregisterJob(jobId, { purge: true });
+      else await this.#api.registerJob(previous);
+    } catch (error) {
+      this.#logger.error({ err: error, jobId }, 'reverting a template job Nomad could not place failed; the next resync reads what Nomad has');
+    }
+  }
+
+  /*
+   * Follows a registration's evaluation: the placement failure (or failed evaluation) it ended with,
+   * counted and logged; undefined when everything was placed or Nomad did not finish in time (then
+   * the caller goes on, as Poseidon does, and a runner's readiness timeout still applies).
+   */
+  async #evaluationFailure(evalId: string, jobId: string, environmentId: number): Promise<Error | undefined> {
+    const evaluation = await this.#evaluations.settle(evalId);
+    if (evaluation === undefined) {
+      this.#logger.warn({ evalId, jobId }, 'Nomad did not finish evaluating a registration in time; going on without its result');
+      return undefined;
+    }
+    const failure = evaluationFailure(evaluation, jobId);
+    if (failure instanceof PlacementError) {
+      this.instruments.placementFailed(environmentId, failure.placementCause);
+      this.#logger.warn(
+        { evalId, jobId, environmentId, blockedEval: failure.blockedEvaluation, failedTaskGroups: evaluation.FailedTGAllocs },
+        'Nomad could not place a job',
+      );
+    }
+    return failure;
   }
 
   /* Once the template is gone its runner jobs are to go too; a resync purges any this delete misses. */
@@ -177,7 +219,11 @@ export class NomadAccessorHandler extends AccessorHandler {
     // Waiting starts before the registration, so a running event cannot slip through in between.
     const ready = this.#awaitRunningAllocation(id, spec.id);
     try {
-      await this.#api.registerJob(job);
+      const { evalId } = await this.#api.registerJob(job);
+      // A runner Nomad cannot place fails now with Nomad's reason, not after the readiness timeout.
+      void this.#evaluationFailure(evalId, id, spec.id).then((failure) => {
+        if (failure !== undefined) this.#waiters.get(id)?.reject(failure);
+      });
     } catch (error) {
       this.#waiters.get(id)?.reject(domainErrorOf(error));
       await ready.catch(() => undefined);
@@ -200,13 +246,26 @@ export class NomadAccessorHandler extends AccessorHandler {
 
   #awaitRunningAllocation(jobId: string, environmentId: number): Promise<Allocation> {
     return new Promise<Allocation>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        void this.#checkWaiter(jobId).then((found) => {
-          if (!found)
-            this.#waiters.get(jobId)?.reject(new BackendError(`runner ${jobId} did not start within ${this.#readinessTimeoutMs} ms`, 'backend-failed'));
-        });
-      }, this.#readinessTimeoutMs);
-      timer.unref();
+      let timer: NodeJS.Timeout | undefined;
+      const arm = (): void => {
+        timer = setTimeout(() => {
+          void this.#checkWaiter(jobId).then((state) => {
+            if (state === 'running' || !this.#waiters.has(jobId)) return;
+            if (state === 'pulling') {
+              // Nomad bounds a pull itself (image_pull_timeout, pull activity timeout) and fails the task if it stalls.
+              this.#logger.info({ runnerId: jobId, environmentId }, 'runner still pulling its image: waiting another runnerstarttimeout');
+              arm();
+              return;
+            }
+            const seconds = this.#readinessTimeoutMs / 1000;
+            this.#waiters
+              .get(jobId)
+              ?.reject(new BackendError(`runner ${jobId} did not start within ${seconds} s (nomad.runnerstarttimeout)`, 'backend-failed'));
+          });
+        }, this.#readinessTimeoutMs);
+        timer.unref();
+      };
+      arm();
       const settle = (): void => {
         clearTimeout(timer);
         this.#waiters.delete(jobId);
@@ -225,17 +284,18 @@ export class NomadAccessorHandler extends AccessorHandler {
     });
   }
 
-  /* Asks Nomad directly whether a waited-for runner already runs (after a gap, or as a last resort). */
-  async #checkWaiter(jobId: string): Promise<boolean> {
+  /* Asks Nomad directly whether a waited-for runner already runs, or still pulls its image (after a gap, or at the timeout). */
+  async #checkWaiter(jobId: string): Promise<'running' | 'pulling' | 'waiting'> {
     try {
-      const running = (await this.#api.listJobAllocations(jobId)).find(isRunning);
+      const allocations = await this.#api.listJobAllocations(jobId);
+      const running = allocations.find(isRunning);
       const allocation = running === undefined ? undefined : await this.#api.getAllocation(running.ID);
-      if (allocation === undefined || !isRunning(allocation)) return false;
+      if (allocation === undefined || !isRunning(allocation)) return allocations.some(isPullingImage) ? 'pulling' : 'waiting';
       this.#waiters.get(jobId)?.resolve(allocation);
-      return true;
+      return 'running';
     } catch (error) {
       this.#logger.warn({ err: error, runnerId: jobId }, 'checking a starting runner failed');
-      return false;
+      return 'waiting';
     }
   }
 
@@ -275,6 +335,7 @@ export class NomadAccessorHandler extends AccessorHandler {
   #onEvents(batch: EventBatch): void {
     for (const event of batch.events) {
       if (event.kind === 'allocation') this.#onAllocation(event.allocation);
+      else if (event.kind === 'evaluation' && environmentIdOfJob(event.evaluation.JobID ?? '') !== undefined) this.#evaluations.observe(event.evaluation);
       else if (event.kind === 'job' && event.Type === 'JobDeregistered') this.#onJobDeregistered(event.job.ID);
     }
     // Destroyed runners (returned, expired) produce no allocation events after a purge.
@@ -323,10 +384,16 @@ export class NomadAccessorHandler extends AccessorHandler {
     // Subscribe first, so that nothing happening during the initial load goes unseen.
     this.#subscription ??= this.#api.subscribeEvents({
       onEvents: (batch) => this.#onEvents(batch),
-      onGap: () => this.#reconciliation.request('event gap'),
+      onGap: () => {
+        this.#evaluations.recheck();
+        return this.#reconciliation.request('event gap');
+      },
       onConnected: () => {
         // Poseidon reloads after every lost stream; a reconnect may have missed events between buffers.
-        if (this.#everConnected) void this.#reconciliation.request('event stream reconnected');
+        if (this.#everConnected) {
+          this.#evaluations.recheck();
+          void this.#reconciliation.request('event stream reconnected');
+        }
         this.#everConnected = true;
       },
     });
@@ -426,6 +493,7 @@ export class NomadAccessorHandler extends AccessorHandler {
     this.#closed = true;
     this.#reconciliation.close();
     for (const waiter of [...this.#waiters.values()]) waiter.reject(new BackendError('daemon shutting down'));
+    this.#evaluations.close();
     this.pools.release();
     await this.#api.close();
   }

@@ -76,6 +76,18 @@ export function isRunning(allocation: Allocation | AllocationListStub): boolean 
   return allocation.ClientStatus === 'running' && allocation.DesiredStatus === 'run';
 }
 
+/*
+ * The allocation waits for the Docker driver to pull its image: its last task event is the driver's
+ * "Downloading image" (or a slow pull's "Docker image pull progress"), with the task still pending.
+ */
+export function isPullingImage(allocation: Allocation | AllocationListStub): boolean {
+  if (allocation.ClientStatus !== 'pending') return false;
+  const last = allocation.TaskStates?.[defaultTaskName]?.Events?.at(-1);
+  if (last?.Type !== 'Driver') return false;
+  const message = typeof last['DriverMessage'] === 'string' ? last['DriverMessage'] : (last.DisplayMessage ?? '');
+  return /^(Downloading image|Docker image pull progress)/.test(message);
+}
+
 export function restartsOf(allocation: Allocation): number {
   return allocation.TaskStates?.[defaultTaskName]?.Restarts ?? 0;
 }

@@ -2,20 +2,19 @@ import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { canonicalizeJob, isObject, jobSpecKey, newId, omitEmpty, nowNs, objectList, rfc3339, validateJob, zeroTime, type JsonObject } from './model.js';
 import {
-  canonicalizeJob,
-  isObject,
-  jobSpecKey,
-  newId,
-  omitEmpty,
-  nowNs,
-  objectList,
-  rfc3339,
-  stableStringify,
-  validateJob,
-  zeroTime,
-  type JsonObject,
-} from './model.js';
+  type AllocMetric,
+  defaultNode,
+  type FakeNode,
+  groupUsage,
+  nodeFrom,
+  nodeJson,
+  type NodeSpec,
+  placeGroup,
+  tasksUpdated,
+  type Usage,
+} from './placement.js';
 
 /*
  * The fake's state store and scheduler/client simulation. Like Nomad's raft log, every write bumps
@@ -31,6 +30,8 @@ export interface Timings {
   killDelayMs: number;
   /* Crash → task running again. */
   restartDelayMs: number;
+  /* Placement → image pulled, for images marked slow (setImagePull); the task is pending meanwhile. */
+  pullDelayMs: number;
 }
 
 export class HttpError extends Error {
@@ -63,7 +64,11 @@ export interface AllocRecord {
   jobId: string;
   group: string;
   taskNames: string[];
-  groupSpec: string;
+  /* The job version the allocation runs (Allocation.Job): what an update is compared with. */
+  job: JsonObject;
+  nodeId: string;
+  /* What it holds on its node until it stops (DesiredStatus stop) or ends (terminal client status). */
+  usage: Usage | undefined;
   dir: string | undefined;
   processes: Set<ChildProcess>;
   /* Process groups of tty execs: their commands lead sessions of their own (see pty-exec.py). */
@@ -76,19 +81,28 @@ interface JobRecord {
   id: string;
 }
 
-export const nodeId = 'f0a1c2d3-0000-4000-8000-000000000001';
-export const nodeName = 'fake-node-1';
-
 export class Cluster {
   index = 1;
   readonly jobs = new Map<string, JobRecord>();
   readonly evals = new Map<string, JsonObject>();
+  /* Blocked evaluations (ID → job key) waiting for capacity. */
+  readonly blocked = new Map<string, string>();
   readonly allocs = new Map<string, AllocRecord>();
   buffer: EventBatch[] = [];
   eventBufferSize: number;
   readonly listeners = new Set<(batch: EventBatch) => void>();
   /* Jobs (by ID prefix) whose allocations fail to start, as after an image pull error. */
   readonly failStartPrefixes = new Set<string>();
+  /* Jobs (by ID prefix) whose allocations stay pending without a word, as on a client that hangs. */
+  readonly stallStartPrefixes = new Set<string>();
+  /* Images whose pull takes timings.pullDelayMs on a node that does not have them yet. */
+  readonly slowImages = new Set<string>();
+  readonly nodes = new Map<string, FakeNode>();
+  readonly #nodeUsage = new Map<string, Usage & { allocs: number }>();
+  readonly #pulled = new Map<string, Set<string>>();
+  /* Live allocations by job, so that scheduling one job never scans every allocation. */
+  readonly #byJob = new Map<string, Set<AllocRecord>>();
+  #unblockQueued = false;
   /* Observers of payloads, used to validate every emitted event against the spec. */
   onEmit: ((batch: EventBatch) => void) | undefined;
   private readonly timers = new Set<NodeJS.Timeout>();
@@ -101,27 +115,76 @@ export class Cluster {
     private readonly httpAddr: () => string,
   ) {
     this.eventBufferSize = eventBufferSize;
+    const node = defaultNode();
+    this.nodes.set(node.ID, node);
   }
 
-  node(): JsonObject {
-    return {
-      ID: nodeId,
-      Name: nodeName,
-      Datacenter: 'dc1',
-      NodePool: 'default',
-      HTTPAddr: this.httpAddr(),
-      TLSEnabled: false,
-      Status: 'ready',
-      StatusDescription: '',
-      SchedulingEligibility: 'eligible',
-      Drain: false,
-      Attributes: { 'unique.hostname': nodeName, 'kernel.name': 'linux' },
-      Meta: null,
-      NodeClass: '',
-      CreateIndex: 1,
-      ModifyIndex: 1,
-      StatusUpdatedAt: Math.floor(Date.now() / 1000),
-    };
+  node(id: string): JsonObject | undefined {
+    const node = this.nodes.get(id);
+    return node === undefined ? undefined : nodeJson(node, this.httpAddr());
+  }
+
+  /* Replaces the cluster's nodes; allocations stay where they are (a node gone keeps its allocations, as a drain would not). */
+  setNodes(specs: readonly NodeSpec[]): FakeNode[] {
+    this.nodes.clear();
+    const nodes = specs.map((spec, ordinal) => nodeFrom(spec, ordinal));
+    for (const node of nodes) this.nodes.set(node.ID, node);
+    this.#unblock();
+    return nodes;
+  }
+
+  /* Changes one node (more memory, a driver, ready again); blocked evaluations get another go. */
+  updateNode(id: string, change: NodeSpec): FakeNode {
+    const node = this.nodes.get(id);
+    if (node === undefined) throw new HttpError(404, 'node not found');
+    const updated = nodeFrom({ ...node, ...change, ID: id }, 0);
+    this.nodes.set(id, updated);
+    this.#unblock();
+    return updated;
+  }
+
+  #usage(nodeId: string): Usage & { allocs: number } {
+    let usage = this.#nodeUsage.get(nodeId);
+    if (usage === undefined) {
+      usage = { cpu: 0, memoryMB: 0, diskMB: 0, allocs: 0 };
+      this.#nodeUsage.set(nodeId, usage);
+    }
+    return usage;
+  }
+
+  /* The allocation stops holding its resources; waiting placements may fit now (Nomad unblocks on freed capacity). */
+  #release(record: AllocRecord): void {
+    if (record.usage === undefined) return;
+    const usage = this.#usage(record.nodeId);
+    usage.cpu -= record.usage.cpu;
+    usage.memoryMB -= record.usage.memoryMB;
+    usage.diskMB -= record.usage.diskMB;
+    usage.allocs -= 1;
+    record.usage = undefined;
+    this.#unblock();
+  }
+
+  #addAlloc(record: AllocRecord): void {
+    this.allocs.set(String(record.alloc['ID']), record);
+    let set = this.#byJob.get(record.jobKey);
+    if (set === undefined) {
+      set = new Set();
+      this.#byJob.set(record.jobKey, set);
+    }
+    set.add(record);
+  }
+
+  #dropAlloc(record: AllocRecord): void {
+    this.#release(record);
+    this.allocs.delete(String(record.alloc['ID']));
+    const set = this.#byJob.get(record.jobKey);
+    set?.delete(record);
+    if (set?.size === 0) this.#byJob.delete(record.jobKey);
+  }
+
+  /* Allocations of one job (every version of it that this store still holds). */
+  jobAllocs(jobId: string, namespace: string): AllocRecord[] {
+    return [...(this.#byJob.get(`${namespace}/${jobId}`) ?? [])];
   }
 
   later(ms: number, task: () => void | Promise<void>): void {
@@ -142,6 +205,7 @@ export class Cluster {
     this.timers.clear();
     for (const record of this.allocs.values()) this.destroyContainer(record, 0);
     this.allocs.clear();
+    this.#byJob.clear();
   }
 
   /* One raft write: bump the index and publish the batch (even a write with no events bumps the index). */
@@ -174,11 +238,10 @@ export class Cluster {
     if (!isObject(body) || !isObject(body['Job'])) throw new HttpError(400, 'Job must be specified');
     const submitted = body['Job'];
     if (typeof submitted['ID'] !== 'string' || submitted['ID'] === '') throw new HttpError(400, "Job ID hasn't been provided");
-    const jobNamespace = typeof submitted['Namespace'] === 'string' && submitted['Namespace'] !== '' ? submitted['Namespace'] : undefined;
-    const namespace = queryNamespace ?? jobNamespace ?? 'default';
-    if (jobNamespace !== undefined && jobNamespace !== namespace) {
-      throw new HttpError(400, `Job namespace "${jobNamespace}" does not match request namespace "${namespace}"`);
-    }
+    // command/agent/job_endpoint.go namespaceForJob: the query parameter wins, then the request's own
+    // Namespace, then the job's; the job is stored under (and rewritten to) the winner.
+    const named = (value: unknown): string | undefined => (typeof value === 'string' && value !== '' ? value : undefined);
+    const namespace = named(queryNamespace) ?? named(body['Namespace']) ?? named(submitted['Namespace']) ?? 'default';
     const job = canonicalizeJob(submitted, namespace);
     const errors = validateJob(job);
     if (errors.length > 0) {
@@ -256,9 +319,8 @@ export class Cluster {
     if (purge) {
       // One write deletes the job and its allocations; Nomad emits no Allocation events for that (nomad#19834).
       this.jobs.delete(key);
-      for (const [allocId, alloc] of this.allocs) {
-        if (alloc.jobKey !== key) continue;
-        this.allocs.delete(allocId);
+      for (const alloc of this.jobAllocs(id, namespace)) {
+        this.#dropAlloc(alloc);
         this.destroyContainer(alloc, this.timings.killDelayMs);
       }
     } else {
@@ -348,56 +410,96 @@ export class Cluster {
 
   fullAlloc(record: AllocRecord): JsonObject {
     // structs.Allocation is omitempty: empty descriptions, indexes and nil maps are absent (the Job is not).
-    return { ...omitEmpty(record.alloc), Job: this.jobs.get(record.jobKey)?.job ?? null };
+    return { ...omitEmpty(record.alloc), Job: record.job };
   }
 
-  /* Scheduler: reconcile each group's desired count with its live allocations. */
+  /*
+   * Scheduler (generic_sched.go): each group's live allocations of an older job version are updated in
+   * place or replaced (tasksUpdated), surplus ones stop, missing ones are placed on a node that fits.
+   * What cannot be placed ends the evaluation with FailedTGAllocs and a blocked evaluation that runs
+   * again whenever capacity may have appeared (a node changed, an allocation stopped).
+   */
   private async schedule(evalId: string, jobKey: string): Promise<void> {
     const evaluation = this.evals.get(evalId);
-    if (evaluation === undefined) return;
+    if (evaluation === undefined || evaluation['Status'] === 'canceled') return;
+    const reblocking = evaluation['Status'] === 'blocked';
     const record = this.jobs.get(jobKey);
     const events: PendingEvent[] = [];
     const started: AllocRecord[] = [];
     const stopped: AllocRecord[] = [];
+    const updated: AllocRecord[] = [];
     const queued: Record<string, number> = {};
+    const failed: Record<string, AllocMetric> = {};
     if (record !== undefined) {
       const stopAll = record.job['Stop'] === true;
       for (const group of objectList(record.job['TaskGroups'])) {
         const name = String(group['Name']);
         queued[name] = 0;
-        const spec = groupSpecKey(group);
-        const live = [...this.allocs.values()].filter((a) => a.jobKey === jobKey && a.group === name && a.alloc['DesiredStatus'] === 'run');
+        const live = this.jobAllocs(record.id, record.namespace).filter((a) => a.group === name && a.alloc['DesiredStatus'] === 'run');
         const desired = stopAll ? 0 : Number(group['Count']);
         const keep: AllocRecord[] = [];
         const replace: AllocRecord[] = [];
-        for (const alloc of live) (alloc.groupSpec === spec ? keep : replace).push(alloc);
+        for (const alloc of live) {
+          if (alloc.job['JobModifyIndex'] === record.job['JobModifyIndex']) keep.push(alloc);
+          else if (tasksUpdated(alloc.job, record.job, name) !== undefined) replace.push(alloc);
+          else {
+            keep.push(alloc);
+            updated.push(alloc);
+          }
+        }
         while (keep.length > desired) {
           const extra = keep.pop();
-          if (extra !== undefined) stopped.push(extra);
+          if (extra === undefined) break;
+          stopped.push(extra);
+          if (updated.includes(extra)) updated.splice(updated.indexOf(extra), 1);
         }
+        // The old allocation stops in the same plan that places its replacement, so its room counts as free.
         for (const old of replace) {
-          if (keep.length + started.filter((a) => a.group === name).length < desired) {
-            const fresh = await this.newAlloc(record, group, evalId, old);
-            old.alloc['NextAllocation'] = fresh.alloc['ID'];
-            started.push(fresh);
-          }
           old.alloc['DesiredDescription'] = 'alloc is being updated due to job update';
           stopped.push(old);
+          this.#release(old);
         }
-        const placedForGroup = (): number => keep.length + started.filter((a) => a.group === name).length;
-        while (placedForGroup() < desired) started.push(await this.newAlloc(record, group, evalId, undefined));
+        const placed = (): number => keep.length + started.filter((a) => a.group === name).length;
+        const replaced = [...replace];
+        while (placed() + queued[name] < desired) {
+          const metric = failed[name];
+          if (metric !== undefined) {
+            // Nomad stops trying a group after its first failure and counts the rest as coalesced.
+            metric.CoalescedFailures += 1;
+            queued[name] += 1;
+            continue;
+          }
+          const previous = replaced.shift();
+          const result = this.#place(record.job, group);
+          if ('metric' in result) {
+            failed[name] = result.metric;
+            queued[name] += 1;
+            continue;
+          }
+          const fresh = await this.newAlloc(record, group, evalId, previous, result.node);
+          if (previous !== undefined) previous.alloc['NextAllocation'] = fresh.alloc['ID'];
+          started.push(fresh);
+        }
       }
     }
     if (this.closed) return;
+    const hasFailures = Object.keys(failed).length > 0;
+    if (hasFailures && !reblocking) events.push(...this.#block(evaluation, failed));
     for (const alloc of stopped) {
       alloc.alloc['DesiredStatus'] = 'stop';
       if (alloc.alloc['DesiredDescription'] === '') alloc.alloc['DesiredDescription'] = 'alloc not needed due to job update';
+      this.#release(alloc);
     }
-    if (started.length > 0 || stopped.length > 0) {
+    for (const alloc of updated) {
+      // An in-place update: same allocation, new job version (inplaceUpdate in util.go).
+      alloc.job = record?.job ?? alloc.job;
+      alloc.alloc['JobVersion'] = alloc.job['Version'];
+    }
+    if (started.length > 0 || stopped.length > 0 || updated.length > 0 || events.length > 0) {
       const index = this.index + 1;
-      for (const alloc of [...started, ...stopped]) this.touch(alloc, index);
-      for (const alloc of started) this.allocs.set(String(alloc.alloc['ID']), alloc);
-      for (const alloc of [...started, ...stopped]) events.push(this.allocEvent('PlanResult', alloc));
+      for (const alloc of [...started, ...stopped, ...updated]) this.touch(alloc, index);
+      for (const alloc of started) this.#addAlloc(alloc);
+      for (const alloc of [...started, ...stopped, ...updated]) events.push(this.allocEvent('PlanResult', alloc));
       if (record !== undefined && started.length > 0 && record.job['Status'] !== 'running') {
         record.job['Status'] = 'running';
         record.job['ModifyIndex'] = index;
@@ -405,18 +507,87 @@ export class Cluster {
       }
       this.commit(events);
     }
-    const evalIndex = this.index + 1;
-    Object.assign(evaluation, { Status: 'complete', QueuedAllocations: queued, ModifyIndex: evalIndex, ModifyTime: nowNs(), SnapshotIndex: evalIndex - 1 });
-    this.commit([this.evalEvent('EvaluationUpdated', evaluation)]);
+    // A blocked evaluation that still cannot place everything stays blocked (ReblockEval), unchanged.
+    if (!(reblocking && hasFailures)) {
+      this.blocked.delete(evalId);
+      const evalIndex = this.index + 1;
+      Object.assign(evaluation, {
+        Status: 'complete',
+        QueuedAllocations: queued,
+        FailedTGAllocs: hasFailures ? failed : null,
+        ModifyIndex: evalIndex,
+        ModifyTime: nowNs(),
+        SnapshotIndex: evalIndex - 1,
+      });
+      const updates = [this.evalEvent('EvaluationUpdated', evaluation)];
+      // The state store cancels the job's blocked evaluations once one of its evaluations placed everything.
+      if (!hasFailures) updates.push(...this.#cancelBlocked(jobKey, `evaluation ${JSON.stringify(evalId)} successful`));
+      this.commit(updates);
+    }
     for (const alloc of started) this.later(this.timings.startDelayMs, () => this.startAlloc(alloc));
     for (const alloc of stopped) this.later(this.timings.killDelayMs, () => this.completeAlloc(alloc));
   }
 
-  private async newAlloc(record: JobRecord, group: JsonObject, evalId: string, previous: AllocRecord | undefined): Promise<AllocRecord> {
+  #place(job: JsonObject, group: JsonObject): ReturnType<typeof placeGroup> {
+    return placeGroup(
+      job,
+      group,
+      this.nodes.values(),
+      (nodeId) => this.#usage(nodeId),
+      (nodeId) => this.#usage(nodeId).allocs,
+    );
+  }
+
+  /* Evaluation.CreateBlockedEval: a blocked evaluation for what could not be placed, replacing an older one of the job. */
+  #block(evaluation: JsonObject, failed: Record<string, AllocMetric>): PendingEvent[] {
+    const jobKey = `${String(evaluation['Namespace'])}/${String(evaluation['JobID'])}`;
+    // The leader cancels duplicate blocked evaluations of a job (leader.go reapDupBlockedEvaluations).
+    const events = this.#cancelBlocked(jobKey, `existing blocked evaluation exists for job ${JSON.stringify(evaluation['JobID'])}`);
+    const blocked = this.newEval(newId(), {}, 'queued-allocs', this.index + 1);
+    Object.assign(blocked, {
+      Namespace: evaluation['Namespace'],
+      Priority: evaluation['Priority'],
+      Type: evaluation['Type'],
+      JobID: evaluation['JobID'],
+      JobModifyIndex: evaluation['JobModifyIndex'],
+      Status: 'blocked',
+      StatusDescription: 'created to place remaining allocations',
+      PreviousEval: evaluation['ID'],
+      FailedTGAllocs: failed,
+    });
+    this.blocked.set(String(blocked['ID']), jobKey);
+    evaluation['BlockedEval'] = blocked['ID'];
+    events.push(this.evalEvent('EvaluationUpdated', blocked));
+    return events;
+  }
+
+  #cancelBlocked(jobKey: string, description: string): PendingEvent[] {
+    const events: PendingEvent[] = [];
+    for (const [id, key] of this.blocked) {
+      const blocked = this.evals.get(id);
+      if (key !== jobKey || blocked?.['Status'] !== 'blocked') continue;
+      this.blocked.delete(id);
+      Object.assign(blocked, { Status: 'canceled', StatusDescription: description, ModifyIndex: this.index + 1, ModifyTime: nowNs() });
+      events.push(this.evalEvent('EvaluationUpdated', blocked));
+    }
+    return events;
+  }
+
+  /* Blocked evaluations run again soon, once, however many reasons there were. */
+  #unblock(): void {
+    if (this.blocked.size === 0 || this.#unblockQueued) return;
+    this.#unblockQueued = true;
+    this.later(this.timings.schedulerDelayMs, async () => {
+      this.#unblockQueued = false;
+      for (const [id, jobKey] of [...this.blocked]) await this.schedule(id, jobKey);
+    });
+  }
+
+  private async newAlloc(record: JobRecord, group: JsonObject, evalId: string, previous: AllocRecord | undefined, node: FakeNode): Promise<AllocRecord> {
     const groupName = String(group['Name']);
     const used = new Set(
-      [...this.allocs.values()]
-        .filter((a) => a.jobKey === `${record.namespace}/${record.id}` && a.group === groupName && a.alloc['DesiredStatus'] === 'run')
+      this.jobAllocs(record.id, record.namespace)
+        .filter((a) => a.group === groupName && a.alloc['DesiredStatus'] === 'run')
         .map((a) => String(a.alloc['Name'])),
     );
     let slot = 0;
@@ -428,23 +599,41 @@ export class Cluster {
         ports.push(omitEmpty({ Label: String(port['Label']), Value: await freePort(), To: Number(port['To'] ?? 0), HostIP: '127.0.0.1' }));
       }
     }
-    const tasks = objectList(group['Tasks']).map((task) => String(task['Name']));
+    const tasks = objectList(group['Tasks']);
     const now = nowNs();
     const id = newId();
+    const usage = groupUsage(group);
+    const nodeUsage = this.#usage(node.ID);
+    nodeUsage.cpu += usage.cpu;
+    nodeUsage.memoryMB += usage.memoryMB;
+    nodeUsage.diskMB += usage.diskMB;
+    nodeUsage.allocs += 1;
     const alloc: JsonObject = {
       ID: id,
       Namespace: record.namespace,
       EvalID: evalId,
       Name: `${record.id}.${groupName}[${slot}]`,
-      NodeID: nodeId,
-      NodeName: nodeName,
+      NodeID: node.ID,
+      NodeName: node.Name,
       JobID: record.id,
       JobVersion: record.job['Version'],
       TaskGroup: groupName,
       AllocatedResources: {
-        Tasks: Object.fromEntries(tasks.map((task) => [task, { Cpu: { CpuShares: 100 }, Memory: { MemoryMB: 300, MemoryMaxMB: 0 }, Networks: null }])),
+        Tasks: Object.fromEntries(
+          tasks.map((task) => {
+            const resources = isObject(task['Resources']) ? task['Resources'] : {};
+            return [
+              String(task['Name']),
+              {
+                Cpu: { CpuShares: Number(resources['CPU'] ?? 100) },
+                Memory: { MemoryMB: Number(resources['MemoryMB'] ?? 300), MemoryMaxMB: Number(resources['MemoryMaxMB'] ?? 0) },
+                Networks: null,
+              },
+            ];
+          }),
+        ),
         TaskLifecycles: null,
-        Shared: { DiskMB: 300, Networks: null, Ports: ports.length > 0 ? ports : null },
+        Shared: { DiskMB: usage.diskMB, Networks: null, Ports: ports.length > 0 ? ports : null },
       },
       DesiredStatus: 'run',
       DesiredDescription: '',
@@ -472,8 +661,10 @@ export class Cluster {
       namespace: record.namespace,
       jobId: record.id,
       group: groupName,
-      taskNames: tasks,
-      groupSpec: groupSpecKey(group),
+      taskNames: tasks.map((task) => String(task['Name'])),
+      job: record.job,
+      nodeId: node.ID,
+      usage,
       dir: undefined,
       processes: new Set(),
       ttyGroups: new Set(),
@@ -486,33 +677,57 @@ export class Cluster {
       this.failAlloc(record, 'Driver Failure', 'failed to pull image', false);
       return;
     }
-    record.dir = mkdtempSync(join(this.tempRoot, 'alloc-'));
-    const started = rfc3339();
-    const states: JsonObject = {};
-    for (const task of record.taskNames) {
-      states[task] = {
-        State: 'running',
+    if ([...this.stallStartPrefixes].some((prefix) => record.jobId.startsWith(prefix))) return;
+    const received = [taskEvent('Received', 'Task received by client'), taskEvent('Task Setup', 'Building Task Directory')];
+    const pulled = this.#pulled.get(record.nodeId) ?? new Set<string>();
+    this.#pulled.set(record.nodeId, pulled);
+    const pulls = this.#images(record).filter((image) => this.slowImages.has(image) && !pulled.has(image));
+    if (pulls.length > 0 && record.alloc['TaskStates'] === null) {
+      // The Docker driver's "Downloading image" event (Type Driver) while the task stays pending.
+      this.setTaskStates(record, () => ({
+        State: 'pending',
         Failed: false,
         Restarts: 0,
         LastRestart: zeroTime,
-        StartedAt: started,
+        StartedAt: zeroTime,
         FinishedAt: zeroTime,
-        Events: [
-          taskEvent('Received', 'Task received by client'),
-          taskEvent('Task Setup', 'Building Task Directory'),
-          taskEvent('Started', 'Task started by client'),
-        ],
-      };
+        Events: [...received, ...pulls.map((image) => ({ ...taskEvent('Driver', 'Downloading image', { image }), DriverMessage: 'Downloading image' }))],
+      }));
+      this.update(record);
+      this.later(this.timings.pullDelayMs, () => {
+        for (const image of pulls) pulled.add(image);
+        this.startAlloc(record);
+      });
+      return;
     }
-    record.alloc['TaskStates'] = states;
+    record.dir = mkdtempSync(join(this.tempRoot, 'alloc-'));
+    const started = rfc3339();
+    this.setTaskStates(record, (state) => ({
+      State: 'running',
+      Failed: false,
+      Restarts: 0,
+      LastRestart: zeroTime,
+      StartedAt: started,
+      FinishedAt: zeroTime,
+      Events: [...(objectList(state['Events']).length > 0 ? objectList(state['Events']) : received), taskEvent('Started', 'Task started by client')],
+    }));
     record.alloc['ClientStatus'] = 'running';
     record.alloc['ClientDescription'] = 'Tasks are running';
     this.update(record);
   }
 
+  /* The Docker images the allocation's tasks run. */
+  #images(record: AllocRecord): string[] {
+    const group = objectList(record.job['TaskGroups']).find((candidate) => candidate['Name'] === record.group);
+    return objectList(group?.['Tasks'])
+      .map((task) => (isObject(task['Config']) ? task['Config']['image'] : undefined))
+      .filter((image): image is string => typeof image === 'string');
+  }
+
   private completeAlloc(record: AllocRecord): void {
     if (!this.allocs.has(String(record.alloc['ID'])) || record.alloc['ClientStatus'] === 'complete') return;
     this.destroyContainer(record, 0);
+    this.#release(record);
     record.alloc['ClientStatus'] = 'complete';
     record.alloc['ClientDescription'] = 'All tasks have completed';
     this.setTaskStates(record, (state) => ({
@@ -579,6 +794,7 @@ export class Cluster {
   loseAllocation(allocId: string, reschedule: boolean): void {
     const record = this.requireAlloc(allocId);
     this.destroyContainer(record, 0);
+    this.#release(record);
     record.alloc['ClientStatus'] = 'lost';
     record.alloc['DesiredStatus'] = 'stop';
     record.alloc['DesiredDescription'] = 'alloc is lost since its node is down';
@@ -588,6 +804,7 @@ export class Cluster {
 
   private failAlloc(record: AllocRecord, eventType: string, message: string, reschedule: boolean): void {
     this.destroyContainer(record, 0);
+    this.#release(record);
     record.alloc['ClientStatus'] = 'failed';
     record.alloc['ClientDescription'] = 'Failed tasks';
     const states: JsonObject = {};
@@ -623,13 +840,20 @@ export class Cluster {
       this.maybeMarkJobDead(old.jobKey);
       return;
     }
-    const fresh = await this.newAlloc(job, group, String(old.alloc['EvalID']), old);
+    const placement = this.#place(job.job, group);
+    if ('metric' in placement) {
+      // No room anywhere: the replacement is not placed (Nomad would queue it behind a blocked evaluation).
+      this.update(old);
+      this.maybeMarkJobDead(old.jobKey);
+      return;
+    }
+    const fresh = await this.newAlloc(job, group, String(old.alloc['EvalID']), old, placement.node);
     if (this.closed) return;
     old.alloc['NextAllocation'] = fresh.alloc['ID'];
     const index = this.index + 1;
     this.touch(old, index);
     this.touch(fresh, index);
-    this.allocs.set(String(fresh.alloc['ID']), fresh);
+    this.#addAlloc(fresh);
     this.commit([this.allocEvent('PlanResult', old), this.allocEvent('PlanResult', fresh)]);
     this.later(this.timings.startDelayMs, () => this.startAlloc(fresh));
   }
@@ -765,12 +989,6 @@ export class Cluster {
       payload: omitEmpty({ ...record.alloc, Job: null }),
     };
   }
-}
-
-function groupSpecKey(group: JsonObject): string {
-  const copy: JsonObject = { ...group };
-  delete copy['Count'];
-  return stableStringify(copy);
 }
 
 function taskEvent(type: string, message: string, details: Record<string, string> = {}): JsonObject {

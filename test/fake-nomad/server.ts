@@ -8,6 +8,7 @@ import { WebSocketServer } from 'ws';
 import { Cluster, HttpError, type EventBatch, type Timings } from './cluster.js';
 import { type ExecFault, handleExec, oomKillExecs, runningExecCommands } from './exec.js';
 import { isObject, omitEmpty, type JsonObject } from './model.js';
+import type { FakeNode, NodeSpec } from './placement.js';
 import { NomadSpec, type SpecMethod } from './spec.js';
 
 export interface FakeNomadOptions {
@@ -88,6 +89,16 @@ export interface FakeNomadControl {
   jobIds(): string[];
   readonly index: number;
   waitFor(predicate: () => boolean, timeoutMs?: number): Promise<void>;
+  /* Allocations of jobs whose ID starts with the prefix stay pending without any event (a hung client). */
+  stallAllocationStart(jobIdPrefix: string): void;
+  /* Pulling the image takes timings.pullDelayMs on every node that has not pulled it yet ("Downloading image"). */
+  slowImagePull(image: string): void;
+  /* Replaces the cluster's nodes (default: one huge node in dc1 with the docker, exec and raw_exec drivers). */
+  setNodes(nodes: readonly NodeSpec[]): FakeNode[];
+  /* Changes one node; blocked evaluations are retried, as when Nomad sees new capacity. */
+  updateNode(nodeId: string, change: NodeSpec): FakeNode;
+  nodes(): FakeNode[];
+  evaluation(evalId: string): JsonObject | undefined;
 }
 
 export interface FakeNomad {
@@ -128,7 +139,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
 
   const tempRoot = mkdtempSync(join(tmpdir(), 'fake-nomad-'));
   const cluster = new Cluster(
-    { schedulerDelayMs: 5, startDelayMs: 20, killDelayMs: 50, restartDelayMs: 50, ...options.timings },
+    { schedulerDelayMs: 5, startDelayMs: 20, killDelayMs: 50, restartDelayMs: 50, pullDelayMs: 1_000, ...options.timings },
     options.eventBufferSize ?? 100,
     tempRoot,
     () => address,
@@ -273,9 +284,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     } else if ((match = /^\/v1\/job\/([^/]+)\/allocations$/.exec(path)) !== null && method === 'GET') {
       const id = decodeURIComponent(match[1] ?? '');
       // `all` only matters for older incarnations of a job ID, which purging leaves none of here.
-      const stubs = [...cluster.allocs.values()]
-        .filter((record) => record.jobId === id && record.namespace === ns)
-        .map((record) => cluster.allocStub(record, query.get('resources') === 'true'));
+      const stubs = cluster.jobAllocs(id, ns).map((record) => cluster.allocStub(record, query.get('resources') === 'true'));
       return sendJson(response, stubs, ['get', '/job/{jobName}/allocations']);
     } else if (path === '/v1/allocations' && method === 'GET') {
       const stubs = [...cluster.allocs.values()]
@@ -293,8 +302,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       // structs.Evaluation is omitempty: empty fields (BlockedEval, StatusDescription, ...) are absent.
       return evaluation === undefined ? sendText(response, 404, 'eval not found') : sendJson(response, omitEmpty(evaluation), ['get', '/evaluation/{evalID}']);
     } else if ((match = /^\/v1\/node\/([^/]+)$/.exec(path)) !== null && method === 'GET') {
-      const node = cluster.node();
-      return match[1] === node['ID'] ? sendJson(response, node, ['get', '/node/{nodeId}']) : sendText(response, 404, 'node not found');
+      const node = cluster.node(decodeURIComponent(match[1] ?? ''));
+      return node !== undefined ? sendJson(response, node, ['get', '/node/{nodeId}']) : sendText(response, 404, 'node not found');
     } else if (path === '/v1/event/stream' && method === 'GET') {
       return subscribe(request, response, query);
     } else if (path === '/v1/agent/health' && method === 'GET') {
@@ -378,6 +387,19 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
         await sleep(5);
       }
     },
+    stallAllocationStart: (prefix) => {
+      cluster.stallStartPrefixes.add(prefix);
+    },
+    slowImagePull: (image) => {
+      cluster.slowImages.add(image);
+    },
+    setNodes: (nodes) => cluster.setNodes(nodes),
+    updateNode: (nodeId, change) => cluster.updateNode(nodeId, change),
+    nodes: () => [...cluster.nodes.values()],
+    evaluation: (evalId) => {
+      const evaluation = cluster.evals.get(evalId);
+      return evaluation === undefined ? undefined : structuredClone(evaluation);
+    },
   };
 
   const handleControl = async (request: IncomingMessage, response: ServerResponse, url: URL): Promise<void> => {
@@ -433,6 +455,11 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       if (match[2] === 'crash') control.crashTask(allocId, Number(field('exitCode') ?? 1));
       return done();
     }
+    if (path === '/nodes' && method === 'GET') return sendJson(response, control.nodes());
+    if (path === '/nodes' && method === 'PUT') return sendJson(response, control.setNodes(Array.isArray(body) ? (body as NodeSpec[]) : []));
+    if ((match = /^\/nodes\/([^/]+)$/.exec(path)) !== null && method === 'PATCH')
+      return sendJson(response, control.updateNode(decodeURIComponent(match[1] ?? ''), isObject(body) ? (body as NodeSpec) : {}));
+    if (path === '/images/slow' && method === 'POST') return (control.slowImagePull(String(field('image') ?? '')), done());
     if (path === '/violations' && method === 'GET') return sendJson(response, control.specViolations());
     if (path === '/snapshot' && method === 'GET')
       return sendJson(response, { index: cluster.index, jobs: control.jobIds(), allocations: control.allocations() });
@@ -494,7 +521,6 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       const fault = await applyFaults('GET', url.pathname);
       if (fault !== undefined) return refuse(fault.status, fault.body);
       if (match === null) return refuse(404, '404 page not found');
-      if (!authorized(request)) return refuse(403, 'ACL token not found');
       let command: unknown;
       try {
         command = JSON.parse(url.searchParams.get('command') ?? '[]');
@@ -508,6 +534,9 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       const tty = url.searchParams.get('tty');
       if (tty !== null && tty !== 'true' && tty !== 'false') return refuse(500, 'tty value is not a boolean');
       wss.handleUpgrade(request, socket, head, (ws) => {
+        // Nomad checks the token in the streaming RPC, after the upgrade: a server closes the socket
+        // with 1011 and "Permission denied" (nomad/client_alloc_endpoint.go exec, toWsCode(500)).
+        if (!authorized(request)) return ws.close(1011, 'Permission denied');
         handleExec(
           ws,
           { allocId: decodeURIComponent(match[1] ?? ''), task: url.searchParams.get('task') ?? undefined, command, tty: tty === 'true' },

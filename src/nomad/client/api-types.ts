@@ -178,12 +178,22 @@ export const allocationSchema = z.looseObject({
 });
 export type Allocation = z.infer<typeof allocationSchema>;
 
+/* structs.AllocMetric: why a task group found no node (what `nomad job run` prints under "Placement Failure"). */
 export const allocationMetricSchema = z.looseObject({
   NodesEvaluated: z.number().int().nullish(),
-  NodesExhausted: z.number().int().nullish(),
-  DimensionExhausted: z.record(z.string(), z.number()).nullish(),
+  NodesFiltered: z.number().int().nullish(),
+  NodesInPool: z.number().int().nullish(),
+  NodePool: z.string().nullish(),
+  NodesAvailable: z.record(z.string(), z.number()).nullish(),
+  ClassFiltered: z.record(z.string(), z.number()).nullish(),
   ConstraintFiltered: z.record(z.string(), z.number()).nullish(),
+  NodesExhausted: z.number().int().nullish(),
+  ClassExhausted: z.record(z.string(), z.number()).nullish(),
+  DimensionExhausted: z.record(z.string(), z.number()).nullish(),
+  QuotaExhausted: z.array(z.string()).nullish(),
+  CoalescedFailures: z.number().int().nullish(),
 });
+export type AllocationMetric = z.infer<typeof allocationMetricSchema>;
 
 export const evaluationSchema = z.looseObject({
   ID: z.string(),

@@ -70,6 +70,11 @@ export class NomadExecError extends NomadError {
     return this.closeReason.includes('Unknown allocation');
   }
 
+  /* The ACL token is unknown or may not exec (Nomad says so in the close reason, after the upgrade). */
+  get permissionDenied(): boolean {
+    return /Permission denied|ACL token (not found|expired|is invalid)/.test(this.closeReason);
+  }
+
   /* The task is restarting or stopped; retrying later may work. */
   get taskNotRunning(): boolean {
     return /is not running|not started yet|client status of allocation/.test(this.closeReason);

@@ -144,7 +144,12 @@ export function execInAllocation(
     socket.on('close', (code: number, reasonBuffer: Buffer) => {
       const reason = reasonBuffer.toString('utf8');
       if (reason !== '' && (code === 1008 || code === 1011)) {
-        finish({ error: new NomadExecError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad exec failed: ${reason}`, { code, reason }) });
+        const error = new NomadExecError('NOMAD_INTERNAL_SERVER_ERROR', `Nomad exec failed: ${reason}`, { code, reason });
+        // A Nomad server checks the token only after the upgrade and closes with 1011 "Permission denied".
+        const message = error.permissionDenied
+          ? `Nomad refused the exec (${reason}): nomad.token is unknown to Nomad or lacks the alloc-exec capability in namespace ${http.namespace}`
+          : error.message;
+        finish({ error: new NomadExecError('NOMAD_INTERNAL_SERVER_ERROR', message, { code, reason }) });
         return;
       }
       // Known Nomad bugs end sessions with close 1000 or a bare EOF before the exit frame (#14595, #9892).

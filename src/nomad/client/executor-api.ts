@@ -5,12 +5,14 @@ import type { NomadConfig } from '../../config/schema.js';
 import {
   allocationListStubSchema,
   allocationSchema,
+  evaluationSchema,
   jobDeregisterResponseSchema,
   jobListStubSchema,
   jobRegisterResponseSchema,
   jobSchema,
   type Allocation,
   type AllocationListStub,
+  type Evaluation,
   type JobListStub,
   type NomadJob,
 } from './api-types.js';
@@ -93,6 +95,10 @@ export class ExecutorApi {
       idempotent: true,
       notFoundIsUndefined: true,
     });
+  }
+
+  async getEvaluation(evalId: string): Promise<Evaluation | undefined> {
+    return this.http.call('GET', `/v1/evaluation/${encodeURIComponent(evalId)}`, { schema: evaluationSchema, idempotent: true, notFoundIsUndefined: true });
   }
 
   /* Runs argv (no shell is added) in a task of an allocation; resolves with its exit code. */
