@@ -4,7 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Fastify from 'fastify';
-import { DataFd, sandboxBwrapArguments } from '../../src/local/sandbox.js';
+import { DataFd, SANDBOX_PATH, sandboxBwrapArguments } from '../../src/local/sandbox.js';
 import { sandboxAccounts } from '../../src/local/sandbox-accounts.js';
 import { seccompProgram } from '../../src/local/seccomp.js';
 import { BenchClient } from './client.js';
@@ -215,5 +215,61 @@ export async function fastifyNoop(n: number): Promise<Baseline> {
   } finally {
     await client.close();
     await app.close();
+  }
+}
+
+/*
+ * The program of a codeocean_session round: reads a typed line and prints 2 KB (32 lines of 64
+ * bytes), from three small files as CodeOcean copies an exercise.
+ */
+export const SESSION_INPUT = 'learner\n';
+export const SESSION_OUTPUT_BYTES = 2048;
+export const SESSION_FILES = [
+  {
+    path: 'main.py',
+    content:
+      'from helper import line_of\n\ngreeting = open("greeting.txt").read().strip()\nname = input()\nfor i in range(32):\n    print(line_of(greeting, name, i))\n',
+  },
+  { path: 'helper.py', content: 'def line_of(greeting, name, i):\n    return (f"{i:02d} {greeting}, {name}! " * 8)[:63]\n' },
+  { path: 'greeting.txt', content: 'Hello\n' },
+];
+
+function pythonOnce(directory: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    // The sandbox's PATH, so that the same python3 runs (not a version manager's shim of the bench user).
+    const child = spawn('python3', ['main.py'], { cwd: directory, env: { PATH: SANDBOX_PATH, LANG: 'C.UTF-8' }, stdio: ['pipe', 'pipe', 'ignore'] });
+    let received = 0;
+    child.stdout.on('data', (chunk: Buffer) => (received += chunk.length));
+    child.once('error', reject);
+    child.stdin.end(SESSION_INPUT);
+    child.once('close', (code) => {
+      if (code !== 0 || received !== SESSION_OUTPUT_BYTES) reject(new Error(`python3 exited ${String(code)} after ${received} bytes`));
+      else resolve(received);
+    });
+  });
+}
+
+/* The session's Python program started directly on the host, `concurrency` at a time, for a while. */
+export async function pythonOnHost(concurrency: number, durationMs: number): Promise<Baseline> {
+  const directory = mkdtempSync(join(tmpdir(), 'bench-python-'));
+  try {
+    for (const file of SESSION_FILES) writeFileSync(join(directory, file.path), file.content);
+    await pythonOnce(directory);
+    const samples: number[] = [];
+    const deadline = Date.now() + durationMs;
+    const started = nowMs();
+    await Promise.all(
+      Array.from({ length: concurrency }, async () => {
+        while (Date.now() < deadline) {
+          const start = nowMs();
+          await pythonOnce(directory);
+          samples.push(nowMs() - start);
+        }
+      }),
+    );
+    const elapsed = (nowMs() - started) / 1000;
+    return { what: `the same Python program on the host, ${concurrency} at a time`, ...summarize(samples), ops_per_s: round(samples.length / elapsed, 1) };
+  } finally {
+    rmSync(directory, { recursive: true, force: true });
   }
 }
