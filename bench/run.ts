@@ -3,6 +3,7 @@ import { dirname, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { REPO_ROOT } from '../test/support/daemon.js';
 import { describeError, type CaseRunner } from './cases/common.js';
+import { burstClaims, codeoceanSession } from './cases/codeocean.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
 import { nomadClaim } from './cases/nomad.js';
 import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
@@ -28,6 +29,8 @@ const CASES: Record<string, CaseRunner> = {
   pool_refill_100: poolRefill100,
   pool_refill_100_network: poolRefill100Network,
   throughput,
+  codeocean_session: codeoceanSession,
+  burst_claims: burstClaims,
   stream_single: streamSingle,
   stream_concurrent: streamConcurrent,
   nomad_claim: nomadClaim,
@@ -90,6 +93,8 @@ function extras(name: string, result: CaseResult): string {
     stream_single: ['mb_per_s', 'baseline_mb_per_s', 'terminal_mb_per_s', 'of_terminal'],
     stream_concurrent: ['mb_per_s', 'baseline_mb_per_s', 'terminal_mb_per_s', 'of_terminal', 'lost_bytes', 'lost_exits'],
     idle_runners: ['rss_mb_before', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],
+    codeocean_session: ['learners', 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'baseline_p99_ms', 'ratio_p99'],
+    burst_claims: ['claims', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
     nomad_claim: ['refill_ms', 'refill_after_claims_ms', 'pool_size'],
   };
   return (keys[name] ?? [])

@@ -1,4 +1,5 @@
 import { readFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import type { Server as HttpsServer } from 'node:https';
 import type { FastifyInstance, FastifyListenOptions } from 'fastify';
 import type { Logger } from 'pino';
@@ -41,18 +42,22 @@ export function packageVersion(): string {
 async function buildManager(config: Config, logger: Logger): Promise<AccessorHandler> {
   const cgroups = await createCgroupManager(config.local.cgroups, config.local.cgroupparent, logger);
   logger.info({ cgroups: cgroups.version }, 'local sandbox limits');
+  const { refillconcurrency, buildconcurrency } = config.runners;
+  const buildConcurrency = buildconcurrency > 0 ? buildconcurrency : Math.max(refillconcurrency, 4 * availableParallelism());
   const handlers: AccessorHandler[] = [
-    new LocalAccessorHandler(config.local, cgroups, config.runners.refillconcurrency, logger, {
+    new LocalAccessorHandler(config.local, cgroups, refillconcurrency, logger, {
       interactiveStderr: config.server.interactivestderr,
       claimTimeout: config.runners.claimtimeout,
+      buildConcurrency,
     }),
   ];
   // Nomad goes first: with it enabled it owns every new environment, local keeps the ones it stored.
   if (config.nomad.enabled)
     handlers.unshift(
-      new NomadAccessorHandler(config.nomad, config.runners.refillconcurrency, logger, {
+      new NomadAccessorHandler(config.nomad, refillconcurrency, logger, {
         interactiveStderr: config.server.interactivestderr,
         claimTimeout: config.runners.claimtimeout,
+        buildConcurrency,
       }),
     );
   for (let index = 0; index < handlers.length - 1; index += 1) handlers[index]?.setNextHandler(handlers[index + 1] as AccessorHandler);

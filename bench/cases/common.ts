@@ -7,7 +7,7 @@ import { nowMs, percentile, round, summarize } from '../lib/stats.js';
 export type CaseRunner = (context: BenchContext) => Promise<CaseResult>;
 
 /* Environment ids, one per case family, so no case drains or refills another case's pool. */
-export const ENV = { main: 1, throughput: 2, concurrent: 3, idle: 4, refill: 5, nomad: 6 } as const;
+export const ENV = { main: 1, throughput: 2, concurrent: 3, idle: 4, refill: 5, nomad: 6, session: 7, burst: 8 } as const;
 
 export const CORES = cpus().length;
 

@@ -96,7 +96,7 @@ export async function poolRefill100(context: BenchContext): Promise<CaseResult> 
   const baselineMs = await context.baseline(`bwrap_batch_${size}`, async () => {
     const runs: number[] = [];
     for (let i = 0; i < (context.quick ? 1 : 3); i++) runs.push(await rawBwrapBatch(size, REFILL_CONCURRENCY));
-    return { what: `${size} raw bwrap spawns, ${REFILL_CONCURRENCY} at a time`, ...summarize(runs) };
+    return { what: `${size} raw sandboxes (a runner's namespaces, mounts and seccomp), ${REFILL_CONCURRENCY} at a time`, ...summarize(runs) };
   });
   return refillResult(samples, size, baselineMs, errors);
 }

@@ -1,9 +1,12 @@
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdtempSync } from 'node:fs';
+import { closeSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Fastify from 'fastify';
+import { DataFd, SANDBOX_PATH, sandboxBwrapArguments } from '../../src/local/sandbox.js';
+import { sandboxAccounts } from '../../src/local/sandbox-accounts.js';
+import { seccompProgram } from '../../src/local/seccomp.js';
 import { BenchClient } from './client.js';
 import { nowMs, round, summarize, type Summary } from './stats.js';
 
@@ -18,51 +21,58 @@ export interface Baseline extends Summary {
   mb_per_s?: number;
 }
 
-const HOST_SYSTEM_DIRS = ['usr', 'bin', 'sbin', 'lib', 'lib32', 'lib64', 'libx32', 'opt'];
+/*
+ * A raw sandbox with the isolation of a runner, so that the comparison is like for like: the same
+ * namespaces (user and network ones included, made by bwrap here and by the spawner in the daemon),
+ * the same root, /proc masks, sized scratch file systems, capabilities and seccomp program, with
+ * /bin/true as pid 1 instead of the agent. What the daemon adds on top (cgroups, the spawner, the
+ * agent's handshake, bookkeeping) is its overhead.
+ */
+const RAW_SANDBOX_SHAPE = { rootfs: undefined, memoryLimitMiB: 512, workspaceSizeMiB: 256 };
 
-/* The same root as a runner built from the host (src/local/sandbox.ts): /usr read-only, merged-/usr links. */
-function hostRootArgs(): string[] {
-  const args: string[] = [];
-  for (const entry of HOST_SYSTEM_DIRS) {
-    const hostPath = `/${entry}`;
-    if (!existsSync(hostPath)) continue;
-    if (lstatSync(hostPath).isSymbolicLink()) args.push('--symlink', `usr/${entry}`, hostPath);
-    else args.push('--ro-bind', hostPath, hostPath);
-  }
-  return args;
+export const RAW_BWRAP_ARGS = ['--unshare-user', '--uid', '0', '--gid', '0', '--unshare-net', ...sandboxBwrapArguments(RAW_SANDBOX_SHAPE), '--', '/bin/true'];
+
+export const RAW_SANDBOX_WHAT = "raw bwrap sandboxes of /bin/true with a runner's namespaces (user, net, pid, ipc, uts, cgroup), root, mounts and seccomp";
+
+/* The blobs bwrap reads at its data fds (passwd, group, seccomp), written once, opened per spawn. */
+let dataFiles: Array<{ fd: number; path: string }> | undefined;
+
+function rawDataFiles(): Array<{ fd: number; path: string }> {
+  if (dataFiles !== undefined) return dataFiles;
+  const directory = mkdtempSync(join(tmpdir(), 'bench-raw-sandbox-'));
+  const accounts = sandboxAccounts({ uid: 1000, gid: 1000 });
+  const blobs: Array<[number, string | Buffer]> = [
+    [DataFd.passwd, accounts.passwd],
+    [DataFd.group, accounts.group],
+    [DataFd.seccomp, seccompProgram()],
+  ];
+  dataFiles = blobs.map(([fd, bytes]) => {
+    const path = join(directory, String(fd));
+    writeFileSync(path, bytes);
+    return { fd, path };
+  });
+  process.once('exit', () => rmSync(directory, { recursive: true, force: true }));
+  return dataFiles;
 }
 
-export const RAW_BWRAP_ARGS = [
-  '--unshare-pid',
-  '--unshare-ipc',
-  '--unshare-uts',
-  '--unshare-net',
-  '--die-with-parent',
-  ...hostRootArgs(),
-  '--proc',
-  '/proc',
-  '--dev',
-  '/dev',
-  '--tmpfs',
-  '/workspace',
-  '--chdir',
-  '/workspace',
-  '--',
-  '/bin/sh',
-  '-c',
-  'true',
-];
-
-function runToExit(file: string, args: string[]): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(file, args, { stdio: 'ignore' });
+function runRawSandbox(bwrap: string): Promise<number> {
+  const files = rawDataFiles();
+  const opened = files.map((file) => ({ fd: file.fd, handle: openSync(file.path, 'r') }));
+  const stdio: Array<'ignore' | number> = ['ignore', 'ignore', 'ignore'];
+  for (const { fd, handle } of opened) {
+    while (stdio.length < fd) stdio.push('ignore');
+    stdio[fd] = handle;
+  }
+  return new Promise<number>((resolve, reject) => {
+    const child = spawn(bwrap, RAW_BWRAP_ARGS, { stdio });
+    for (const { handle } of opened) closeSync(handle);
     child.once('error', reject);
     child.once('exit', (code) => resolve(code ?? -1));
   });
 }
 
 export async function rawBwrapOnce(bwrap = 'bwrap'): Promise<void> {
-  const code = await runToExit(bwrap, RAW_BWRAP_ARGS);
+  const code = await runRawSandbox(bwrap);
   if (code !== 0) throw new Error(`raw bwrap exited with ${code}`);
 }
 
@@ -75,7 +85,7 @@ export async function rawBwrapSpawn(n: number, bwrap = 'bwrap'): Promise<Baselin
     samples.push(nowMs() - start);
   }
   const summary = summarize(samples);
-  return { what: 'raw bwrap spawn of /bin/sh -c true, same namespaces and root', ...summary, ops_per_s: round(1000 / Math.max(summary.p50_ms, 0.001), 1) };
+  return { what: `one at a time: ${RAW_SANDBOX_WHAT}`, ...summary, ops_per_s: round(1000 / Math.max(summary.p50_ms, 0.001), 1) };
 }
 
 /* Many raw sandboxes at once for a fixed time: the most sandboxes per second this host can start. */
@@ -93,7 +103,7 @@ export async function rawBwrapParallel(durationMs: number, concurrency: number, 
     }),
   );
   const elapsed = (nowMs() - started) / 1000;
-  return { what: `raw bwrap spawns, ${concurrency} at a time`, ...summarize(samples), ops_per_s: round(samples.length / elapsed, 1) };
+  return { what: `${concurrency} at a time: ${RAW_SANDBOX_WHAT}`, ...summarize(samples), ops_per_s: round(samples.length / elapsed, 1) };
 }
 
 /* `count` raw sandboxes, `concurrency` at a time: what refilling a pool of that size costs at least. */
@@ -205,5 +215,77 @@ export async function fastifyNoop(n: number): Promise<Baseline> {
   } finally {
     await client.close();
     await app.close();
+  }
+}
+
+/*
+ * The program of a codeocean_session round: reads a typed line and prints 2 KB (32 lines of 64
+ * bytes), from three small files as CodeOcean copies an exercise.
+ */
+export const SESSION_INPUT = 'learner\n';
+export const SESSION_OUTPUT_BYTES = 2048;
+export const SESSION_FILES = [
+  {
+    path: 'main.py',
+    content:
+      'from helper import line_of\n\ngreeting = open("greeting.txt").read().strip()\nname = input()\nfor i in range(32):\n    print(line_of(greeting, name, i))\n',
+  },
+  { path: 'helper.py', content: 'def line_of(greeting, name, i):\n    return (f"{i:02d} {greeting}, {name}! " * 8)[:63]\n' },
+  { path: 'greeting.txt', content: 'Hello\n' },
+];
+
+/* agent/poseidon-spawner.c's SANDBOX_NICE: every sandbox process runs at this nice level. */
+const SANDBOX_NICE = 10;
+
+function pythonOnce(directory: string): Promise<number> {
+  return new Promise((resolve, reject) => {
+    /*
+     * The sandbox's PATH, so that the same python3 runs (not a version manager's shim of the bench
+     * user), and the sandboxes' nice level (the spawner's SANDBOX_NICE): on a shared host, other
+     * load then weighs on the baseline as on learner code. nice execs python3 as the sandbox's
+     * /bin/sh -c does.
+     */
+    const child = spawn('nice', ['-n', String(SANDBOX_NICE), 'python3', 'main.py'], {
+      cwd: directory,
+      env: { PATH: SANDBOX_PATH, LANG: 'C.UTF-8' },
+      stdio: ['pipe', 'pipe', 'ignore'],
+    });
+    let received = 0;
+    child.stdout.on('data', (chunk: Buffer) => (received += chunk.length));
+    child.once('error', reject);
+    child.stdin.end(SESSION_INPUT);
+    child.once('close', (code) => {
+      if (code !== 0 || received !== SESSION_OUTPUT_BYTES) reject(new Error(`python3 exited ${String(code)} after ${received} bytes`));
+      else resolve(received);
+    });
+  });
+}
+
+/* The session's Python program started directly on the host, `concurrency` at a time, for a while. */
+export async function pythonOnHost(concurrency: number, durationMs: number): Promise<Baseline> {
+  const directory = mkdtempSync(join(tmpdir(), 'bench-python-'));
+  try {
+    for (const file of SESSION_FILES) writeFileSync(join(directory, file.path), file.content);
+    await pythonOnce(directory);
+    const samples: number[] = [];
+    const deadline = Date.now() + durationMs;
+    const started = nowMs();
+    await Promise.all(
+      Array.from({ length: concurrency }, async () => {
+        while (Date.now() < deadline) {
+          const start = nowMs();
+          await pythonOnce(directory);
+          samples.push(nowMs() - start);
+        }
+      }),
+    );
+    const elapsed = (nowMs() - started) / 1000;
+    return {
+      what: `the same Python program on the host at the sandboxes' nice level, ${concurrency} at a time`,
+      ...summarize(samples),
+      ops_per_s: round(samples.length / elapsed, 1),
+    };
+  } finally {
+    rmSync(directory, { recursive: true, force: true });
   }
 }

@@ -137,9 +137,10 @@ export class BenchClient {
   }
 
   /* Runs one command end-to-end: POST execute, connect, read until `exit`/`timeout` and close. */
-  async run(runnerId: string, command: string, options: { timeLimit?: number; guardMs?: number } = {}): Promise<ExecutionOutcome> {
+  /* `stdin` is sent as one text frame once the WebSocket is open, as a learner typing a line. */
+  async run(runnerId: string, command: string, options: { timeLimit?: number; guardMs?: number; stdin?: string } = {}): Promise<ExecutionOutcome> {
     const url = await this.execute(runnerId, command, options.timeLimit ?? 60);
-    return readExecution(url, options.guardMs ?? 90_000);
+    return readExecution(url, options.guardMs ?? 90_000, options.stdin);
   }
 }
 
@@ -152,7 +153,7 @@ interface WsMessage {
  * Reads an execution's WebSocket to its end. Resolves on `exit`/`timeout` without waiting for the
  * server's close frame, because CodeOcean also treats `exit` as the end of a run.
  */
-export function readExecution(url: string, guardMs: number): Promise<ExecutionOutcome> {
+export function readExecution(url: string, guardMs: number, stdin?: string): Promise<ExecutionOutcome> {
   return new Promise((resolve, reject) => {
     const outcome: ExecutionOutcome = { exitCode: undefined, timedOut: false, stdoutBytes: 0, stderrBytes: 0, errors: [] };
     const socket = new WebSocket(url, { perMessageDeflate: false });
@@ -169,6 +170,7 @@ export function readExecution(url: string, guardMs: number): Promise<ExecutionOu
       }
     };
     const guard = setTimeout(() => finish(new Error(`no exit within ${guardMs} ms on ${url}`)), guardMs);
+    if (stdin !== undefined) socket.once('open', () => socket.send(stdin));
     socket.on('message', (raw: WebSocket.RawData, isBinary: boolean) => {
       if (isBinary) return;
       const message = JSON.parse(raw.toString()) as WsMessage;

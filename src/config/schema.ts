@@ -131,6 +131,12 @@ const runnersSchema = z
     /* How many sandboxes an environment builds at once while refilling its pool. */
     refillconcurrency: z.number().int().min(1).max(256).default(8),
     /*
+     * How many runners a backend builds at once over all its environments. An environment with claims
+     * waiting may use all of them (a burst is built as fast as the host allows); the bound keeps the
+     * API responsive. 0: four per CPU core, at least refillconcurrency.
+     */
+    buildconcurrency: z.number().int().min(0).max(1024).default(0),
+    /*
      * Seconds a claim on an empty pool waits for a runner under construction before answering
      * NOMAD_OVERLOAD; fractions allowed, 0 answers at once (Poseidon). Bounded well below CodeOcean's
      * HTTP timeout, so that a waiting claim is still answered.

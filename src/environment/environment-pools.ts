@@ -7,6 +7,7 @@ import { EnvironmentNotFoundError } from '../runner/errors.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
 import type { Runner } from '../runner/runner.js';
 import { environmentIdOfRunner } from '../runner/runner-id.js';
+import { BuildSlots } from './build-slots.js';
 import { ExecutionEnvironment, type RunnerFactory } from './execution-environment.js';
 
 /* Where a backend keeps its environments (a local file, Nomad template jobs). */
@@ -19,6 +20,8 @@ export interface EnvironmentPoolsOptions<R extends ManagedRunner> {
   readonly runners: RunnerFactory<R>;
   readonly storage: EnvironmentStorage;
   readonly refillConcurrency: number;
+  /* runners.buildconcurrency: builds at once over all environments (a burst may use them all); unset, no shared bound. */
+  readonly buildConcurrency?: number;
   readonly logger: Logger;
   /*
    * runners.claimtimeout: how long a claim on an empty pool waits for a runner under construction
@@ -40,9 +43,11 @@ export class EnvironmentPools<R extends ManagedRunner> {
   readonly #changes = new Map<number, Promise<void>>();
   /* Set when the daemon drains: no pool builds runners any more, new environments included. */
   #refillStopped = false;
+  readonly #slots: BuildSlots | undefined;
 
   constructor(options: EnvironmentPoolsOptions<R>) {
     this.#options = options;
+    this.#slots = options.buildConcurrency === undefined ? undefined : new BuildSlots(options.buildConcurrency);
   }
 
   get size(): number {
@@ -179,6 +184,7 @@ export class EnvironmentPools<R extends ManagedRunner> {
     const instruments = this.#options.instruments ?? (() => noInstruments);
     const environment = new ExecutionEnvironment(spec, runners, {
       refillConcurrency,
+      ...(this.#slots === undefined ? {} : { slots: this.#slots }),
       logger,
       instruments: {
         runnerBuilt: (...args) => instruments().runnerBuilt(...args),

@@ -3,6 +3,7 @@ import type { EnvironmentStatistics, ExecutionEnvironmentSpec } from '../dto/env
 import type { ContextLogger } from '../monitoring/logger.js';
 import { type ClaimWaitOutcome, type Instruments, noInstruments, secondsSince } from '../monitoring/metrics.js';
 import type { ManagedRunner } from '../runner/managed-runner.js';
+import type { BuildSlots } from './build-slots.js';
 
 /* The one thing an environment needs from a backend: a new, ready, idle runner. */
 export interface RunnerFactory<R extends ManagedRunner> {
@@ -10,7 +11,10 @@ export interface RunnerFactory<R extends ManagedRunner> {
 }
 
 export interface PoolOptions {
+  /* Builds at once while only topping up the pool; with claims waiting, any free slot is used. */
   refillConcurrency: number;
+  /* The backend's builds over all its environments; without, each environment stays within refillConcurrency. */
+  slots?: BuildSlots;
   logger: Logger;
   /* Told about every runner build (its time and whether it failed): metrics and the health check. */
   instruments?: Instruments;
@@ -122,7 +126,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     this.#waiters.push(waiter);
     // Demand-aware: the waiter raises the refill target, so a build starts for it if concurrency allows.
     this.refill();
-    if (this.#creating === 0) {
+    if (this.#creating === 0 && !this.options.slots?.waiting(this)) {
       // Nothing is being built, so nothing will come: Poseidon's answer at once, and no wait to count.
       this.#waiters.splice(this.#waiters.indexOf(waiter), 1);
       return undefined;
@@ -210,17 +214,23 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   /* Builds under way still go to waiting claims; later claims are refused by the lame duck. */
   stopRefilling(): void {
     this.#refillStopped = true;
+    this.options.slots?.forget(this);
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;
   }
 
   /*
-   * Starts as many runner builds as the pool lacks, bounded by the refill concurrency. Waiting
-   * claims count on top of the pool size, so a burst gets builds ahead of the pool's own refill.
+   * Starts as many runner builds as the pool lacks. Waiting claims count on top of the pool size, and
+   * while there are any the environment builds with every slot the backend has free (demand first),
+   * not only its refill concurrency: a burst gets its runners as fast as the host can build them.
    */
   refill(): void {
     if (this.#deleted || this.#refillStopped || this.#retryTimer) return;
-    while (this.#idle.size + this.#creating < this.spec.prewarmingPoolSize + this.#waiters.length && this.#creating < this.options.refillConcurrency) {
+    const slots = this.options.slots;
+    const urgent = this.#waiters.length > 0;
+    const limit = urgent && slots !== undefined ? slots.capacity : this.options.refillConcurrency;
+    while (this.#idle.size + this.#creating < this.spec.prewarmingPoolSize + this.#waiters.length && this.#creating < limit) {
+      if (slots !== undefined && !slots.take(this, urgent, () => this.refill())) return;
       this.#creating += 1;
       const build = this.#createOne();
       this.#pending.add(build);
@@ -261,6 +271,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
       }
     } finally {
       this.#creating -= 1;
+      this.options.slots?.release();
     }
     this.refill();
     // Builds are failing and none is left under way: waiting claims would only run into their timeout.
@@ -279,6 +290,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
   /* Stops refilling and destroys every runner, idle and used. */
   async delete(reason: string, log?: ContextLogger): Promise<void> {
     this.#deleted = true;
+    this.options.slots?.forget(this);
     this.#dismissWaiters();
     if (this.#retryTimer) clearTimeout(this.#retryTimer);
     this.#retryTimer = undefined;

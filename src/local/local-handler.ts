@@ -31,7 +31,8 @@ export class LocalAccessorHandler extends AccessorHandler {
     logger: Logger,
     /* server.interactivestderr: stderr apart from the executions' terminal (default) or on it. */
     /* runners.claimtimeout: seconds a claim on an empty pool waits for a runner being built (0: none). */
-    private readonly options: { interactiveStderr?: boolean; claimTimeout?: number } = {},
+    /* runners.buildconcurrency: sandboxes built at once over all environments. */
+    private readonly options: { interactiveStderr?: boolean; claimTimeout?: number; buildConcurrency?: number } = {},
   ) {
     super();
     this.#logger = logger.child({ backend: 'local' });
@@ -44,6 +45,7 @@ export class LocalAccessorHandler extends AccessorHandler {
         delete: (environmentId) => this.#store.delete(environmentId).catch((error: unknown) => this.#storeFailed(error, environmentId, 'delete')),
       },
       refillConcurrency,
+      ...(options.buildConcurrency === undefined ? {} : { buildConcurrency: options.buildConcurrency }),
       claimTimeoutSeconds: options.claimTimeout ?? 0,
       logger: this.#logger,
       instruments: () => this.instruments,

@@ -33,7 +33,7 @@ const READY_TIMEOUT_MS = 15_000;
 const MEBIBYTE = 1024 * 1024;
 
 /* Where bubblewrap reads its data blobs; fds 0-3 are the agent's connection, stderr and the agent. */
-const DataFd = { passwd: 4, group: 5, seccomp: 6 } as const;
+export const DataFd = { passwd: 4, group: 5, seccomp: 6 } as const;
 
 /*
  * /proc as Docker leaves it by default. These paths are read-only: bind mounts of themselves (a
@@ -66,7 +66,7 @@ function procArguments(): string[] {
  * Each of the three writable file systems is a tmpfs whose pages count against the runner's
  * memory; together they stay below its limit, so a learner filling them gets ENOSPC first.
  */
-function scratchSizes(options: SandboxOptions): { workspace: number; tmp: number; shm: number } {
+function scratchSizes(options: SandboxShape): { workspace: number; tmp: number; shm: number } {
   const memory = options.memoryLimitMiB;
   return {
     workspace: Math.max(1, Math.min(options.workspaceSizeMiB, Math.floor(memory / 2))) * MEBIBYTE,
@@ -75,7 +75,14 @@ function scratchSizes(options: SandboxOptions): { workspace: number; tmp: number
   };
 }
 
-function bwrapArguments(options: SandboxOptions): string[] {
+/* What a sandbox's mounts depend on; the bench builds its like-for-like raw baseline from the same. */
+export type SandboxShape = Pick<SandboxOptions, 'rootfs' | 'memoryLimitMiB' | 'workspaceSizeMiB'>;
+
+/*
+ * bubblewrap's arguments up to the program: namespaces (but the user and network namespaces, which
+ * the spawner makes), root, /proc, scratch file systems, capabilities and the seccomp fd.
+ */
+export function sandboxBwrapArguments(options: SandboxShape): string[] {
   const sizes = scratchSizes(options);
   return [
     // The network namespace and the user namespace come from the spawner (see its SPAWN request).
@@ -134,8 +141,6 @@ function bwrapArguments(options: SandboxOptions): string[] {
     ...agentCapabilityArguments(),
     '--seccomp',
     String(DataFd.seccomp),
-    '--',
-    `/proc/self/fd/${AGENT_FD}`,
   ];
 }
 
@@ -168,7 +173,7 @@ export class Sandbox {
   static async start(options: SandboxOptions): Promise<Sandbox> {
     const accounts = sandboxAccounts(options.learner);
     const child = options.spawner.spawn(
-      [options.bwrap, ...bwrapArguments(options)],
+      [options.bwrap, ...sandboxBwrapArguments(options), '--', `/proc/self/fd/${AGENT_FD}`],
       { PATH: SANDBOX_PATH },
       {
         cgroupProcsFiles: options.cgroup?.procsFiles ?? [],

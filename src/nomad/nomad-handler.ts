@@ -38,6 +38,8 @@ export interface NomadHandlerOptions {
   readonly interactiveStderr?: boolean;
   /* runners.claimtimeout: seconds a claim on an empty pool waits for a runner job being started (0: none). */
   readonly claimTimeout?: number;
+  /* runners.buildconcurrency: runner jobs started at once over all environments. */
+  readonly buildConcurrency?: number;
 }
 
 interface Waiter {
@@ -93,6 +95,7 @@ export class NomadAccessorHandler extends AccessorHandler {
       runners: { createRunner: (spec) => this.#createRunner(spec) },
       storage: { put: (spec) => this.#storeTemplate(spec), delete: (environmentId) => this.#removeTemplate(environmentId) },
       refillConcurrency,
+      ...(options.buildConcurrency === undefined ? {} : { buildConcurrency: options.buildConcurrency }),
       claimTimeoutSeconds: options.claimTimeout ?? 0,
       logger: this.#logger,
       instruments: () => this.instruments,
