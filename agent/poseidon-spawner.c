@@ -7,7 +7,8 @@
  * (events), in the agent's frame format: u32 LE length-of-rest | u8 type | u32 LE id | payload.
  *
  * REQUESTS (daemon -> spawner)
- *   0x01 SPAWN  16-byte key | u32 argc | argc*str | u32 envc | envc*str("K=V")   (str = u32 len + bytes)
+ *   0x01 SPAWN  16-byte key | u32 flags | u32 id base | u32 id count | procs | argv | env("K=V") | idmapped
+ *               | u32 ndata | ndata*(u32 fd | u32 len | bytes)   (lists: u32 n | n*str, str = u32 len + bytes)
  *               The child connects a fresh socket to the daemon's path, writes the key (so the
  *               daemon can tell which spawn the connection belongs to), and execs argv with that
  *               socket as fd 0 and 1 and a pipe to the spawner as fd 2.
@@ -34,6 +35,7 @@
 #include <net/if.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/resource.h>
@@ -72,9 +74,21 @@ static size_t nchildren;
 static struct sockaddr_un daemon_addr;
 static int agent_memfd = -1;
 
+/* Directories shown idmapped (at most this many per spawn), each at IDMAPPED_DIR/<index>. */
+#define MAX_IDMAPPED 4
+/*
+ * Where the idmapped clones are mounted in the child's private mount namespace: on a tmpfs of its
+ * own over /tmp, so that every directory on the way is searchable by the sandbox's root (an image
+ * root under a 0700 state directory could not be reached through the host's path). bubblewrap
+ * mounts its own tmpfs over /tmp and pivots away from it; below it, this one stays at /tmp.
+ */
+#define IDMAPPED_DIR "/tmp/.poseidon-idmapped"
+
 struct spawn_request {
 	uint32_t flags, id_base, id_count;
-	char **procs, **argv, **envp;
+	char **procs, **argv, **envp, **idmapped;
+	/* open_tree clones of the idmapped directories, made while the child is host root. */
+	int tree_fd[MAX_IDMAPPED];
 	uint32_t ndata;
 	uint32_t data_fd[MAX_DATA_FDS];
 	const uint8_t *data[MAX_DATA_FDS];
@@ -199,7 +213,54 @@ static void loopback_up(void)
  * the parent namespace, which this process gives up by entering; a forked helper that stays
  * outside writes the maps.
  */
-static void enter_user_namespace(uint32_t base, uint32_t count)
+/*
+ * In the id mapper, once the maps are written: each clone of an idmapped directory gets the new
+ * user namespace as its idmap and is mounted at IDMAPPED_DIR/<index>, in the child's private mount
+ * namespace (the mapper shares it). A file owned by uid k on disk then belongs to uid k inside the
+ * sandbox (host id base+k), whichever id range the runner got, without copying or chowning.
+ */
+static void idmap_trees(pid_t target, char **dirs, const int *tree_fd)
+{
+	if (!dirs || !dirs[0]) return;
+	char path[64];
+	snprintf(path, sizeof path, "/proc/%d/ns/user", (int)target);
+	int userns = open(path, O_RDONLY | O_CLOEXEC);
+	if (userns < 0) child_fail("open the user namespace");
+	for (size_t i = 0; dirs[i]; i++) {
+		struct mount_attr attr = {
+			.attr_set = MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+			.userns_fd = (uint64_t)userns,
+		};
+		if (mount_setattr(tree_fd[i], "", AT_EMPTY_PATH, &attr, sizeof attr) < 0) child_fail("idmap the image root (does its file system support idmapped mounts?)");
+		snprintf(path, sizeof path, IDMAPPED_DIR "/%zu", i);
+		if (move_mount(tree_fd[i], "", AT_FDCWD, path, MOVE_MOUNT_F_EMPTY_PATH) < 0) child_fail("mount the idmapped image root");
+	}
+	close(userns);
+}
+
+/*
+ * Before the user namespace exists, as host root: a private mount namespace (nothing mounted in
+ * it reaches the host's) and a detached clone of each directory to be idmapped.
+ */
+static void clone_trees(char **dirs, int *tree_fd)
+{
+	if (!dirs || !dirs[0]) return;
+	if (unshare(CLONE_NEWNS) < 0) child_fail("unshare the mount namespace");
+	if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) < 0) child_fail("make the mount namespace private");
+	for (size_t i = 0; dirs[i]; i++) {
+		tree_fd[i] = open_tree(AT_FDCWD, dirs[i], OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC);
+		if (tree_fd[i] < 0) child_fail(dirs[i]);
+	}
+	if (mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k") < 0) child_fail("mount a tmpfs for the idmapped roots");
+	if (mkdir(IDMAPPED_DIR, 0755) < 0) child_fail("mkdir " IDMAPPED_DIR);
+	char path[64];
+	for (size_t i = 0; dirs[i]; i++) {
+		snprintf(path, sizeof path, IDMAPPED_DIR "/%zu", i);
+		if (mkdir(path, 0755) < 0) child_fail("mkdir an idmapped root's mount point");
+	}
+}
+
+static void enter_user_namespace(uint32_t base, uint32_t count, char **idmapped, const int *tree_fd)
 {
 	int go[2];
 	if (pipe2(go, O_CLOEXEC) < 0) child_fail("pipe");
@@ -215,6 +276,7 @@ static void enter_user_namespace(uint32_t base, uint32_t count)
 		write_file_or_fail(path, map, "write uid_map");
 		snprintf(path, sizeof path, "/proc/%d/gid_map", (int)self);
 		write_file_or_fail(path, map, "write gid_map");
+		idmap_trees(self, idmapped, tree_fd);
 		_exit(0);
 	}
 	close(go[0]);
@@ -285,7 +347,10 @@ static void child_main(pid_t parent, const uint8_t *key, int err_w, struct spawn
 		if (unshare(CLONE_NEWNET) < 0) child_fail("unshare the network namespace");
 		loopback_up();
 	}
-	if (rq->flags & FLAG_USERNS) enter_user_namespace(rq->id_base, rq->id_count);
+	if (rq->flags & FLAG_USERNS) {
+		clone_trees(rq->idmapped, rq->tree_fd);
+		enter_user_namespace(rq->id_base, rq->id_count, rq->idmapped, rq->tree_fd);
+	}
 	execve(rq->argv[0], rq->argv, rq->envp);
 	child_fail(rq->argv[0]);
 }
@@ -332,6 +397,15 @@ static int parse_spawn(struct spawn_request *rq, const uint8_t *p, const uint8_t
 	if (!(rq->procs = get_strings(&p, end))) return -1;
 	if (!(rq->argv = get_strings(&p, end)) || !rq->argv[0]) return -1;
 	if (!(rq->envp = get_strings(&p, end))) return -1;
+	if (!(rq->idmapped = get_strings(&p, end))) return -1;
+	size_t nidmapped = 0;
+	while (rq->idmapped[nidmapped]) {
+		/* Absolute paths only: the child resolves them, the mapper mounts over them. */
+		if (rq->idmapped[nidmapped][0] != '/') return -1;
+		nidmapped++;
+	}
+	/* An idmap needs the user namespace it maps to. */
+	if (nidmapped > MAX_IDMAPPED || (nidmapped > 0 && !(rq->flags & FLAG_USERNS))) return -1;
 	if (end - p < 4) return -1;
 	rq->ndata = frame_u32(p);
 	p += 4;
@@ -384,6 +458,7 @@ out:
 	free_strings(rq.procs);
 	free_strings(rq.argv);
 	free_strings(rq.envp);
+	free_strings(rq.idmapped);
 }
 
 /* Keeps the first STDERR_KEEP bytes and drops the rest; EOF closes the pipe. */

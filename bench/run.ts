@@ -4,6 +4,7 @@ import { parseArgs } from 'node:util';
 import { REPO_ROOT } from '../test/support/daemon.js';
 import { describeError, type CaseRunner } from './cases/common.js';
 import { burstClaims, codeoceanSession } from './cases/codeocean.js';
+import { imageRootStart } from './cases/images.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
 import { nomadClaim } from './cases/nomad.js';
 import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
@@ -28,6 +29,7 @@ const CASES: Record<string, CaseRunner> = {
   idle_runners: idleRunners,
   pool_refill_100: poolRefill100,
   pool_refill_100_network: poolRefill100Network,
+  image_root_start: imageRootStart,
   throughput,
   codeocean_session: codeoceanSession,
   burst_claims: burstClaims,

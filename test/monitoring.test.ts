@@ -52,6 +52,34 @@ describe('health monitor', () => {
     assert.equal(health.check([stats(0, 0)]), undefined);
   });
 
+  test('a pool waiting for its image is not depleted, however long the pull; its grace period starts when the image is ready; an image failure is reported until cleared', () => {
+    const time = clock();
+    const health = new HealthMonitor({ threshold: 0.5, graceMs: 10_000, buildFailureThreshold: 3 }, time.now);
+    health.imageState(7, 'pulling');
+    health.observe([stats(0)]);
+    time.advance(60_000);
+    assert.equal(health.check([stats(0)]), undefined, 'pulling for a minute: no failure');
+    assert.deepEqual(health.pulls(), [{ environmentId: 7, detail: undefined }]);
+    health.imageState(7, 'ready');
+    assert.deepEqual(health.pulls(), []);
+    // The app samples the pools every second: the first sample after the pull starts the grace period.
+    health.observe([stats(0)]);
+    time.advance(9_000);
+    assert.equal(health.check([stats(0)]), undefined, 'ready: the pool fills within its grace period');
+    time.advance(1_000);
+    assert.ok(health.check([stats(0)]), 'then an empty pool is depleted as any other');
+    health.imageState(8, 'failed', 'not-found: repository test/missing not found');
+    assert.match(
+      health.check([stats(4), stats(0, 1, 8)])?.message ?? '',
+      /the image of execution environment 8 cannot be prepared \(not-found: repository test\/missing not found\)/,
+    );
+    health.imageState(8, 'pulling', 'retrying after registry-unavailable: connection refused');
+    assert.equal(health.check([stats(4), stats(0, 1, 8)]), undefined, 'put again: pulling, no failure');
+    assert.deepEqual(health.pulls(), [{ environmentId: 8, detail: 'retrying after registry-unavailable: connection refused' }]);
+    health.observe([stats(4)]);
+    assert.deepEqual(health.pulls(), [], 'a deleted environment is forgotten');
+  });
+
   test('repeated build failures make runners unbuildable at once, naming the cause; a success clears it; deleted environments are forgotten', () => {
     const time = clock();
     const health = new HealthMonitor({ threshold: 0.5, graceMs: 60_000, buildFailureThreshold: 3 }, time.now);

@@ -1,10 +1,12 @@
 import assert from 'node:assert/strict';
-import { existsSync, readFileSync, statSync } from 'node:fs';
+import { chownSync, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import type net from 'node:net';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { AgentClient } from '../src/local/agent/agent-client.js';
 import { AGENT_BINARY, agentCapabilityArguments, AGENT_SANDBOX_PATH, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/binaries.js';
-import { type SpawnedProcess, SpawnerClient } from '../src/local/spawner-client.js';
+import { idmappedPath, type SpawnedProcess, SpawnerClient } from '../src/local/spawner-client.js';
 import { minimalSandboxArguments } from './support/agent-sandbox.js';
 
 /*
@@ -77,6 +79,32 @@ describe('sandbox spawner', () => {
     const lines = (await output).split('\n').map((line) => line.trim().split(/\s+/).join(' '));
     assert.deepEqual(lines.slice(0, 5), ['0', `0 ${base} 65536`, `0 ${base} 65536`, '0', 'nested-refused']);
     assert.equal((await child.exited).code, 0);
+  });
+
+  test('an idmapped directory: image ids seen unchanged in the user namespace, read-only, mounted only in the child', async (t) => {
+    const directory = mkdtempSync(path.join(tmpdir(), 'poseidon-idmap-'));
+    t.after(() => rmSync(directory, { recursive: true, force: true }));
+    writeFileSync(path.join(directory, 'owned'), 'x');
+    chownSync(path.join(directory, 'owned'), 1000, 1001);
+    writeFileSync(path.join(directory, 'root-only'), 'secret', { mode: 0o600 });
+    const base = 0x6000_0000 + 4094 * 65536;
+    const root = idmappedPath(0);
+    const child = spawner.spawn(
+      ['/bin/sh', '-c', `stat -c '%u:%g %n' ${root}/owned ${root}/root-only; cat ${root}/root-only; echo; touch ${root}/new 2>/dev/null || echo read-only`],
+      { PATH: '/usr/bin:/bin' },
+      { userNamespace: { base, count: 65536 }, idmapped: [directory] },
+    );
+    const output = await readAll(await child.connection);
+    assert.deepEqual(output.trim().split('\n'), [`1000:1001 ${root}/owned`, `0:0 ${root}/root-only`, 'secret', 'read-only']);
+    assert.equal((await child.exited).code, 0);
+    assert.ok(!readFileSync('/proc/self/mountinfo', 'utf8').includes('.poseidon-idmapped'), 'the host sees no mount');
+    assert.equal(statSync(path.join(directory, 'owned')).uid, 1000, 'nothing was chowned on disk');
+    for (const refused of [
+      spawner.spawn(['/bin/true'], {}, { idmapped: [directory] }),
+      spawner.spawn(['/bin/true'], {}, { userNamespace: { base, count: 65536 }, idmapped: ['relative/path'] }),
+    ]) {
+      assert.match((await refused.exited).stderr, /bad SPAWN request/);
+    }
   });
 
   test('a network namespace with only loopback, up', async () => {

@@ -1,5 +1,5 @@
 import { type Baseline, rawBwrapBatch } from '../lib/baselines.js';
-import { environmentSpec } from '../lib/client.js';
+import { type BenchClient, type EnvironmentSpec, environmentSpec } from '../lib/client.js';
 import { until, type BenchContext, type CaseResult } from '../lib/context.js';
 import { nowMs, round, sleep, summarize } from '../lib/stats.js';
 import { memAvailableMb, rssMb } from '../lib/system.js';
@@ -63,27 +63,39 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
 /* Fills an emptied pool of `size` n times; the time from the resize to a full pool, per fill. */
 async function refillTimes(context: BenchContext, size: number, networkAccess: boolean, errors: ErrorLog): Promise<number[]> {
   const { client } = await context.local();
+  return fillTimes(client, context, (poolSize) => environmentSpec(ENV.refill, poolSize, networkAccess), size, errors);
+}
+
+/* Fills the emptied pool of the environment `specOf` describes n times; the time to a full pool, per fill. */
+export async function fillTimes(
+  client: BenchClient,
+  context: BenchContext,
+  specOf: (poolSize: number) => EnvironmentSpec,
+  size: number,
+  errors: ErrorLog,
+): Promise<number[]> {
   const n = context.n(3);
   const samples: number[] = [];
-  const idleCount = async (): Promise<number> => (await client.poolOf(ENV.refill))?.idleRunners ?? 0;
+  const environmentId = specOf(0).id;
+  const idleCount = async (): Promise<number> => (await client.poolOf(environmentId))?.idleRunners ?? 0;
   try {
-    await client.putEnvironment(environmentSpec(ENV.refill, 0, networkAccess));
+    await client.putEnvironment(specOf(0));
     const caseDeadline = Date.now() + 90_000;
     for (let i = 0; i < n && Date.now() < caseDeadline; i++) {
       // Empty the pool and let the destruction finish, so the refill does not compete with it.
-      await client.putEnvironment(environmentSpec(ENV.refill, 0, networkAccess));
+      await client.putEnvironment(specOf(0));
       await until(async () => (await idleCount()) === 0, Date.now() + 10_000);
       await sleep(context.quick ? 100 : 1000);
       const start = nowMs();
       // Only the pool size changes, so the daemon resizes the existing environment's pool.
-      await client.putEnvironment(environmentSpec(ENV.refill, size, networkAccess));
+      await client.putEnvironment(specOf(size));
       const full = await until(async () => (await idleCount()) >= size, Date.now() + 30_000, 10);
       const elapsed = nowMs() - start;
       if (full) samples.push(elapsed);
       else errors.add(new Error(`pool reached only ${await idleCount()} of ${size} in 30 s`));
     }
   } finally {
-    await client.deleteEnvironment(ENV.refill).catch((error: unknown) => errors.add(error));
+    await client.deleteEnvironment(environmentId).catch((error: unknown) => errors.add(error));
   }
   await sleep(context.quick ? 100 : 1000);
   return samples;
@@ -102,7 +114,7 @@ export async function poolRefill100(context: BenchContext): Promise<CaseResult> 
 }
 
 /* A refill case's row: fills per second of the pool, and the ratio to its same-run baseline. */
-function refillResult(samples: number[], size: number, baseline: Baseline, errors: ErrorLog): CaseResult {
+export function refillResult(samples: number[], size: number, baseline: Baseline, errors: ErrorLog): CaseResult {
   const summary = summarize(samples);
   return {
     ...summary,
@@ -128,5 +140,10 @@ export async function poolRefill100Network(context: BenchContext): Promise<CaseR
     ...summarize(await refillTimes(context, size, false, errors)),
   }));
   const result = refillResult(await refillTimes(context, size, true, errors), size, baseline, errors);
+  return withAddedPerRunner(result, baseline, size);
+}
+
+/* What each runner costs on top of the baseline's fill of the same size. */
+export function withAddedPerRunner(result: CaseResult, baseline: Baseline, size: number): CaseResult {
   return { ...result, added_ms_per_runner: round(((result.p50_ms ?? 0) - baseline.p50_ms) / size, 2) };
 }

@@ -4,7 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Fastify from 'fastify';
-import { DataFd, SANDBOX_PATH, sandboxBwrapArguments } from '../../src/local/sandbox.js';
+import { DEFAULT_PATH } from '../../src/local/runner-image.js';
+import { DataFd, sandboxBwrapArguments } from '../../src/local/sandbox.js';
 import { sandboxAccounts } from '../../src/local/sandbox-accounts.js';
 import { seccompProgram } from '../../src/local/seccomp.js';
 import { BenchClient } from './client.js';
@@ -28,7 +29,7 @@ export interface Baseline extends Summary {
  * /bin/true as pid 1 instead of the agent. What the daemon adds on top (cgroups, the spawner, the
  * agent's handshake, bookkeeping) is its overhead.
  */
-const RAW_SANDBOX_SHAPE = { rootfs: undefined, memoryLimitMiB: 512, workspaceSizeMiB: 256 };
+const RAW_SANDBOX_SHAPE = { rootfs: undefined, accounts: sandboxAccounts({ uid: 1000, gid: 1000 }), memoryLimitMiB: 512, workspaceSizeMiB: 256 };
 
 export const RAW_BWRAP_ARGS = ['--unshare-user', '--uid', '0', '--gid', '0', '--unshare-net', ...sandboxBwrapArguments(RAW_SANDBOX_SHAPE), '--', '/bin/true'];
 
@@ -247,7 +248,7 @@ function pythonOnce(directory: string): Promise<number> {
      */
     const child = spawn('nice', ['-n', String(SANDBOX_NICE), 'python3', 'main.py'], {
       cwd: directory,
-      env: { PATH: SANDBOX_PATH, LANG: 'C.UTF-8' },
+      env: { PATH: DEFAULT_PATH, LANG: 'C.UTF-8' },
       stdio: ['pipe', 'pipe', 'ignore'],
     });
     let received = 0;

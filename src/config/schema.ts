@@ -281,7 +281,11 @@ const localSchema = z
     /* Environments are stored here and reloaded at start. */
     statedir: z.string().min(1).default('./data'),
     bwrap: z.string().min(1).default('bwrap'),
-    /* Maps an environment's `image` to a root file system directory; unknown images use the host's system directories read-only. */
+    /*
+     * Maps an environment's `image` to a root file system directory, to `host` (the host's system
+     * directories read-only) or to `registry`; `*` stands for every name not listed. Names that no
+     * entry covers are pulled from a registry.
+     */
     images: imagesSchema,
     /* When an environment's image is fetched from its registry; Poseidon's nomad.disableforcepull maps to it (see load.ts). */
     pullpolicy: pullPolicySchema.default('ifnotpresent'),

@@ -8,6 +8,11 @@ import type { BuildSlots } from './build-slots.js';
 /* The one thing an environment needs from a backend: a new, ready, idle runner. */
 export interface RunnerFactory<R extends ManagedRunner> {
   createRunner(spec: ExecutionEnvironmentSpec): Promise<R>;
+  /*
+   * False while the backend cannot build yet (the local backend pulls the environment's image): the
+   * pool builds nothing and claims answer at once; the backend calls refill() when it can.
+   */
+  canBuild?(spec: ExecutionEnvironmentSpec): boolean;
 }
 
 export interface PoolOptions {
@@ -211,6 +216,20 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
     this.refill();
   }
 
+  /*
+   * What the runners are built on changed (a new image digest): idle runners are replaced, runners in
+   * use serve on until they are returned. A failure backoff is over: the new image deserves a try.
+   */
+  renewIdle(reason: string): void {
+    const stale = [...this.#idle.values()];
+    this.#idle.clear();
+    for (const runner of stale) void this.remove(runner, reason);
+    if (this.#retryTimer) clearTimeout(this.#retryTimer);
+    this.#retryTimer = undefined;
+    this.#failureStreak = 0;
+    this.refill();
+  }
+
   /* Builds under way still go to waiting claims; later claims are refused by the lame duck. */
   stopRefilling(): void {
     this.#refillStopped = true;
@@ -226,6 +245,7 @@ export class ExecutionEnvironment<R extends ManagedRunner = ManagedRunner> {
    */
   refill(): void {
     if (this.#deleted || this.#refillStopped || this.#retryTimer) return;
+    if (this.factory.canBuild && !this.factory.canBuild(this.spec)) return;
     const slots = this.options.slots;
     const urgent = this.#waiters.length > 0;
     const limit = urgent && slots !== undefined ? slots.capacity : this.options.refillConcurrency;

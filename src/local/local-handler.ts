@@ -8,8 +8,13 @@ import type { Runner } from '../runner/runner.js';
 import { environmentIdOfRunner, newRunnerId } from '../runner/runner-id.js';
 import { ensureAgentBuilt } from './binaries.js';
 import type { CgroupManager } from './cgroups.js';
+import { EnvironmentImages } from './environment-images.js';
 import { EnvironmentStore } from './environment-store.js';
+import { FileImageStore } from './images/file-image-store.js';
+import type { ImageStore } from './images/image-store.js';
 import { LocalRunner } from './local-runner.js';
+import type { RunnerImage } from './runner-image.js';
+import type { Sandbox } from './sandbox.js';
 import { type AttachedNetwork, createRunnerNetworks, runnerNetworkOptions, type RunnerNetworks } from './network/index.js';
 import type { ProcessManager } from './processes/process-manager.js';
 import { SpawnerProcessManager } from './processes/spawner-process-manager.js';
@@ -21,6 +26,10 @@ export class LocalAccessorHandler extends AccessorHandler {
   readonly #store: EnvironmentStore;
   protected readonly pools: EnvironmentPools<LocalRunner>;
   readonly #processes: ProcessManager;
+  /* The environments' root file systems: the host's, a directory, or a registry image being pulled or ready. */
+  readonly #images: EnvironmentImages;
+  /* Pulled images under local.statedir/images, shared by the environments that use them. */
+  readonly #imageStore: ImageStore;
   /* The private network of runners with networkAccess; set up at load, removed at shutdown. */
   #networks: Promise<RunnerNetworks> | undefined;
 
@@ -32,13 +41,31 @@ export class LocalAccessorHandler extends AccessorHandler {
     /* server.interactivestderr: stderr apart from the executions' terminal (default) or on it. */
     /* runners.claimtimeout: seconds a claim on an empty pool waits for a runner being built (0: none). */
     /* runners.buildconcurrency: sandboxes built at once over all environments. */
-    private readonly options: { interactiveStderr?: boolean; claimTimeout?: number; buildConcurrency?: number } = {},
+    /* imageStore: pulls and unpacks registry images (default: a FileImageStore under local.statedir/images). */
+    private readonly options: { interactiveStderr?: boolean; claimTimeout?: number; buildConcurrency?: number; imageStore?: ImageStore } = {},
   ) {
     super();
     this.#logger = logger.child({ backend: 'local' });
     this.#store = new EnvironmentStore(config.statedir);
+    // Its pull progress goes to the instruments the chain has then (metrics), like runner builds.
+    this.#imageStore = options.imageStore ?? FileImageStore.fromConfig(config, this.#logger, () => this.instruments);
+    this.#images = new EnvironmentImages({
+      images: config.images,
+      policy: config.pullpolicy,
+      learner: { uid: config.uid, gid: config.gid },
+      store: this.#imageStore,
+      logger: this.#logger,
+      events: {
+        ready: (environmentId, rolled) => {
+          const environment = this.pools.get(environmentId);
+          if (rolled) environment?.renewIdle('image updated');
+          else environment?.refill();
+        },
+        state: (environmentId, state, detail) => this.instruments.imageState?.(environmentId, state, detail),
+      },
+    });
     this.pools = new EnvironmentPools({
-      runners: { createRunner: (spec) => this.#createRunner(spec) },
+      runners: { createRunner: (spec) => this.#createRunner(spec), canBuild: (spec) => this.#images.canBuild(spec) },
       // A change is on disk before it is in the pools: a failed PUT or DELETE changes nothing and can be retried.
       storage: {
         put: (spec) => this.#store.put(spec).catch((error: unknown) => this.#storeFailed(error, spec.id, 'store')),
@@ -82,17 +109,42 @@ export class LocalAccessorHandler extends AccessorHandler {
     this.pools.return(runner, log);
   }
 
-  protected putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
-    return this.pools.put(spec, log);
+  protected async putOwnEnvironment(spec: ExecutionEnvironmentSpec, log?: ContextLogger): Promise<PutOutcome> {
+    const outcome = await this.pools.put(spec, log);
+    // Answered at once, as Poseidon does: the image is pulled (or checked for a new digest) in the background.
+    this.#images.track(spec, { log });
+    return outcome;
   }
 
-  protected deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
-    return this.pools.delete(environmentId, log);
+  protected async deleteOwnEnvironment(environmentId: number, log?: ContextLogger): Promise<void> {
+    await this.pools.delete(environmentId, log);
+    this.#images.forget(environmentId);
   }
 
+  /*
+   * A runner on the environment's current image. If the image rolled to a new digest while the
+   * sandbox started, the runner is already stale: it is replaced by one on the new image.
+   */
   async #createRunner(spec: ExecutionEnvironmentSpec): Promise<LocalRunner> {
+    for (;;) {
+      const image = this.#images.imageFor(spec);
+      const runner = await this.#createRunnerOn(spec, image);
+      if (this.#images.isCurrent(spec, image)) return runner;
+      await runner.destroy('image updated while the runner was built');
+    }
+  }
+
+  async #createRunnerOn(spec: ExecutionEnvironmentSpec, image: RunnerImage): Promise<LocalRunner> {
     const id = newRunnerId(spec.id);
-    const sandbox = await this.#processes.prepare(id, spec);
+    const unpin = this.#images.pinForRunner(image);
+    let sandbox: Sandbox;
+    try {
+      sandbox = await this.#processes.prepare(id, spec, image);
+    } catch (error) {
+      unpin();
+      throw error;
+    }
+    sandbox.onExit(unpin);
     let network: AttachedNetwork | undefined;
     if (spec.networkAccess) {
       try {
@@ -112,7 +164,7 @@ export class LocalAccessorHandler extends AccessorHandler {
       spec.id,
       sandbox,
       network?.mappedPorts ?? [],
-      { uid: this.config.uid, gid: this.config.gid },
+      image,
       this.#logger,
       {
         maxEntries: this.config.maxlistingentries,
@@ -133,7 +185,11 @@ export class LocalAccessorHandler extends AccessorHandler {
     await this.#networks.catch((error: unknown) =>
       this.#logger.error({ err: error }, 'cannot set up the runner network: environments with networkAccess get no runners'),
     );
-    for (const spec of specs) this.pools.start(spec);
+    for (const spec of specs) {
+      this.pools.start(spec);
+      // Registry images start from the cache, without the network; the policy decides about newer digests.
+      this.#images.track(spec, { fromCache: true });
+    }
     this.#logger.info({ environments: specs.length }, 'environments loaded');
   }
 
@@ -143,6 +199,8 @@ export class LocalAccessorHandler extends AccessorHandler {
 
   protected async shutdownOwn(): Promise<void> {
     this.#processes.enterLameDuck();
+    this.#images.close();
+    await this.#imageStore.close();
     await this.pools.shutdown();
     await this.#processes.stop();
     await this.#networks?.then(

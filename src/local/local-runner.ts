@@ -14,22 +14,8 @@ import {
   DEFAULT_LIST_LIMITS,
   E2BIG,
 } from './agent/agent-client.js';
-import { SANDBOX_PATH, type Sandbox } from './sandbox.js';
-
-const BASE_ENVIRONMENT: Record<string, string> = {
-  PATH: SANDBOX_PATH,
-  HOME: WORKSPACE,
-  LANG: 'C.UTF-8',
-  // What Docker sets for an exec with a TTY (unless the image sets its own). No PYTHONUNBUFFERED:
-  // on a terminal Python's stdout is line-buffered and input() flushes a prompt, as in Poseidon.
-  TERM: 'xterm',
-  CODEOCEAN: 'true',
-};
-
-export interface SandboxUser {
-  uid: number;
-  gid: number;
-}
+import type { RunnerImage } from './runner-image.js';
+import type { Sandbox } from './sandbox.js';
 
 /* A runner of the local backend: a live sandbox whose agent does the work. */
 export class LocalRunner extends InactivityTrackingRunner implements ManagedRunner {
@@ -41,7 +27,8 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     readonly environmentId: number,
     private readonly sandbox: Sandbox,
     private readonly ports: MappedPort[],
-    private readonly user: SandboxUser,
+    /* What the sandbox was built on: who unprivileged commands run as, and their variables. */
+    private readonly image: Pick<RunnerImage, 'learner' | 'environment'>,
     logger: Logger,
     private readonly listLimits: AgentListLimits = DEFAULT_LIST_LIMITS,
     /* server.interactivestderr: stderr apart from the terminal (true) or on it (false). */
@@ -65,7 +52,7 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
   }
 
   #identity(privileged: boolean): AgentIdentity {
-    return privileged ? { privileged } : { privileged, uid: this.user.uid, gid: this.user.gid };
+    return privileged ? { privileged } : { privileged, uid: this.image.learner.uid, gid: this.image.learner.gid };
   }
 
   async execute(request: ExecutionRequest, output: ExecutionOutput): Promise<ExecutionProcess> {
@@ -73,7 +60,7 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
       ['/bin/sh', '-c', request.command],
       // A terminal for stdin and stdout, as Poseidon's executions have (Nomad exec with tty=true).
       {
-        env: { ...BASE_ENVIRONMENT, ...request.environment },
+        env: { ...this.image.environment(request.privilegedExecution), ...request.environment },
         cwd: WORKSPACE,
         tty: { stderr: this.interactiveStderr ? 'pipe' : 'terminal' },
         ...this.#identity(request.privilegedExecution),

@@ -5,17 +5,20 @@ import { agentCapabilityArguments } from './binaries.js';
 import type { RunnerCgroup } from './cgroups.js';
 import { hostSystemArguments } from './host-root.js';
 import type { IdRange } from './id-ranges.js';
-import { sandboxAccounts } from './sandbox-accounts.js';
-import { AGENT_FD, describeExit, type SpawnedProcess, type SpawnerClient } from './spawner-client.js';
+import { DEFAULT_PATH } from './runner-image.js';
+import { AGENT_FD, describeExit, idmappedPath, type SpawnedProcess, type SpawnerClient } from './spawner-client.js';
 
 export interface SandboxOptions {
   bwrap: string;
-  /* Root file system directory of the image; undefined means the host's system directories. */
+  /*
+   * Root file system directory of the image (absolute), mounted idmapped into the sandbox's user
+   * namespace so that its files keep their image owners; undefined means the host's system directories.
+   */
   rootfs: string | undefined;
+  /* passwd and group laid over the root's (always given for the host's system directories). */
+  accounts: { passwd: string; group: string } | undefined;
   /* Host ids of the sandbox's user namespace: its root is ids.base on the host. */
   ids: IdRange;
-  /* The learner user, who owns nothing but may write /workspace, /tmp and /dev/shm. */
-  learner: { uid: number; gid: number };
   /* Caps /workspace, /tmp and /dev/shm so that filling them ends in ENOSPC, not an OOM kill. */
   memoryLimitMiB: number;
   workspaceSizeMiB: number;
@@ -26,8 +29,6 @@ export interface SandboxOptions {
   spawner: SpawnerClient;
   onCleanupError: (error: unknown) => void;
 }
-
-export const SANDBOX_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin';
 
 const READY_TIMEOUT_MS = 15_000;
 const MEBIBYTE = 1024 * 1024;
@@ -76,7 +77,7 @@ function scratchSizes(options: SandboxShape): { workspace: number; tmp: number; 
 }
 
 /* What a sandbox's mounts depend on; the bench builds its like-for-like raw baseline from the same. */
-export type SandboxShape = Pick<SandboxOptions, 'rootfs' | 'memoryLimitMiB' | 'workspaceSizeMiB'>;
+export type SandboxShape = Pick<SandboxOptions, 'rootfs' | 'accounts' | 'memoryLimitMiB' | 'workspaceSizeMiB'>;
 
 /*
  * bubblewrap's arguments up to the program: namespaces (but the user and network namespaces, which
@@ -96,21 +97,10 @@ export function sandboxBwrapArguments(options: SandboxShape): string[] {
     '--as-pid-1',
     '--hostname',
     'runner',
-    ...(options.rootfs
-      ? ['--ro-bind', options.rootfs, '/']
-      : [
-          ...hostSystemArguments(),
-          '--perms',
-          '0644',
-          '--ro-bind-data',
-          String(DataFd.passwd),
-          '/etc/passwd',
-          '--perms',
-          '0644',
-          '--ro-bind-data',
-          String(DataFd.group),
-          '/etc/group',
-        ]),
+    ...(options.rootfs ? ['--ro-bind', idmappedPath(0), '/'] : hostSystemArguments()),
+    ...(options.accounts
+      ? ['--perms', '0644', '--ro-bind-data', String(DataFd.passwd), '/etc/passwd', '--perms', '0644', '--ro-bind-data', String(DataFd.group), '/etc/group']
+      : []),
     ...procArguments(),
     '--dev',
     '/dev',
@@ -137,7 +127,7 @@ export function sandboxBwrapArguments(options: SandboxShape): string[] {
     '--clearenv',
     '--setenv',
     'PATH',
-    SANDBOX_PATH,
+    DEFAULT_PATH,
     ...agentCapabilityArguments(),
     '--seccomp',
     String(DataFd.seccomp),
@@ -171,22 +161,23 @@ export class Sandbox {
 
   /* The spawner forks and execs the sandbox, so the daemon (a large process) never forks itself. */
   static async start(options: SandboxOptions): Promise<Sandbox> {
-    const accounts = sandboxAccounts(options.learner);
+    const accounts = options.accounts;
     const child = options.spawner.spawn(
       [options.bwrap, ...sandboxBwrapArguments(options), '--', `/proc/self/fd/${AGENT_FD}`],
-      { PATH: SANDBOX_PATH },
+      { PATH: DEFAULT_PATH },
       {
         cgroupProcsFiles: options.cgroup?.procsFiles ?? [],
         userNamespace: options.ids,
+        idmapped: options.rootfs ? [options.rootfs] : [],
         networkNamespace: true,
         agent: true,
         data: [
-          ...(options.rootfs
-            ? []
-            : [
+          ...(accounts
+            ? [
                 { fd: DataFd.passwd, bytes: Buffer.from(accounts.passwd) },
                 { fd: DataFd.group, bytes: Buffer.from(accounts.group) },
-              ]),
+              ]
+            : []),
           { fd: DataFd.seccomp, bytes: options.seccompProgram },
         ],
       },

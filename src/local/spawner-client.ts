@@ -55,12 +55,23 @@ export interface SpawnOptions {
   cgroupProcsFiles?: string[];
   /* A new user namespace whose ids 0..count-1 are host ids base..base+count-1; the child is its root. */
   userNamespace?: { base: number; count: number };
+  /*
+   * Directories (absolute, at most 4) mounted read-only at idmappedPath(index), in a private mount
+   * namespace, with the new user namespace as their idmap: what is owned by uid k on disk belongs to
+   * uid k inside it. Needs userNamespace, and a file system with idmapped mounts (ext4, xfs, btrfs, tmpfs).
+   */
+  idmapped?: string[];
   /* A new network namespace with loopback up, owned by the host's user namespace. */
   networkNamespace?: boolean;
   /* The agent at fd AGENT_FD (the spawner must have been given its path). */
   agent?: boolean;
   /* Blobs the child gets as pipes at these fds (fd > 3), read to EOF by what it execs. */
   data?: Array<{ fd: number; bytes: Buffer }>;
+}
+
+/* Where the spawned process finds the index-th of SpawnOptions.idmapped (IDMAPPED_DIR in the spawner). */
+export function idmappedPath(index: number): string {
+  return `/tmp/.poseidon-idmapped/${index}`;
 }
 
 /* Where a spawned process finds the agent with `agent: true`. */
@@ -171,7 +182,16 @@ export class SpawnerClient {
       head.writeUInt32LE(bytes.length, 4);
       return [head, bytes];
     });
-    const parts: Buffer[] = [key, header, stringList(options.cgroupProcsFiles ?? []), stringList(argv), stringList(envList), dataCount, ...dataParts];
+    const parts: Buffer[] = [
+      key,
+      header,
+      stringList(options.cgroupProcsFiles ?? []),
+      stringList(argv),
+      stringList(envList),
+      stringList(options.idmapped ?? []),
+      dataCount,
+      ...dataParts,
+    ];
     child.stdin?.write(encodeFrame(Request.spawn, id, Buffer.concat(parts)));
     this.#updateRef();
     return spawned;

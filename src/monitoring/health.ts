@@ -35,9 +35,13 @@ interface BuildFailures {
  * runner builds (as an Instruments) and samples the pools; the app samples them periodically so
  * that the grace period runs whether or not anyone polls /health.
  */
-export class HealthMonitor implements Pick<Instruments, 'runnerBuilt'> {
+export class HealthMonitor implements Pick<Instruments, 'runnerBuilt' | 'imageState'> {
   readonly #below = new Map<number, BelowThreshold>();
   readonly #failures = new Map<number, BuildFailures>();
+  /* Environments whose image is being pulled: their empty pools are waiting, not depleted. */
+  readonly #pulling = new Map<number, string | undefined>();
+  /* Environments whose image cannot be had (unknown, denied): a failure until they are put again. */
+  readonly #imageFailures = new Map<number, string>();
 
   constructor(
     private readonly options: HealthOptions,
@@ -54,13 +58,27 @@ export class HealthMonitor implements Pick<Instruments, 'runnerBuilt'> {
     this.#failures.set(environmentId, { streak: (previous?.streak ?? 0) + 1, lastError: message });
   }
 
+  imageState(environmentId: number, state: 'pulling' | 'ready' | 'failed', detail?: string): void {
+    this.#pulling.delete(environmentId);
+    this.#imageFailures.delete(environmentId);
+    // The pool starts filling once the image is there: its grace period starts then, too.
+    this.#below.delete(environmentId);
+    if (state === 'pulling') this.#pulling.set(environmentId, detail);
+    if (state === 'failed') this.#imageFailures.set(environmentId, detail ?? 'unknown reason');
+  }
+
+  /* Environments whose image is being pulled, with the last transient failure if any (not a health problem). */
+  pulls(): Array<{ environmentId: number; detail: string | undefined }> {
+    return [...this.#pulling].sort(([a], [b]) => a - b).map(([environmentId, detail]) => ({ environmentId, detail }));
+  }
+
   /* Records which pools are below their threshold, and since when. */
   observe(statistics: EnvironmentStatistics[]): void {
     const now = this.now();
     const present = new Set<number>();
     for (const stats of statistics) {
       present.add(stats.id);
-      if (!this.#isBelow(stats)) {
+      if (!this.#isBelow(stats) || this.#pulling.has(stats.id) || this.#imageFailures.has(stats.id)) {
         this.#below.delete(stats.id);
         continue;
       }
@@ -70,6 +88,8 @@ export class HealthMonitor implements Pick<Instruments, 'runnerBuilt'> {
     // Deleted environments are forgotten, also their build failures.
     for (const id of this.#below.keys()) if (!present.has(id)) this.#below.delete(id);
     for (const id of this.#failures.keys()) if (!present.has(id)) this.#failures.delete(id);
+    for (const id of this.#pulling.keys()) if (!present.has(id)) this.#pulling.delete(id);
+    for (const id of this.#imageFailures.keys()) if (!present.has(id)) this.#imageFailures.delete(id);
   }
 
   /* Observes the pools and returns what is wrong, or undefined when healthy. */
@@ -77,6 +97,9 @@ export class HealthMonitor implements Pick<Instruments, 'runnerBuilt'> {
     this.observe(statistics);
     const now = this.now();
     const problems: string[] = [];
+    for (const [id, detail] of [...this.#imageFailures].sort(([a], [b]) => a - b)) {
+      problems.push(`the image of execution environment ${id} cannot be prepared (${detail})`);
+    }
     const unbuildable = [...this.#failures].filter(([, failures]) => failures.streak >= this.options.buildFailureThreshold).sort(([a], [b]) => a - b);
     for (const [id, failures] of unbuildable) {
       problems.push(`runners of execution environment ${id} cannot be built (${failures.streak} failures in a row, last: ${failures.lastError})`);

@@ -47,6 +47,11 @@ export interface Instruments extends ImageInstruments {
   claimWaited(environmentId: number, seconds: number, outcome: ClaimWaitOutcome): void;
   /* Nomad could not place an environment's template or runner job; `cause` is no_nodes, constraints or resources. */
   placementFailed(environmentId: number, cause: string): void;
+  /*
+   * The image an environment's runners need (local backend): being pulled (its pool waits, which is
+   * no depletion), ready, or failed for good (detail says why) until the environment is put again.
+   */
+  imageState?(environmentId: number, state: 'pulling' | 'ready' | 'failed', detail?: string): void;
 }
 
 /*
@@ -77,6 +82,9 @@ export function fanOut(...targets: Array<Partial<Instruments>>): Instruments {
     },
     placementFailed: (...args) => {
       for (const target of targets) target.placementFailed?.(...args);
+    },
+    imageState: (...args) => {
+      for (const target of targets) target.imageState?.(...args);
     },
   };
 }

@@ -209,6 +209,8 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     local: {
       statedir: stateDir,
       cgroupparent: process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts',
+      // Tests' environments run on the host's system unless a test maps their image (never a registry by accident).
+      images: { '*': 'host' },
       // A runner network of its own per daemon (a shared name would make each start remove the
       // other's), and no uplinks: test daemons never switch on forwarding of the host's interfaces.
       network: { bridge: `ptd${networkId}`, table: `pts_daemon_${networkId}`, subnet: `10.218.${randomInt(0, 256)}.0/24`, uplinks: [] },

@@ -15,7 +15,9 @@ export const miscellaneousRoutes: FastifyPluginAsyncZod<RouteDependencies> = asy
         summary: 'Check if the API is available',
         description:
           'Also 503 when a prewarming pool stayed below server.alert.prewarmingpoolthreshold for longer than server.alert.depletiongraceperiod seconds, ' +
-          "or when an environment's runners failed to build server.alert.buildfailurethreshold times in a row; the message names the environments and the cause. Also 503 while the daemon drains before a shutdown.",
+          "or when an environment's runners failed to build server.alert.buildfailurethreshold times in a row, or when an environment's image cannot be had (unknown, access denied); " +
+          'the message names the environments and the cause. Also 503 while the daemon drains before a shutdown. ' +
+          'While images are being pulled (no failure: their pools wait), the 204 carries a Poseidon-Image-Pulls header naming the environments.',
         tags,
         response: { 204: z.undefined().describe('Everything okay'), ...errorResponses(500, 503) },
       },
@@ -27,6 +29,12 @@ export const miscellaneousRoutes: FastifyPluginAsyncZod<RouteDependencies> = asy
       }
       const problem = health.check(manager.statistics());
       if (problem) return reply.code(503).send({ message: problem.message, errorCode: 'PREWARMING_POOL_DEPLETING' });
+      const pulls = health.pulls();
+      if (pulls.length > 0) {
+        const described = pulls.map(({ environmentId, detail }) => (detail ? `${environmentId} (${detail})` : String(environmentId)));
+        // Header values are one line of visible ASCII: a registry's message must not break the answer.
+        reply.header('Poseidon-Image-Pulls', `execution environment(s) ${described.join(', ')}`.replace(/[^\x20-\x7e]/g, '?').slice(0, 2000));
+      }
       return reply.code(204).send();
     },
   );

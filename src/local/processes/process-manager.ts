@@ -1,4 +1,5 @@
 import type { ExecutionEnvironmentSpec } from '../../dto/environment.js';
+import type { RunnerImage } from '../runner-image.js';
 import type { Sandbox } from '../sandbox.js';
 
 /*
@@ -7,8 +8,8 @@ import type { Sandbox } from '../sandbox.js';
  * are named by how they start sandboxes (spawner-process-manager.ts: bubblewrap through the spawner).
  */
 export interface ProcessManager {
-  /* A live sandbox for an environment, with its cgroup limits, namespaces and file systems. */
-  prepare(id: string, spec: ExecutionEnvironmentSpec): Promise<Sandbox>;
+  /* A live sandbox for an environment on its image's root, with its cgroup limits, namespaces and file systems. */
+  prepare(id: string, spec: ExecutionEnvironmentSpec, image: RunnerImage): Promise<Sandbox>;
   stopProcess(id: string): Promise<void>;
   /* No new sandboxes from now on; running ones keep serving until stopped. */
   enterLameDuck(): void;

@@ -6,6 +6,7 @@ import type { ExecutionEnvironmentSpec } from '../../dto/environment.js';
 import type { CgroupManager } from '../cgroups.js';
 import { SPAWNER_BINARY } from '../binaries.js';
 import { hostIdsInRange, IDS_PER_RUNNER, IdRangeAllocator } from '../id-ranges.js';
+import type { RunnerImage } from '../runner-image.js';
 import { Sandbox } from '../sandbox.js';
 import { seccompProgram } from '../seccomp.js';
 import { removeStaleSocketDirectories, SpawnerClient } from '../spawner-client.js';
@@ -47,7 +48,7 @@ export class SpawnerProcessManager implements ProcessManager {
     });
   }
 
-  async prepare(id: string, spec: ExecutionEnvironmentSpec): Promise<Sandbox> {
+  async prepare(id: string, spec: ExecutionEnvironmentSpec, image: RunnerImage): Promise<Sandbox> {
     if (this.#lameDuck) throw new Error('the sandbox manager is shutting down');
     // 0 is "not set", never unlimited: such environments get the configured defaults.
     const memoryLimitMiB = spec.memoryLimit > 0 ? spec.memoryLimit : this.config.defaultmemorylimit;
@@ -62,9 +63,9 @@ export class SpawnerProcessManager implements ProcessManager {
     try {
       sandbox = await Sandbox.start({
         bwrap: this.#bwrap,
-        rootfs: this.config.images.get(spec.image),
+        rootfs: image.rootDirectory,
+        accounts: image.accounts,
         ids,
-        learner: { uid: this.config.uid, gid: this.config.gid },
         memoryLimitMiB,
         workspaceSizeMiB: this.config.workspacesize,
         cgroup,
