@@ -47,8 +47,10 @@ fi
 docker build -q --network host --build-arg BASE="$base" -t poseidon-ts:smoke .
 docker image ls poseidon-ts:smoke --format 'smoke: image {{.Repository}}:{{.Tag}} {{.Size}}'
 port=$((20000 + RANDOM % 20000))
+# The walk-through's "python" runs on the container's own system: an offline host cannot pull it.
 cid=$(docker run -d --init --cap-add SYS_ADMIN --cap-add NET_ADMIN --security-opt seccomp=unconfined \
-  --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" poseidon-ts:smoke)
+  --security-opt apparmor=unconfined --security-opt systempaths=unconfined -v /sys/fs/cgroup:/sys/fs/cgroup:rw -p "127.0.0.1:$port:7200" \
+  -e POSEIDON_LOCAL_IMAGES='{"python":"host"}' poseidon-ts:smoke)
 # The daemon in the container drains on SIGTERM and removes its runners' cgroups, which live in the
 # host's cgroup tree (the mount is shared): stop it gracefully, never with a bare SIGKILL. A dockerd
 # started here goes again, with the bridge it made.

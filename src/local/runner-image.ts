@@ -69,11 +69,13 @@ export function directoryImage(directory: string, fallback: SandboxUser): Runner
  * that is not root, else as local.uid.
  */
 export function registryImage(image: PreparedImage, fallback: SandboxUser): RunnerImage {
-  const passwd = readImageFile(image.rootDirectory, 'etc/passwd');
+  // The spawner takes absolute paths only; local.statedir may be relative (./data).
+  const rootDirectory = path.resolve(image.rootDirectory);
+  const passwd = readImageFile(rootDirectory, 'etc/passwd');
   const entries = parsePasswd(passwd);
   const configured = image.accounts.configured;
   const learner = image.accounts.user ?? (configured && configured.uid !== 0 ? configured : fallback);
-  return imageOn(image.rootDirectory, learner, image.config.env, entries, passwd, readImageFile(image.rootDirectory, 'etc/group'), image.digest);
+  return imageOn(rootDirectory, learner, image.config.env, entries, passwd, readImageFile(rootDirectory, 'etc/group'), image.digest);
 }
 
 function imageOn(
