@@ -104,14 +104,15 @@ function imageOn(
   };
 }
 
-/* The image's own accounts plus a `learner` one (and its group, if missing). */
+/* The image's own accounts plus a `learner` one (and root, and their groups, where missing). */
 function withLearner(passwd: string, group: string, learner: SandboxUser): { passwd: string; group: string } {
   const lines = (text: string): string[] => text.split('\n').filter((line) => line.length > 0);
+  const hasId = (entries: string[], id: number): boolean => entries.some((line) => Number(line.split(':')[2]) === id && line.split(':')[2] !== '');
+  const users = lines(passwd);
   const groups = lines(group);
-  const hasGroup = groups.some((line) => Number(line.split(':')[2]) === learner.gid);
   return {
-    passwd: `${[...lines(passwd), `learner:x:${learner.uid}:${learner.gid}:learner:${WORKSPACE}:/bin/sh`].join('\n')}\n`,
-    group: `${[...groups, ...(hasGroup ? [] : [`learner:x:${learner.gid}:`])].join('\n')}\n`,
+    passwd: `${[...(hasId(users, 0) ? [] : ['root:x:0:0:root:/root:/bin/sh']), ...users, `learner:x:${learner.uid}:${learner.gid}:learner:${WORKSPACE}:/bin/sh`].join('\n')}\n`,
+    group: `${[...(hasId(groups, 0) ? [] : ['root:x:0:']), ...groups, ...(hasId(groups, learner.gid) ? [] : [`learner:x:${learner.gid}:`])].join('\n')}\n`,
   };
 }
 
