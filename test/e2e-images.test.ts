@@ -128,9 +128,16 @@ test('a registry image: PUT answers at once, the pool waits for the pull, runner
   assert.deepEqual(whoami.stdout, [TEST_IMAGE.user.name, String(TEST_IMAGE.user.uid)]);
   const root = await lines(client, runnerId, 'whoami', true);
   assert.deepEqual(root.stdout, ['root']);
-  // The request's environment comes last: it overrides the image's.
-  const overridden = await client.run(runnerId, `echo "$${TEST_IMAGE.marker}"`, {});
-  assert.match(overridden.stdout, /v1/);
+  // The request's environment comes last: it overrides the image's (and Poseidon's CODEOCEAN).
+  const execution = await client.request(
+    'POST',
+    '/runners/{runnerId}/execute',
+    { runnerId },
+    { body: { command: `echo "$${TEST_IMAGE.marker} $LANG"`, timeLimit: 10, environment: { [TEST_IMAGE.marker]: 'from-request' } } },
+  );
+  assert.equal(execution.status, 200, execution.text);
+  const overridden = await client.connect((execution.body as { websocketUrl: string }).websocketUrl);
+  assert.equal(overridden.stdout.trim(), 'from-request C.UTF-8');
   assert.ok(existsSync('/usr/bin/python3'), 'the host has Python (else this check proves nothing)');
   const python = await client.run(runnerId, 'command -v python3 || ls /usr/bin/python3');
   assert.notEqual(python.exitCode, 0, 'the host Python is not in the image');
