@@ -148,6 +148,26 @@ test('a registry image: PUT answers at once, the pool waits for the pull, runner
   await stopAndCheckNothingLeaks(daemon);
 });
 
+test("a Python image runs a learner's program as CodeOcean does: files copied, python3 from the image as its user", { skip }, async (t) => {
+  const f = await fixture(t);
+  f.registry.push('test/python', '3', await f.image('py', { python: true }));
+  const daemon = await startDaemon({ config: f.config() });
+  t.after(() => daemon.stop());
+  const client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+  assert.equal((await client.putEnvironment(environmentSpec(97, { image: `${f.registry.host}/test/python:3`, prewarmingPoolSize: 1 }))).status, 201);
+  const runnerId = await client.claim(97, 180, 180_000);
+  const copy = await client.patchFiles(runnerId, {
+    delete: [],
+    copy: [{ path: 'hello.py', content: Buffer.from('import getpass, sys\nprint("Hello", getpass.getuser(), sys.executable)\n').toString('base64') }],
+  });
+  assert.equal(copy.status, 204, copy.text);
+  const run = await client.run(runnerId, 'python3 hello.py');
+  assert.equal(run.stderr, '');
+  assert.equal(run.stdout.trim(), `Hello ${TEST_IMAGE.user.name} /usr/bin/python3`);
+  assert.equal((await client.deleteEnvironment(97)).status, 204);
+  await stopAndCheckNothingLeaks(daemon);
+});
+
 test('a new digest behind the tag rolls the environment: idle runners are replaced, a claimed one serves on', { skip }, async (t) => {
   const f = await fixture(t);
   const { daemon, client, spec } = await environmentOnV1(t, f, 92);
