@@ -207,6 +207,14 @@ describe('pulling from the fake registry', () => {
     await rejectsWith(store.prepare(`${registry.host}/test/missing:v1`, { policy: 'always' }), 'not-found', /NAME_UNKNOWN/);
     await rejectsWith(store.prepare(`${registry.host}/test/busybox:nope`, { policy: 'ifnotpresent' }), 'not-found', /MANIFEST_UNKNOWN/);
     await rejectsWith(store.prepare('Not A Reference', { policy: 'always' }), 'bad-reference');
+    const lost = busyboxV2.layers[1]?.digest ?? '';
+    registry.push('test/lost-blob', 'v1', busyboxV2);
+    registry.faults.missingBlobs.add(lost);
+    try {
+      await rejectsWith(store.prepare(`${registry.host}/test/lost-blob:v1`, { policy: 'always' }), 'not-found', /BLOB_UNKNOWN/);
+    } finally {
+      registry.faults.missingBlobs.delete(lost);
+    }
     await store.close();
     assertNoLeftovers(directory, 0);
   });

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, readFile, readlink, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, open, readdir, readFile, readlink, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -157,9 +157,14 @@ export class FileImageStore implements ImageStore {
 
   #load(): Promise<void> {
     this.#loaded ??= (async () => {
-      // Only root may reach the roots: their files keep the image's ids (see README, "Images").
-      await mkdir(this.#directory, { recursive: true, mode: 0o711 });
-      await Promise.all([this.#blobs, this.#roots, this.#tmp].map((directory) => mkdir(directory, { recursive: true, mode: 0o711 })));
+      /*
+       * Only root may enter the cache: roots keep the image's owners and modes (world-writable
+       * directories among them), which no host user must reach. The spawner opens a root as host
+       * root and mounts it idmapped into each runner.
+       */
+      await mkdir(this.#directory, { recursive: true, mode: 0o700 });
+      await chmod(this.#directory, 0o700);
+      await Promise.all([this.#blobs, this.#roots, this.#tmp].map((directory) => mkdir(directory, { recursive: true, mode: 0o755 })));
       // What an earlier process left half-done (a crash during a pull) goes.
       const leftovers = await readdir(this.#tmp);
       await Promise.all(leftovers.map((name) => rm(path.join(this.#tmp, name), { recursive: true, force: true })));
