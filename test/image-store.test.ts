@@ -327,6 +327,35 @@ describe('pulling from the fake registry', () => {
     }
   });
 
+  test('a caller that gives up does not cancel the pull another caller waits for', async () => {
+    const slow = await FakeRegistry.start();
+    slow.push('test/shared', 'v1', busybox);
+    slow.faults.bytesPerSecond = 512 * 1024;
+    const { store, directory } = newStore();
+    const quitter = new AbortController();
+    const stayer = new AbortController();
+    // Progress reaches a caller only once it waits for the shared download: then the first one quits.
+    const seen = new Set<string>();
+    const saw = (who: string) => (report: PullProgress) => {
+      if (report.phase !== 'download') return;
+      seen.add(who);
+      if (seen.size === 2) quitter.abort();
+    };
+    try {
+      const reference = `${slow.host}/test/shared:v1`;
+      const abandoned = store.prepare(reference, { policy: 'always', signal: quitter.signal, onProgress: saw('quitter') });
+      const kept = store.prepare(reference, { policy: 'always', signal: stayer.signal, onProgress: saw('stayer') });
+      await assert.rejects(abandoned, (error: unknown) => (error as Error).name === 'AbortError');
+      const image = await kept;
+      assert.equal(image.digest, busybox.manifestDigest);
+      assert.equal(slow.requests.filter((request) => request.server === 'cdn').length, 1 + busybox.layers.length, 'one download of each blob');
+      await store.close();
+      assertNoLeftovers(directory, 1);
+    } finally {
+      await slow.close();
+    }
+  });
+
   test('garbage collection removes unused images and their blobs, never pinned ones', async () => {
     registry.push('test/gc', 'one', busybox);
     registry.push('test/gc', 'two', busyboxV2);

@@ -19,6 +19,7 @@ import {
 import { type Descriptor, type ImageManifest, imageConfigSchema, layerCompression } from './manifest.js';
 import { formatReference, type ImageReference, parseReference } from './reference.js';
 import { RegistryClient, type ResolvedImage } from './registry-client.js';
+import { SharedTasks } from './shared-tasks.js';
 import { lstatOrUndefined, resolveInsideRoot, unpackLayerFile } from './unpack.js';
 
 /*
@@ -74,6 +75,12 @@ export interface FileImageStoreOptions {
   instruments?: () => ImageInstruments | undefined;
 }
 
+/* A build's or download's own signal and progress (see SharedTasks). */
+interface BuildOptions {
+  signal: AbortSignal;
+  onProgress: (report: PullProgress) => void;
+}
+
 function hexOf(digest: string): string {
   return digest.slice('sha256:'.length);
 }
@@ -125,10 +132,10 @@ export class FileImageStore implements ImageStore {
   #references: References = {};
   readonly #pins = new Map<string, number>();
   /* Builds under way by manifest digest: concurrent prepares of one image share one. */
-  readonly #building = new Map<string, Promise<ImageRecord>>();
+  readonly #building = new SharedTasks<ImageRecord, PullProgress>();
   readonly #preparing = new Map<string, Promise<{ image: PreparedImage; pulled: boolean }>>();
   /* Blob downloads under way by digest: two images with a common layer share one. */
-  readonly #downloading = new Map<string, Promise<void>>();
+  readonly #downloading = new SharedTasks<void, PullProgress>();
   #loaded: Promise<void> | undefined;
   #collecting: Promise<GarbageCollection> | undefined;
   #timer: NodeJS.Timeout | undefined;
@@ -291,12 +298,12 @@ export class FileImageStore implements ImageStore {
     let record = await this.#readRecord(resolved.manifestDigest);
     const pulled = record === undefined;
     if (!record) {
-      let building = this.#building.get(resolved.manifestDigest);
-      if (!building) {
-        building = this.#build(name, reference, resolved, options).finally(() => this.#building.delete(resolved.manifestDigest));
-        this.#building.set(resolved.manifestDigest, building);
-      }
-      record = await building;
+      record = await this.#building.run(
+        resolved.manifestDigest,
+        (signal, progress) => this.#build(name, reference, resolved, signal, progress),
+        options.signal,
+        options.onProgress,
+      );
     }
     await this.#remember(name, resolved, record);
     if (pulled) this.#logger.info({ reference: name, digest: record.digest, size: record.size }, 'image ready');
@@ -338,7 +345,14 @@ export class FileImageStore implements ImageStore {
   }
 
   /* Downloads what is missing and unpacks into tmp/, then renames into roots/. */
-  async #build(name: string, reference: ImageReference, resolved: ResolvedImage, options: PrepareOptions): Promise<ImageRecord> {
+  async #build(
+    name: string,
+    reference: ImageReference,
+    resolved: ResolvedImage,
+    signal: AbortSignal,
+    onProgress: (report: PullProgress) => void,
+  ): Promise<ImageRecord> {
+    const options = { signal, onProgress };
     const { manifest, manifestDigest } = resolved;
     for (const layer of manifest.layers) {
       if (!layerCompression(layer.mediaType))
@@ -347,6 +361,7 @@ export class FileImageStore implements ImageStore {
     const total = manifest.layers.reduce((sum, layer) => sum + layer.size, 0);
     this.#logger.info({ reference: name, digest: manifestDigest, layers: manifest.layers.length, bytes: total }, 'pulling image');
     await this.#ensureBlob(name, reference, manifest.config, options, false);
+    signal.throwIfAborted();
     const configDocument = imageConfigSchema.safeParse(JSON.parse(await readFile(this.#blobPath(manifest.config.digest), 'utf8').catch(() => 'null')));
     if (!configDocument.success)
       throw new ImageError('invalid-image', name, `${name}: the image config is malformed: ${configDocument.error.issues[0]?.message ?? ''}`);
@@ -392,7 +407,7 @@ export class FileImageStore implements ImageStore {
       await rm(staging, { recursive: true, force: true }).catch((cleanup: unknown) =>
         this.#logger.error({ err: cleanup, staging }, 'cannot remove a failed unpack'),
       );
-      if (error instanceof ImageError || options.signal?.aborted) throw error;
+      if (error instanceof ImageError || signal.aborted) throw error;
       throw cacheFailure(name, error);
     }
   }
@@ -410,7 +425,7 @@ export class FileImageStore implements ImageStore {
   }
 
   /* Downloads layers (a few at once) and applies them in order, each as soon as it and its predecessors are there. */
-  async #unpackLayers(name: string, reference: ImageReference, manifest: ImageManifest, rootfs: string, options: PrepareOptions): Promise<number> {
+  async #unpackLayers(name: string, reference: ImageReference, manifest: ImageManifest, rootfs: string, options: BuildOptions): Promise<number> {
     const downloads: Array<Promise<void>> = [];
     let next = 0;
     const startNext = (): void => {
@@ -427,11 +442,11 @@ export class FileImageStore implements ImageStore {
       for (const [index, layer] of manifest.layers.entries()) {
         await downloads[index];
         const compression = layerCompression(layer.mediaType) ?? 'none';
-        const stats = await unpackLayerFile(rootfs, this.#blobPath(layer.digest), compression, name);
+        const stats = await unpackLayerFile(rootfs, this.#blobPath(layer.digest), compression, name, options.signal);
         size += stats.bytes;
         if (stats.skipped.length > 0)
           this.#logger.debug({ reference: name, layer: layer.digest, skipped: stats.skipped.slice(0, 20) }, 'layer entries skipped');
-        options.onProgress?.({ reference: name, layer: layer.digest, downloaded: layer.size, total: layer.size, phase: 'unpack' });
+        options.onProgress({ reference: name, layer: layer.digest, downloaded: layer.size, total: layer.size, phase: 'unpack' });
       }
     } finally {
       // A failed layer must not leave downloads of later ones running unobserved.
@@ -445,22 +460,22 @@ export class FileImageStore implements ImageStore {
   }
 
   /* A verified blob in blobs/, downloaded once however many pulls want it at the same time. */
-  async #ensureBlob(name: string, reference: ImageReference, descriptor: Descriptor, options: PrepareOptions, isLayer: boolean): Promise<void> {
+  async #ensureBlob(name: string, reference: ImageReference, descriptor: Descriptor, options: BuildOptions, isLayer: boolean): Promise<void> {
     const file = this.#blobPath(descriptor.digest);
     const existing = await lstatOrUndefined(file);
     if (existing?.isFile() && existing.size === descriptor.size) {
-      if (isLayer) options.onProgress?.({ reference: name, layer: descriptor.digest, downloaded: descriptor.size, total: descriptor.size, phase: 'cached' });
+      if (isLayer) options.onProgress({ reference: name, layer: descriptor.digest, downloaded: descriptor.size, total: descriptor.size, phase: 'cached' });
       return;
     }
-    let download = this.#downloading.get(descriptor.digest);
-    if (!download) {
-      download = this.#download(name, reference, descriptor, options, isLayer).finally(() => this.#downloading.delete(descriptor.digest));
-      this.#downloading.set(descriptor.digest, download);
-    }
-    await download;
+    await this.#downloading.run(
+      descriptor.digest,
+      (signal, progress) => this.#download(name, reference, descriptor, { signal, onProgress: progress }, isLayer),
+      options.signal,
+      options.onProgress,
+    );
   }
 
-  async #download(name: string, reference: ImageReference, descriptor: Descriptor, options: PrepareOptions, isLayer: boolean): Promise<void> {
+  async #download(name: string, reference: ImageReference, descriptor: Descriptor, options: BuildOptions, isLayer: boolean): Promise<void> {
     const partial = path.join(this.#tmp, `blob-${hexOf(descriptor.digest).slice(0, 16)}-${randomBytes(4).toString('hex')}`);
     const instruments = this.#options.instruments?.();
     let reported = 0;
@@ -475,7 +490,7 @@ export class FileImageStore implements ImageStore {
       if (done || now - lastProgress >= PROGRESS_INTERVAL_MS) {
         lastProgress = now;
         const progress: PullProgress = { reference: name, layer: descriptor.digest, downloaded, total: descriptor.size, phase: 'download' };
-        options.onProgress?.(progress);
+        options.onProgress(progress);
       }
       if (done || now - lastLog >= PROGRESS_LOG_INTERVAL_MS) {
         lastLog = now;
@@ -661,7 +676,7 @@ export class FileImageStore implements ImageStore {
   async close(): Promise<void> {
     clearInterval(this.#timer);
     this.#timer = undefined;
-    await Promise.allSettled([...this.#building.values(), this.#collecting]);
+    await Promise.allSettled([this.#building.settled(), this.#downloading.settled(), this.#collecting]);
     await this.#client.close();
   }
 }

@@ -100,7 +100,7 @@ export async function lstatOrUndefined(file: string): Promise<Stats | undefined>
 }
 
 /* Unpacks one layer blob (a file) onto root. */
-export async function unpackLayerFile(root: string, blob: string, compression: LayerCompression, reference: string): Promise<LayerStats> {
+export async function unpackLayerFile(root: string, blob: string, compression: LayerCompression, reference: string, signal?: AbortSignal): Promise<LayerStats> {
   const source: Readable = createReadStream(blob, { highWaterMark: 1024 * 1024 });
   const stage = decompressor(compression, reference);
   const extract = tar.extract();
@@ -110,12 +110,13 @@ export async function unpackLayerFile(root: string, blob: string, compression: L
   feeding.catch(() => undefined);
   try {
     for await (const entry of extract) {
+      signal?.throwIfAborted();
       await layer.apply(entry.header, entry);
     }
     await feeding;
   } catch (error) {
     source.destroy();
-    if (error instanceof ImageError) throw error;
+    if (error instanceof ImageError || signal?.aborted) throw error;
     const code = (error as NodeJS.ErrnoException).code;
     // Disk full or a permission problem is the host's, not the image's.
     if (code === 'ENOSPC' || code === 'EACCES' || code === 'EPERM' || code === 'EROFS' || code === 'EDQUOT') throw error;
