@@ -4,13 +4,13 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import pino from 'pino';
 import type { RegistryConfig } from '../src/config/schema.js';
-import { FileImageStore } from '../src/local/images/file-image-store.js';
+import type { FileImageStore } from '../src/local/images/file-image-store.js';
 import { ImageError, type ImageErrorReason, type PullProgress } from '../src/local/images/image-store.js';
 import { formatReference, parseReference } from '../src/local/images/reference.js';
 import { FakeRegistry } from './fake-registry/index.js';
 import { RealRegistry, realRegistryAvailable } from './fake-registry/real-registry.js';
+import { testImageStore } from './support/image-store.js';
 import { buildTestImage, TEST_IMAGE, type TestImage } from './support/test-images.js';
 
 /*
@@ -18,8 +18,6 @@ import { buildTestImage, TEST_IMAGE, type TestImage } from './support/test-image
  * registry (and Debian's real registry where installed). The API-level acceptance tests are in
  * e2e-images.test.ts.
  */
-
-const logger = pino({ level: 'silent' });
 
 let scratch: string;
 let escapeTarget: string;
@@ -45,11 +43,9 @@ function newStore(
 ): { store: FileImageStore; directory: string } {
   stores += 1;
   const directory = options.directory ?? path.join(scratch, `store-${stores}`);
-  const store = new FileImageStore({
-    directory,
+  const store = testImageStore(directory, {
     registries,
     cache: { unusedretention: options.retention ?? 3600, maxunusedsize: 0 },
-    logger,
     minimumRetentionMs: options.minimumRetentionMs,
   });
   return { store, directory };
@@ -305,14 +301,28 @@ describe('pulling from the fake registry', () => {
     }
   });
 
-  test('an aborted pull of a slow registry leaves nothing half-made', async () => {
+  /* A registry of its own that sends `bytesPerSecond`, a fresh store; both end with the test. */
+  async function withSlowRegistry(
+    bytesPerSecond: number,
+    body: (slow: FakeRegistry, reference: string, store: FileImageStore) => Promise<void>,
+  ): Promise<string> {
     const slow = await FakeRegistry.start();
     slow.push('test/slow', 'v1', busybox);
-    slow.faults.bytesPerSecond = 64 * 1024;
+    slow.faults.bytesPerSecond = bytesPerSecond;
     const { store, directory } = newStore();
-    const controller = new AbortController();
     try {
-      const pulling = store.prepare(`${slow.host}/test/slow:v1`, {
+      await body(slow, `${slow.host}/test/slow:v1`, store);
+    } finally {
+      await store.close();
+      await slow.close();
+    }
+    return directory;
+  }
+
+  test('an aborted pull of a slow registry leaves nothing half-made', async () => {
+    const directory = await withSlowRegistry(64 * 1024, async (_slow, reference, store) => {
+      const controller = new AbortController();
+      const pulling = store.prepare(reference, {
         policy: 'always',
         signal: controller.signal,
         onProgress: (report) => {
@@ -320,40 +330,27 @@ describe('pulling from the fake registry', () => {
         },
       });
       await assert.rejects(pulling, (error: unknown) => controller.signal.aborted && (error as Error).name === 'AbortError');
-      await store.close();
-      assertNoLeftovers(directory, 0);
-    } finally {
-      await slow.close();
-    }
+    });
+    assertNoLeftovers(directory, 0);
   });
 
   test('a caller that gives up does not cancel the pull another caller waits for', async () => {
-    const slow = await FakeRegistry.start();
-    slow.push('test/shared', 'v1', busybox);
-    slow.faults.bytesPerSecond = 512 * 1024;
-    const { store, directory } = newStore();
-    const quitter = new AbortController();
-    const stayer = new AbortController();
-    // Progress reaches a caller only once it waits for the shared download: then the first one quits.
-    const seen = new Set<string>();
-    const saw = (who: string) => (report: PullProgress) => {
-      if (report.phase !== 'download') return;
-      seen.add(who);
-      if (seen.size === 2) quitter.abort();
-    };
-    try {
-      const reference = `${slow.host}/test/shared:v1`;
+    const directory = await withSlowRegistry(512 * 1024, async (slow, reference, store) => {
+      const quitter = new AbortController();
+      // Progress reaches a caller only once it waits for the shared download: then the first one quits.
+      const seen = new Set<string>();
+      const saw = (who: string) => (report: PullProgress) => {
+        if (report.phase !== 'download') return;
+        seen.add(who);
+        if (seen.size === 2) quitter.abort();
+      };
       const abandoned = store.prepare(reference, { policy: 'always', signal: quitter.signal, onProgress: saw('quitter') });
-      const kept = store.prepare(reference, { policy: 'always', signal: stayer.signal, onProgress: saw('stayer') });
+      const kept = store.prepare(reference, { policy: 'always', signal: new AbortController().signal, onProgress: saw('stayer') });
       await assert.rejects(abandoned, (error: unknown) => (error as Error).name === 'AbortError');
-      const image = await kept;
-      assert.equal(image.digest, busybox.manifestDigest);
+      assert.equal((await kept).digest, busybox.manifestDigest);
       assert.equal(slow.requests.filter((request) => request.server === 'cdn').length, 1 + busybox.layers.length, 'one download of each blob');
-      await store.close();
-      assertNoLeftovers(directory, 1);
-    } finally {
-      await slow.close();
-    }
+    });
+    assertNoLeftovers(directory, 1);
   });
 
   test('garbage collection removes unused images and their blobs, never pinned ones', async () => {

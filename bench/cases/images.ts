@@ -4,9 +4,8 @@ import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import pino from 'pino';
-import { FileImageStore } from '../../src/local/images/file-image-store.js';
 import { FakeRegistry } from '../../test/fake-registry/index.js';
+import { testImageStore } from '../../test/support/image-store.js';
 import { buildTestImage, type TestImage } from '../../test/support/test-images.js';
 import type { Baseline } from '../lib/baselines.js';
 import type { BenchContext, CaseResult } from '../lib/context.js';
@@ -66,12 +65,7 @@ export async function imagePull(context: BenchContext): Promise<CaseResult> {
   const samples = await timeSequential(
     async () => {
       iteration += 1;
-      const store = new FileImageStore({
-        directory: path.join(scratch, `store-${iteration}`),
-        registries: {},
-        cache: { unusedretention: 3600, maxunusedsize: 0 },
-        logger: pino({ level: 'silent' }),
-      });
+      const store = testImageStore(path.join(scratch, `store-${iteration}`));
       try {
         await store.prepare(reference, { policy: 'always' });
       } finally {

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmod, mkdir, open, readdir, readFile, readlink, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, readlink, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -19,6 +19,7 @@ import {
 import { type Descriptor, type ImageManifest, imageConfigSchema, layerCompression } from './manifest.js';
 import { formatReference, type ImageReference, parseReference } from './reference.js';
 import { RegistryClient, type ResolvedImage } from './registry-client.js';
+import { syncDirectory, writeSyncedFile } from '../synced-file.js';
 import { SharedTasks } from './shared-tasks.js';
 import { lstatOrUndefined, resolveInsideRoot, unpackLayerFile } from './unpack.js';
 
@@ -105,14 +106,14 @@ function toPrepared(reference: string, root: string, record: ImageRecord): Prepa
 /* Writes a file by temporary name, fsync and rename: readers see the old or the new one, whole. */
 async function writeAtomically(file: string, text: string): Promise<void> {
   const temporary = `${file}.${process.pid}-${randomBytes(4).toString('hex')}.tmp`;
-  const handle = await open(temporary, 'w', 0o644);
   try {
-    await handle.writeFile(text);
-    await handle.sync();
-  } finally {
-    await handle.close();
+    await writeSyncedFile(temporary, text, 0o644);
+    await rename(temporary, file);
+  } catch (error) {
+    await rm(temporary, { force: true }).catch(() => undefined);
+    throw error;
   }
-  await rename(temporary, file);
+  await syncDirectory(path.dirname(file));
 }
 
 function cacheFailure(reference: string, error: unknown): ImageError {
