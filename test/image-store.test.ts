@@ -2,8 +2,10 @@ import assert from 'node:assert/strict';
 import { existsSync, lstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import zlib from 'node:zlib';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import { loadConfig } from '../src/config/load.js';
 import type { RegistryConfig } from '../src/config/schema.js';
 import type { FileImageStore } from '../src/local/images/file-image-store.js';
 import { ImageError, type ImageErrorReason, type PullProgress } from '../src/local/images/image-store.js';
@@ -107,6 +109,31 @@ describe('references', () => {
         text,
       );
     }
+  });
+});
+
+describe('configuration', () => {
+  test("local.pullpolicy: Kubernetes' spellings, and Poseidon's nomad.disableforcepull when it is unset", async () => {
+    const policy = async (environment: NodeJS.ProcessEnv): Promise<string> => (await loadConfig(undefined, environment)).local.pullpolicy;
+    assert.equal(await policy({}), 'ifnotpresent');
+    assert.equal(await policy({ POSEIDON_NOMAD_DISABLEFORCEPULL: 'false' }), 'always');
+    assert.equal(await policy({ POSEIDON_NOMAD_DISABLEFORCEPULL: 'true' }), 'ifnotpresent');
+    assert.equal(await policy({ POSEIDON_NOMAD_DISABLEFORCEPULL: 'false', POSEIDON_LOCAL_PULLPOLICY: 'Never' }), 'never');
+    await assert.rejects(policy({ POSEIDON_LOCAL_PULLPOLICY: 'sometimes' }), /local\.pullpolicy/);
+  });
+
+  test('local.registries: credentials, mirrors and insecure hosts by host[:port]; bad keys and mirrors are refused', async () => {
+    const config = await loadConfig(undefined, {
+      POSEIDON_LOCAL_REGISTRIES:
+        '{"docker.io": {"mirror": "http://10.0.0.5:5000/"}, "registry.example.org:5000": {"username": "u", "password": "p", "insecure": true}}',
+    });
+    assert.deepEqual(config.local.registries, {
+      'docker.io': { mirror: 'http://10.0.0.5:5000', insecure: false },
+      'registry.example.org:5000': { username: 'u', password: 'p', insecure: true },
+    });
+    await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_REGISTRIES: '{"docker.io": {"mirror": "ftp://x"}}' }), /local\.registries/);
+    await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_REGISTRIES: '{"http://docker.io": {}}' }), /registry host/);
+    await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_REGISTRIES: '{"docker.io": {"token": "x"}}' }), /token/);
   });
 });
 
@@ -351,6 +378,48 @@ describe('pulling from the fake registry', () => {
       assert.equal(slow.requests.filter((request) => request.server === 'cdn').length, 1 + busybox.layers.length, 'one download of each blob');
     });
     assertNoLeftovers(directory, 1);
+  });
+
+  test('plain tar layers unpack; zstd layers are refused before any download unless Node.js can read them', async () => {
+    const plain = await buildTestImage(path.join(scratch, 'layout-plain'), { marker: 'plain', escapeTarget, uncompressed: true });
+    const zstd = await buildTestImage(path.join(scratch, 'layout-zstd'), { marker: 'zstd', escapeTarget, zstd: true });
+    registry.push('test/formats', 'tar', plain);
+    registry.push('test/formats', 'zstd', zstd);
+    const { store, directory } = newStore(registries);
+    try {
+      const image = await store.prepare(`${registry.host}/test/formats:tar`, { policy: 'always' });
+      assert.match(readFileSync(path.join(image.rootDirectory, 'etc/os-release'), 'utf8'), /VERSION_ID=plain/);
+      const cdnBefore = registry.requests.filter((request) => request.server === 'cdn').length;
+      if ('createZstdDecompress' in zlib) {
+        const unpacked = await store.prepare(`${registry.host}/test/formats:zstd`, { policy: 'always' });
+        assert.match(readFileSync(path.join(unpacked.rootDirectory, 'etc/os-release'), 'utf8'), /VERSION_ID=zstd/);
+      } else {
+        await rejectsWith(store.prepare(`${registry.host}/test/formats:zstd`, { policy: 'always' }), 'unsupported', /zstd-compressed layers.*Node\.js 22\.15/);
+        // Only the image config was fetched (it says which platform the image is for); no layer.
+        assert.ok(registry.requests.filter((request) => request.server === 'cdn').length - cdnBefore <= 1);
+        assertNoLeftovers(directory, 1);
+      }
+    } finally {
+      await store.close();
+    }
+  });
+
+  test('anonymous pulls get a token without credentials; a mirror serves a Docker Hub name', async () => {
+    const mirror = await FakeRegistry.start({ auth: true });
+    mirror.push('library/busybox', '1.36', busybox);
+    mirror.push('openhpi/co_execenv_busybox', 'latest', busyboxV2);
+    const { store } = newStore({ 'docker.io': { mirror: `http://${mirror.host}`, insecure: false } });
+    try {
+      assert.equal((await store.prepare('busybox:1.36', { policy: 'always' })).digest, busybox.manifestDigest);
+      assert.equal((await store.prepare('docker.io/openhpi/co_execenv_busybox', { policy: 'always' })).digest, busyboxV2.manifestDigest);
+      const tokens = mirror.requests.filter((request) => request.path.startsWith('/token'));
+      assert.ok(tokens.length >= 2);
+      assert.ok(tokens.every((request) => request.authorization === undefined));
+      assert.ok(tokens.some((request) => request.path.includes(encodeURIComponent('repository:library/busybox:pull'))));
+    } finally {
+      await store.close();
+      await mirror.close();
+    }
   });
 
   test('garbage collection removes unused images and their blobs, never pinned ones', async () => {

@@ -21,7 +21,7 @@ import { formatReference, type ImageReference, parseReference } from './referenc
 import { RegistryClient, type ResolvedImage } from './registry-client.js';
 import { syncDirectory, writeSyncedFile } from '../synced-file.js';
 import { SharedTasks } from './shared-tasks.js';
-import { lstatOrUndefined, resolveInsideRoot, unpackLayerFile } from './unpack.js';
+import { checkDecompressible, lstatOrUndefined, resolveInsideRoot, unpackLayerFile } from './unpack.js';
 
 /*
  * The content-addressed image cache under local.statedir/images:
@@ -356,8 +356,9 @@ export class FileImageStore implements ImageStore {
     const options = { signal, onProgress };
     const { manifest, manifestDigest } = resolved;
     for (const layer of manifest.layers) {
-      if (!layerCompression(layer.mediaType))
-        throw new ImageError('unsupported', name, `${name}: layer ${layer.digest} has the unsupported media type ${layer.mediaType}`);
+      const compression = layerCompression(layer.mediaType);
+      if (!compression) throw new ImageError('unsupported', name, `${name}: layer ${layer.digest} has the unsupported media type ${layer.mediaType}`);
+      checkDecompressible(compression, name);
     }
     const total = manifest.layers.reduce((sum, layer) => sum + layer.size, 0);
     this.#logger.info({ reference: name, digest: manifestDigest, layers: manifest.layers.length, bytes: total }, 'pulling image');

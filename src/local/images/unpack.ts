@@ -36,18 +36,24 @@ function invalid(reference: string, message: string): ImageError {
   return new ImageError('invalid-image', reference, `${reference}: ${message}`);
 }
 
-function decompressor(compression: LayerCompression, reference: string): NodeJS.ReadWriteStream | undefined {
-  if (compression === 'none') return undefined;
-  if (compression === 'gzip') return zlib.createGunzip();
-  const zstd = (zlib as unknown as { createZstdDecompress?: () => NodeJS.ReadWriteStream }).createZstdDecompress;
-  if (!zstd) {
+const zstdDecompress = (zlib as unknown as { createZstdDecompress?: () => NodeJS.ReadWriteStream }).createZstdDecompress;
+
+/* Refuses layers this Node.js cannot decompress, before anything is downloaded. */
+export function checkDecompressible(compression: LayerCompression, reference: string): void {
+  if (compression === 'zstd' && !zstdDecompress) {
     throw new ImageError(
       'unsupported',
       reference,
       `${reference}: the image has zstd-compressed layers, which this Node.js (${process.version}) cannot decompress (Node.js 22.15 or later can); use a gzip variant of the image`,
     );
   }
-  return zstd();
+}
+
+function decompressor(compression: LayerCompression, reference: string): NodeJS.ReadWriteStream | undefined {
+  checkDecompressible(compression, reference);
+  if (compression === 'none') return undefined;
+  if (compression === 'gzip') return zlib.createGunzip();
+  return zstdDecompress?.();
 }
 
 /*
