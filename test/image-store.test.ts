@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
-import { existsSync, lstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import zlib from 'node:zlib';
@@ -65,9 +66,13 @@ async function rejectsWith(promise: Promise<unknown>, reason: ImageErrorReason, 
   assert.fail(`expected a rejection with ${reason}`);
 }
 
-/* Nothing half-made: no root besides complete ones, nothing left in tmp/. */
+/* Nothing half-made: no root besides complete ones, no file in tmp/ (a running store's own directory is there, empty). */
 function assertNoLeftovers(directory: string, completeRoots: number): void {
-  assert.deepEqual(readdirSync(path.join(directory, 'tmp')), []);
+  const temporary = path.join(directory, 'tmp');
+  assert.deepEqual(
+    readdirSync(temporary).flatMap((name) => readdirSync(path.join(temporary, name)).map((entry) => `${name}/${entry}`)),
+    [],
+  );
   const roots = readdirSync(path.join(directory, 'roots'));
   assert.equal(roots.length, completeRoots, `roots: ${roots.join(', ')}`);
   for (const root of roots) assert.ok(existsSync(path.join(directory, 'roots', root, 'image.json')));
@@ -444,6 +449,21 @@ describe('pulling from the fake registry', () => {
     assert.equal((await store.prepare(`${registry.host}/test/gc:one`, { policy: 'ifnotpresent' })).digest, one.digest);
     await store.close();
   });
+});
+
+test('at start, what a dead process left in tmp/ goes; what a running one (a poseidon pull) is writing stays', async () => {
+  const { store, directory } = newStore();
+  const dead = spawnSync('true').pid;
+  const leftovers = { dead: path.join(directory, 'tmp', `${dead}-0000`), alive: path.join(directory, 'tmp', `${process.pid}-ffff`) };
+  for (const folder of Object.values(leftovers)) {
+    await mkdir(folder, { recursive: true });
+    writeFileSync(path.join(folder, 'blob-partial'), 'x');
+  }
+  await store.collectGarbage();
+  await store.close();
+  assert.equal(existsSync(leftovers.dead), false);
+  assert.ok(existsSync(path.join(leftovers.alive, 'blob-partial')));
+  await rm(leftovers.alive, { recursive: true });
 });
 
 describe('the real registry', { skip: realRegistryAvailable() ? false : 'docker-registry or skopeo is not installed' }, () => {

@@ -42,6 +42,8 @@ const MOUNT_POINT_FILES = ['etc/passwd', 'etc/group'];
 /* Layers downloaded at once per image. */
 const DOWNLOAD_CONCURRENCY = 3;
 const MINIMUM_RETENTION_MS = 60_000;
+/* A blob this young is never collected: another process (`poseidon pull`) may be about to unpack it. */
+const MINIMUM_BLOB_AGE_MS = 3600_000;
 const PROGRESS_INTERVAL_MS = 200;
 const PROGRESS_LOG_INTERVAL_MS = 5_000;
 
@@ -61,8 +63,28 @@ const recordSchema = z.object({
 });
 type ImageRecord = z.infer<typeof recordSchema>;
 
-const referencesSchema = z.record(z.string(), z.object({ topDigest: z.string(), manifestDigest: z.string() }));
+const referencesSchema = z.record(z.string(), z.object({ topDigest: z.string(), manifestDigest: z.string(), resolvedAt: z.string().default('') }));
 type References = z.infer<typeof referencesSchema>;
+
+/* Two processes (the daemon, `poseidon pull`) may both have resolved a reference: the later resolution wins. */
+function mergeReferences(a: References, b: References): References {
+  const merged: References = { ...a };
+  for (const [name, entry] of Object.entries(b)) {
+    const other = merged[name];
+    if (!other || other.resolvedAt <= entry.resolvedAt) merged[name] = entry;
+  }
+  return merged;
+}
+
+/* Whether the process that made a temporary directory (named `<pid>-...`) still runs. */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
 
 export interface FileImageStoreOptions {
   /* local.statedir/images */
@@ -70,7 +92,10 @@ export interface FileImageStoreOptions {
   registries: Record<string, RegistryConfig>;
   cache: ImageCacheConfig;
   logger: Logger;
-  /* An image used this recently is never collected (default a minute), so that a prepare and its caller's pin are not raced by a collection. */
+  /*
+   * An image used this recently is never collected (default a minute), so that a prepare and its
+   * caller's pin are not raced by a collection; nor is a blob written this recently (default an hour).
+   */
   minimumRetentionMs?: number;
   /* Where progress and outcomes are reported (the handler's current instruments). */
   instruments?: () => ImageInstruments | undefined;
@@ -124,7 +149,9 @@ export class FileImageStore implements ImageStore {
   readonly #directory: string;
   readonly #blobs: string;
   readonly #roots: string;
+  /* tmp/<pid>-<random>: this store's downloads, unpacks and removals under way. */
   readonly #tmp: string;
+  readonly #tmpParent: string;
   readonly #referencesFile: string;
   readonly #client: RegistryClient;
   readonly #logger: Logger;
@@ -147,7 +174,8 @@ export class FileImageStore implements ImageStore {
     this.#directory = options.directory;
     this.#blobs = path.join(options.directory, 'blobs', 'sha256');
     this.#roots = path.join(options.directory, 'roots');
-    this.#tmp = path.join(options.directory, 'tmp');
+    this.#tmpParent = path.join(options.directory, 'tmp');
+    this.#tmp = path.join(this.#tmpParent, `${process.pid}-${randomBytes(4).toString('hex')}`);
     this.#referencesFile = path.join(options.directory, 'references.json');
     this.#client = new RegistryClient(options.registries);
     this.#logger = options.logger.child({ component: 'images' });
@@ -173,9 +201,9 @@ export class FileImageStore implements ImageStore {
       await mkdir(this.#directory, { recursive: true, mode: 0o700 });
       await chmod(this.#directory, 0o700);
       await Promise.all([this.#blobs, this.#roots, this.#tmp].map((directory) => mkdir(directory, { recursive: true, mode: 0o755 })));
-      // What an earlier process left half-done (a crash during a pull) goes.
-      const leftovers = await readdir(this.#tmp);
-      await Promise.all(leftovers.map((name) => rm(path.join(this.#tmp, name), { recursive: true, force: true })));
+      // What a process that is gone left half-done (a crash during a pull) goes; a running one's stays.
+      const leftovers = (await readdir(this.#tmpParent)).filter((name) => !processAlive(Number.parseInt(name, 10)));
+      await Promise.all(leftovers.map((name) => rm(path.join(this.#tmpParent, name), { recursive: true, force: true })));
       for (const name of await readdir(this.#roots)) {
         const record = await this.#readRecord(`sha256:${name}`);
         if (!record) {
@@ -214,11 +242,9 @@ export class FileImageStore implements ImageStore {
 
   /* The cached image a reference last resolved to, looking at the disk when memory knows nothing (a `poseidon pull` may have added it). */
   async #cached(name: string, reference: ImageReference): Promise<{ record: ImageRecord; topDigest: string } | undefined> {
-    let entry = this.#references[name];
-    if (!entry) {
-      entry = (await this.#readReferences())[name];
-      if (entry) this.#references[name] = entry;
-    }
+    // The disk too: a `poseidon pull` may have resolved it meanwhile.
+    this.#references = mergeReferences(this.#references, await this.#readReferences());
+    const entry = this.#references[name];
     const digest = entry?.manifestDigest ?? reference.digest;
     if (!digest) return undefined;
     const record = await this.#readRecord(digest);
@@ -317,7 +343,7 @@ export class FileImageStore implements ImageStore {
     if (previous && previous.manifestDigest !== resolved.manifestDigest) {
       this.#logger.info({ reference: name, previous: previous.manifestDigest, digest: resolved.manifestDigest }, 'the tag now names another image');
     }
-    this.#references[name] = { topDigest: resolved.topDigest, manifestDigest: resolved.manifestDigest };
+    this.#references[name] = { topDigest: resolved.topDigest, manifestDigest: resolved.manifestDigest, resolvedAt: new Date().toISOString() };
     if (!record.references.includes(name)) record.references.push(name);
     await this.#writeRecord(record).catch((error: unknown) => this.#logger.warn({ err: error, digest: record.digest }, 'cannot update image.json'));
     await this.#writeReferences().catch((error: unknown) => {
@@ -328,8 +354,7 @@ export class FileImageStore implements ImageStore {
   #writeReferences(): Promise<void> {
     const write = this.#writingReferences.then(async () => {
       // Entries another process added meanwhile are kept.
-      const onDisk = await this.#readReferences();
-      this.#references = { ...onDisk, ...this.#references };
+      this.#references = mergeReferences(await this.#readReferences(), this.#references);
       await writeAtomically(this.#referencesFile, `${JSON.stringify(this.#references, null, 2)}\n`);
     });
     this.#writingReferences = write.catch(() => undefined);
@@ -628,7 +653,7 @@ export class FileImageStore implements ImageStore {
 
   async #writeReferencesWithout(removed: Set<string>): Promise<void> {
     const write = this.#writingReferences.then(async () => {
-      const merged = { ...(await this.#readReferences()), ...this.#references };
+      const merged = mergeReferences(await this.#readReferences(), this.#references);
       for (const [name, entry] of Object.entries(merged)) if (removed.has(entry.manifestDigest)) delete merged[name];
       this.#references = merged;
       await writeAtomically(this.#referencesFile, `${JSON.stringify(merged, null, 2)}\n`);
@@ -649,10 +674,13 @@ export class FileImageStore implements ImageStore {
     if (this.#building.size > 0) return { count: 0, bytes: 0 };
     let count = 0;
     let bytes = 0;
+    const youngest = Date.now() - (this.#options.minimumRetentionMs ?? MINIMUM_BLOB_AGE_MS);
     for (const name of await readdir(this.#blobs)) {
       if (wanted.has(name)) continue;
       const file = path.join(this.#blobs, name);
-      const size = (await stat(file).catch(() => undefined))?.size ?? 0;
+      const info = await stat(file).catch(() => undefined);
+      if (!info || info.mtimeMs > youngest) continue;
+      const size = info.size;
       await unlink(file).catch(() => undefined);
       count += 1;
       bytes += size;
@@ -680,5 +708,6 @@ export class FileImageStore implements ImageStore {
     this.#timer = undefined;
     await Promise.allSettled([this.#building.settled(), this.#downloading.settled(), this.#collecting]);
     await this.#client.close();
+    await rm(this.#tmp, { recursive: true, force: true });
   }
 }
