@@ -4,7 +4,7 @@ import { parseArgs } from 'node:util';
 import { REPO_ROOT } from '../test/support/daemon.js';
 import { describeError, type CaseRunner } from './cases/common.js';
 import { burstClaims, codeoceanSession } from './cases/codeocean.js';
-import { imageRootStart } from './cases/images.js';
+import { imagePull, imageRootStart } from './cases/images.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
 import { nomadClaim } from './cases/nomad.js';
 import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
@@ -36,6 +36,7 @@ const CASES: Record<string, CaseRunner> = {
   stream_single: streamSingle,
   stream_concurrent: streamConcurrent,
   nomad_claim: nomadClaim,
+  image_pull: imagePull,
 };
 
 const USAGE = `usage: npm run bench -- [--case NAME[,NAME…]]… [--n N] [--duration S] [--json PATH] [--quick] [--profile DIR]
@@ -98,6 +99,7 @@ function extras(name: string, result: CaseResult): string {
     codeocean_session: ['learners', 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'baseline_p99_ms', 'ratio_p99'],
     burst_claims: ['claims', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
     nomad_claim: ['refill_ms', 'refill_after_claims_ms', 'pool_size'],
+    image_pull: ['unpacked_mb', 'download_mb', 'mb_per_s', 'baseline_mb_per_s'],
   };
   return (keys[name] ?? [])
     .filter((key) => result[key] !== undefined)

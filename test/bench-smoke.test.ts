@@ -22,6 +22,7 @@ const EXPECTED: Record<string, string[]> = {
   idle_runners: ['n', 'errors', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000'],
   pool_refill_100: LATENCY_KEYS,
   nomad_claim: LATENCY_KEYS,
+  image_pull: [...LATENCY_KEYS, 'mb_per_s', 'baseline_mb_per_s', 'unpacked_mb'],
 };
 
 test('every bench case runs with --quick and reports the documented keys', { timeout: 110_000 }, async () => {

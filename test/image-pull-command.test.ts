@@ -5,10 +5,9 @@ import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
-import pino from 'pino';
-import { FileImageStore } from '../src/local/images/file-image-store.js';
 import { Metrics } from '../src/monitoring/metrics.js';
 import { FakeRegistry } from './fake-registry/index.js';
+import { testImageStore } from './support/image-store.js';
 import { buildTestImage, type TestImage } from './support/test-images.js';
 
 /* `poseidon pull IMAGE...` fills the cache the daemon reads; pull progress reaches the metrics. */
@@ -61,12 +60,7 @@ test('poseidon pull fills the cache that a store with pull policy never then ser
   // Layer progress is logged (on stderr, as JSON lines).
   assert.match(pulled.stderr, /layer downloaded/);
 
-  const store = new FileImageStore({
-    directory: path.join(stateDir, 'images'),
-    registries: {},
-    cache: { unusedretention: 3600, maxunusedsize: 0 },
-    logger: pino({ level: 'silent' }),
-  });
+  const store = testImageStore(path.join(stateDir, 'images'));
   const served = await store.prepare(reference, { policy: 'never' });
   await store.close();
   assert.equal(served.rootDirectory, root);
@@ -80,11 +74,8 @@ test('poseidon pull fills the cache that a store with pull policy never then ser
 
 test('pull progress and outcomes reach the Prometheus metrics', async () => {
   const metrics = new Metrics({ processMetrics: false });
-  const store = new FileImageStore({
-    directory: path.join(scratch, 'metrics-store'),
+  const store = testImageStore(path.join(scratch, 'metrics-store'), {
     registries: { [registry.host]: { username: 'ci', password: 'pw', insecure: false } },
-    cache: { unusedretention: 3600, maxunusedsize: 0 },
-    logger: pino({ level: 'silent' }),
     instruments: () => metrics,
   });
   await store.prepare(`${registry.host}/test/busybox:v1`, { policy: 'always' });

@@ -1,16 +1,19 @@
 import assert from 'node:assert/strict';
-import { existsSync, lstatSync, readdirSync, readFileSync, readlinkSync } from 'node:fs';
+import { spawnSync } from 'node:child_process';
+import { existsSync, lstatSync, readdirSync, readFileSync, readlinkSync, writeFileSync } from 'node:fs';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
+import zlib from 'node:zlib';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import pino from 'pino';
+import { loadConfig } from '../src/config/load.js';
 import type { RegistryConfig } from '../src/config/schema.js';
-import { FileImageStore } from '../src/local/images/file-image-store.js';
+import type { FileImageStore } from '../src/local/images/file-image-store.js';
 import { ImageError, type ImageErrorReason, type PullProgress } from '../src/local/images/image-store.js';
 import { formatReference, parseReference } from '../src/local/images/reference.js';
 import { FakeRegistry } from './fake-registry/index.js';
 import { RealRegistry, realRegistryAvailable } from './fake-registry/real-registry.js';
+import { testImageStore } from './support/image-store.js';
 import { buildTestImage, TEST_IMAGE, type TestImage } from './support/test-images.js';
 
 /*
@@ -18,8 +21,6 @@ import { buildTestImage, TEST_IMAGE, type TestImage } from './support/test-image
  * registry (and Debian's real registry where installed). The API-level acceptance tests are in
  * e2e-images.test.ts.
  */
-
-const logger = pino({ level: 'silent' });
 
 let scratch: string;
 let escapeTarget: string;
@@ -45,11 +46,9 @@ function newStore(
 ): { store: FileImageStore; directory: string } {
   stores += 1;
   const directory = options.directory ?? path.join(scratch, `store-${stores}`);
-  const store = new FileImageStore({
-    directory,
+  const store = testImageStore(directory, {
     registries,
     cache: { unusedretention: options.retention ?? 3600, maxunusedsize: 0 },
-    logger,
     minimumRetentionMs: options.minimumRetentionMs,
   });
   return { store, directory };
@@ -67,9 +66,13 @@ async function rejectsWith(promise: Promise<unknown>, reason: ImageErrorReason, 
   assert.fail(`expected a rejection with ${reason}`);
 }
 
-/* Nothing half-made: no root besides complete ones, nothing left in tmp/. */
+/* Nothing half-made: no root besides complete ones, no file in tmp/ (a running store's own directory is there, empty). */
 function assertNoLeftovers(directory: string, completeRoots: number): void {
-  assert.deepEqual(readdirSync(path.join(directory, 'tmp')), []);
+  const temporary = path.join(directory, 'tmp');
+  assert.deepEqual(
+    readdirSync(temporary).flatMap((name) => readdirSync(path.join(temporary, name)).map((entry) => `${name}/${entry}`)),
+    [],
+  );
   const roots = readdirSync(path.join(directory, 'roots'));
   assert.equal(roots.length, completeRoots, `roots: ${roots.join(', ')}`);
   for (const root of roots) assert.ok(existsSync(path.join(directory, 'roots', root, 'image.json')));
@@ -111,6 +114,31 @@ describe('references', () => {
         text,
       );
     }
+  });
+});
+
+describe('configuration', () => {
+  test("local.pullpolicy: Kubernetes' spellings, and Poseidon's nomad.disableforcepull when it is unset", async () => {
+    const policy = async (environment: NodeJS.ProcessEnv): Promise<string> => (await loadConfig(undefined, environment)).local.pullpolicy;
+    assert.equal(await policy({}), 'ifnotpresent');
+    assert.equal(await policy({ POSEIDON_NOMAD_DISABLEFORCEPULL: 'false' }), 'always');
+    assert.equal(await policy({ POSEIDON_NOMAD_DISABLEFORCEPULL: 'true' }), 'ifnotpresent');
+    assert.equal(await policy({ POSEIDON_NOMAD_DISABLEFORCEPULL: 'false', POSEIDON_LOCAL_PULLPOLICY: 'Never' }), 'never');
+    await assert.rejects(policy({ POSEIDON_LOCAL_PULLPOLICY: 'sometimes' }), /local\.pullpolicy/);
+  });
+
+  test('local.registries: credentials, mirrors and insecure hosts by host[:port]; bad keys and mirrors are refused', async () => {
+    const config = await loadConfig(undefined, {
+      POSEIDON_LOCAL_REGISTRIES:
+        '{"docker.io": {"mirror": "http://10.0.0.5:5000/"}, "registry.example.org:5000": {"username": "u", "password": "p", "insecure": true}}',
+    });
+    assert.deepEqual(config.local.registries, {
+      'docker.io': { mirror: 'http://10.0.0.5:5000', insecure: false },
+      'registry.example.org:5000': { username: 'u', password: 'p', insecure: true },
+    });
+    await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_REGISTRIES: '{"docker.io": {"mirror": "ftp://x"}}' }), /local\.registries/);
+    await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_REGISTRIES: '{"http://docker.io": {}}' }), /registry host/);
+    await assert.rejects(loadConfig(undefined, { POSEIDON_LOCAL_REGISTRIES: '{"docker.io": {"token": "x"}}' }), /token/);
   });
 });
 
@@ -207,6 +235,14 @@ describe('pulling from the fake registry', () => {
     await rejectsWith(store.prepare(`${registry.host}/test/missing:v1`, { policy: 'always' }), 'not-found', /NAME_UNKNOWN/);
     await rejectsWith(store.prepare(`${registry.host}/test/busybox:nope`, { policy: 'ifnotpresent' }), 'not-found', /MANIFEST_UNKNOWN/);
     await rejectsWith(store.prepare('Not A Reference', { policy: 'always' }), 'bad-reference');
+    const lost = busyboxV2.layers[1]?.digest ?? '';
+    registry.push('test/lost-blob', 'v1', busyboxV2);
+    registry.faults.missingBlobs.add(lost);
+    try {
+      await rejectsWith(store.prepare(`${registry.host}/test/lost-blob:v1`, { policy: 'always' }), 'not-found', /BLOB_UNKNOWN/);
+    } finally {
+      registry.faults.missingBlobs.delete(lost);
+    }
     await store.close();
     assertNoLeftovers(directory, 0);
   });
@@ -297,14 +333,28 @@ describe('pulling from the fake registry', () => {
     }
   });
 
-  test('an aborted pull of a slow registry leaves nothing half-made', async () => {
+  /* A registry of its own that sends `bytesPerSecond`, a fresh store; both end with the test. */
+  async function withSlowRegistry(
+    bytesPerSecond: number,
+    body: (slow: FakeRegistry, reference: string, store: FileImageStore) => Promise<void>,
+  ): Promise<string> {
     const slow = await FakeRegistry.start();
     slow.push('test/slow', 'v1', busybox);
-    slow.faults.bytesPerSecond = 64 * 1024;
+    slow.faults.bytesPerSecond = bytesPerSecond;
     const { store, directory } = newStore();
-    const controller = new AbortController();
     try {
-      const pulling = store.prepare(`${slow.host}/test/slow:v1`, {
+      await body(slow, `${slow.host}/test/slow:v1`, store);
+    } finally {
+      await store.close();
+      await slow.close();
+    }
+    return directory;
+  }
+
+  test('an aborted pull of a slow registry leaves nothing half-made', async () => {
+    const directory = await withSlowRegistry(64 * 1024, async (_slow, reference, store) => {
+      const controller = new AbortController();
+      const pulling = store.prepare(reference, {
         policy: 'always',
         signal: controller.signal,
         onProgress: (report) => {
@@ -312,10 +362,68 @@ describe('pulling from the fake registry', () => {
         },
       });
       await assert.rejects(pulling, (error: unknown) => controller.signal.aborted && (error as Error).name === 'AbortError');
-      await store.close();
-      assertNoLeftovers(directory, 0);
+    });
+    assertNoLeftovers(directory, 0);
+  });
+
+  test('a caller that gives up does not cancel the pull another caller waits for', async () => {
+    const directory = await withSlowRegistry(512 * 1024, async (slow, reference, store) => {
+      const quitter = new AbortController();
+      // Progress reaches a caller only once it waits for the shared download: then the first one quits.
+      const seen = new Set<string>();
+      const saw = (who: string) => (report: PullProgress) => {
+        if (report.phase !== 'download') return;
+        seen.add(who);
+        if (seen.size === 2) quitter.abort();
+      };
+      const abandoned = store.prepare(reference, { policy: 'always', signal: quitter.signal, onProgress: saw('quitter') });
+      const kept = store.prepare(reference, { policy: 'always', signal: new AbortController().signal, onProgress: saw('stayer') });
+      await assert.rejects(abandoned, (error: unknown) => (error as Error).name === 'AbortError');
+      assert.equal((await kept).digest, busybox.manifestDigest);
+      assert.equal(slow.requests.filter((request) => request.server === 'cdn').length, 1 + busybox.layers.length, 'one download of each blob');
+    });
+    assertNoLeftovers(directory, 1);
+  });
+
+  test('plain tar layers unpack; zstd layers are refused before any download unless Node.js can read them', async () => {
+    const plain = await buildTestImage(path.join(scratch, 'layout-plain'), { marker: 'plain', escapeTarget, uncompressed: true });
+    const zstd = await buildTestImage(path.join(scratch, 'layout-zstd'), { marker: 'zstd', escapeTarget, zstd: true });
+    registry.push('test/formats', 'tar', plain);
+    registry.push('test/formats', 'zstd', zstd);
+    const { store, directory } = newStore(registries);
+    try {
+      const image = await store.prepare(`${registry.host}/test/formats:tar`, { policy: 'always' });
+      assert.match(readFileSync(path.join(image.rootDirectory, 'etc/os-release'), 'utf8'), /VERSION_ID=plain/);
+      const cdnBefore = registry.requests.filter((request) => request.server === 'cdn').length;
+      if ('createZstdDecompress' in zlib) {
+        const unpacked = await store.prepare(`${registry.host}/test/formats:zstd`, { policy: 'always' });
+        assert.match(readFileSync(path.join(unpacked.rootDirectory, 'etc/os-release'), 'utf8'), /VERSION_ID=zstd/);
+      } else {
+        await rejectsWith(store.prepare(`${registry.host}/test/formats:zstd`, { policy: 'always' }), 'unsupported', /zstd-compressed layers.*Node\.js 22\.15/);
+        // Only the image config was fetched (it says which platform the image is for); no layer.
+        assert.ok(registry.requests.filter((request) => request.server === 'cdn').length - cdnBefore <= 1);
+        assertNoLeftovers(directory, 1);
+      }
     } finally {
-      await slow.close();
+      await store.close();
+    }
+  });
+
+  test('anonymous pulls get a token without credentials; a mirror serves a Docker Hub name', async () => {
+    const mirror = await FakeRegistry.start({ auth: true });
+    mirror.push('library/busybox', '1.36', busybox);
+    mirror.push('openhpi/co_execenv_busybox', 'latest', busyboxV2);
+    const { store } = newStore({ 'docker.io': { mirror: `http://${mirror.host}`, insecure: false } });
+    try {
+      assert.equal((await store.prepare('busybox:1.36', { policy: 'always' })).digest, busybox.manifestDigest);
+      assert.equal((await store.prepare('docker.io/openhpi/co_execenv_busybox', { policy: 'always' })).digest, busyboxV2.manifestDigest);
+      const tokens = mirror.requests.filter((request) => request.path.startsWith('/token'));
+      assert.ok(tokens.length >= 2);
+      assert.ok(tokens.every((request) => request.authorization === undefined));
+      assert.ok(tokens.some((request) => request.path.includes(encodeURIComponent('repository:library/busybox:pull'))));
+    } finally {
+      await store.close();
+      await mirror.close();
     }
   });
 
@@ -341,6 +449,21 @@ describe('pulling from the fake registry', () => {
     assert.equal((await store.prepare(`${registry.host}/test/gc:one`, { policy: 'ifnotpresent' })).digest, one.digest);
     await store.close();
   });
+});
+
+test('at start, what a dead process left in tmp/ goes; what a running one (a poseidon pull) is writing stays', async () => {
+  const { store, directory } = newStore();
+  const dead = spawnSync('true').pid;
+  const leftovers = { dead: path.join(directory, 'tmp', `${dead}-0000`), alive: path.join(directory, 'tmp', `${process.pid}-ffff`) };
+  for (const folder of Object.values(leftovers)) {
+    await mkdir(folder, { recursive: true });
+    writeFileSync(path.join(folder, 'blob-partial'), 'x');
+  }
+  await store.collectGarbage();
+  await store.close();
+  assert.equal(existsSync(leftovers.dead), false);
+  assert.ok(existsSync(path.join(leftovers.alive, 'blob-partial')));
+  await rm(leftovers.alive, { recursive: true });
 });
 
 describe('the real registry', { skip: realRegistryAvailable() ? false : 'docker-registry or skopeo is not installed' }, () => {

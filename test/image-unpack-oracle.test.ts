@@ -7,9 +7,8 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, test } from 'node:test';
 import { promisify } from 'node:util';
-import pino from 'pino';
-import { FileImageStore } from '../src/local/images/file-image-store.js';
 import { FakeRegistry } from './fake-registry/index.js';
+import { testImageStore } from './support/image-store.js';
 import { buildTestImage, type TestImage } from './support/test-images.js';
 
 /*
@@ -87,12 +86,7 @@ after(async () => {
 
 test('the store unpacks the Python test image as skopeo + umoci do', { skip }, async () => {
   const reference = `${registry.host}/test/python:v1`;
-  const store = new FileImageStore({
-    directory: path.join(scratch, 'store'),
-    registries: {},
-    cache: { unusedretention: 3600, maxunusedsize: 0 },
-    logger: pino({ level: 'silent' }),
-  });
+  const store = testImageStore(path.join(scratch, 'store'));
   const prepared = await store.prepare(reference, { policy: 'always' });
   await store.close();
 

@@ -1,9 +1,94 @@
+import { execFile } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { promisify } from 'node:util';
+import { FakeRegistry } from '../../test/fake-registry/index.js';
 import { preparedRoot } from '../../test/support/prepared-root.js';
+import { testImageStore } from '../../test/support/image-store.js';
+import { buildTestImage, type TestImage } from '../../test/support/test-images.js';
+import type { Baseline } from '../lib/baselines.js';
 import { environmentSpec } from '../lib/client.js';
 import type { BenchContext, CaseResult } from '../lib/context.js';
-import { summarize } from '../lib/stats.js';
-import { ErrorLog } from './common.js';
+import { round, summarize, timeSequential } from '../lib/stats.js';
+import { ErrorLog, latencyResult } from './common.js';
 import { fillTimes, refillResult, withAddedPerRunner } from './pool.js';
+
+/*
+ * image_pull: pull + unpack of the Python test image (host Python with its full standard library,
+ * two gzip layers) from the in-process fake registry on loopback into an empty image store, against
+ * skopeo copy + umoci unpack of the same image from the same registry in the same run. MB/s is
+ * uncompressed layer bytes over the whole time (download, verification, decompression, writing).
+ */
+
+const run = promisify(execFile);
+const MB = 1_000_000;
+const SKOPEO = '/usr/bin/skopeo';
+const UMOCI = '/usr/bin/umoci';
+
+async function skopeoUmoci(scratch: string, reference: string, n: number, bytes: number): Promise<Baseline> {
+  let iteration = 0;
+  const samples = await timeSequential(
+    async () => {
+      iteration += 1;
+      const layout = path.join(scratch, `skopeo-${iteration}`);
+      const bundle = path.join(scratch, `umoci-${iteration}`);
+      await run(SKOPEO, ['copy', '--quiet', '--src-tls-verify=false', `docker://${reference}`, `oci:${layout}:bench`], {
+        env: { ...process.env, HOME: scratch },
+      });
+      await run(UMOCI, ['unpack', '--image', `${layout}:bench`, bundle]);
+    },
+    {
+      n,
+      deadline: Date.now() + 300_000,
+      onError: (error) => {
+        throw error;
+      },
+    },
+  );
+  const summary = summarize(samples);
+  return { ...summary, what: 'skopeo copy + umoci unpack of the same image', mb_per_s: round(bytes / MB / (summary.p50_ms / 1000), 1) };
+}
+
+export async function imagePull(context: BenchContext): Promise<CaseResult> {
+  if (!existsSync(SKOPEO) || !existsSync(UMOCI)) throw new Error('skopeo and umoci are needed for the baseline (scripts/setup.sh installs them)');
+  const scratch = await mkdtemp(path.join(tmpdir(), 'poseidon-bench-images-'));
+  context.onCleanup('image bench scratch', () => rm(scratch, { recursive: true, force: true }));
+  const escapeTarget = path.join(scratch, 'outside');
+  await mkdir(escapeTarget);
+  const image: TestImage = await buildTestImage(path.join(scratch, 'layout'), { python: 'full', escapeTarget, marker: 'bench' });
+  const registry = await FakeRegistry.start();
+  context.onCleanup('fake registry', () => registry.close());
+  registry.push('bench/python', 'v1', image);
+  const reference = `${registry.host}/bench/python:v1`;
+  const n = context.n(5);
+  const errors = new ErrorLog();
+  let iteration = 0;
+  const samples = await timeSequential(
+    async () => {
+      iteration += 1;
+      const store = testImageStore(path.join(scratch, `store-${iteration}`));
+      try {
+        await store.prepare(reference, { policy: 'always' });
+      } finally {
+        await store.close();
+      }
+    },
+    { n, deadline: Date.now() + 300_000, onError: (error) => errors.add(error) },
+  );
+  const baseline = await context.baseline('skopeo_umoci', () => skopeoUmoci(scratch, reference, n, image.unpackedBytes));
+  const result = latencyResult(samples, errors.count, undefined, baseline);
+  const compressed = image.layers.reduce((sum, layer) => sum + layer.size, 0);
+  return {
+    ...result,
+    unpacked_mb: round(image.unpackedBytes / MB, 1),
+    download_mb: round(compressed / MB, 1),
+    mb_per_s: round(image.unpackedBytes / MB / (Math.max(result.p50_ms ?? 0, 0.001) / 1000), 1),
+    baseline_mb_per_s: baseline.mb_per_s ?? 0,
+    ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
+  };
+}
 
 /* Environment ids of this case's own daemon. */
 const IMAGE_ENV = 7;

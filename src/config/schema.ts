@@ -257,7 +257,17 @@ const registrySchema = z.strictObject({
   insecure: z.boolean().default(false),
 });
 
-const registriesSchema = z.record(z.string().regex(/^[A-Za-z0-9.-]+(:[0-9]{1,5})?$/, 'expected a registry host[:port]'), registrySchema).default({});
+const REGISTRY_HOST = /^[A-Za-z0-9.-]+(:[0-9]{1,5})?$/;
+
+const registriesSchema = z
+  .record(z.string(), registrySchema)
+  .superRefine((registries, context) => {
+    for (const host of Object.keys(registries)) {
+      if (!REGISTRY_HOST.test(host))
+        context.addIssue({ code: 'custom', path: [host], message: 'expected a registry host[:port] as written in image references' });
+    }
+  })
+  .default({});
 
 /* The image cache under local.statedir/images: unpinned images unused for longer than this are removed. */
 const imageCacheSchema = z

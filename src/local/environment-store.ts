@@ -4,6 +4,7 @@ import path from 'node:path';
 import { z } from 'zod';
 import { type ExecutionEnvironmentSpec, executionEnvironmentSchema } from '../dto/environment.js';
 import { DomainError } from '../runner/errors.js';
+import { syncDirectory, writeSyncedFile } from './synced-file.js';
 
 const storedEnvironmentsSchema = z.array(executionEnvironmentSchema);
 
@@ -138,13 +139,7 @@ export class EnvironmentStore {
     await mkdir(this.#directory, { recursive: true });
     const temporary = `${this.#file}.${process.pid}.tmp`;
     try {
-      const handle = await open(temporary, 'w', 0o600);
-      try {
-        await handle.writeFile(content);
-        await handle.sync();
-      } finally {
-        await handle.close();
-      }
+      await writeSyncedFile(temporary, content, 0o600);
       // Keep the generation before this change; a crash between the renames leaves only it, which load takes.
       await rename(this.#file, this.#previous).catch((error: NodeJS.ErrnoException) => {
         if (error.code !== 'ENOENT') throw error;
@@ -154,10 +149,6 @@ export class EnvironmentStore {
       await rm(temporary, { force: true }).catch(() => undefined);
       throw error;
     }
-    // The renames are durable only once the directory itself is synced. They are done and seen by
-    // every reader already, so a failing sync does not undo the change (only a power loss could).
-    const directory = await open(this.#directory, 'r').catch(() => undefined);
-    await directory?.sync().catch(() => undefined);
-    await directory?.close();
+    await syncDirectory(this.#directory);
   }
 }

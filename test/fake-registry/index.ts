@@ -217,7 +217,7 @@ export class FakeRegistry {
       return;
     }
     if (kind === 'manifests') this.#handleManifest(request, response, repository, reference);
-    else this.#handleBlob(request, response, repository, reference);
+    else this.#handleBlob(response, repository, reference);
   }
 
   #handleManifest(request: IncomingMessage, response: ServerResponse, repository: Repository, reference: string): void {
@@ -245,7 +245,7 @@ export class FakeRegistry {
     response.end(request.method === 'HEAD' ? undefined : bytes);
   }
 
-  #handleBlob(request: IncomingMessage, response: ServerResponse, repository: Repository, digest: string): void {
+  #handleBlob(response: ServerResponse, repository: Repository, digest: string): void {
     if (!repository.blobs.has(digest) || this.faults.missingBlobs.has(digest)) {
       response.writeHead(404, { 'content-type': 'application/json' });
       response.end(errorBody('BLOB_UNKNOWN', `blob unknown to registry: ${digest}`));

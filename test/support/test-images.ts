@@ -3,7 +3,7 @@ import { createHash } from 'node:crypto';
 import { lstatSync, readdirSync, readFileSync, realpathSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import path from 'node:path';
-import { gzipSync } from 'node:zlib';
+import zlib, { gzipSync } from 'node:zlib';
 import tar from 'tar-stream';
 
 /*
@@ -21,6 +21,7 @@ export const MEDIA_TYPES = {
   ociConfig: 'application/vnd.oci.image.config.v1+json',
   ociLayerGzip: 'application/vnd.oci.image.layer.v1.tar+gzip',
   ociLayer: 'application/vnd.oci.image.layer.v1.tar',
+  ociLayerZstd: 'application/vnd.oci.image.layer.v1.tar+zstd',
   dockerManifestList: 'application/vnd.docker.distribution.manifest.list.v2+json',
   dockerManifest: 'application/vnd.docker.distribution.manifest.v2+json',
   dockerConfig: 'application/vnd.docker.container.image.v1+json',
@@ -64,6 +65,11 @@ export interface TestImageOptions {
   format?: 'oci' | 'docker';
   /* Layers as plain tar instead of gzip. */
   uncompressed?: boolean;
+  /*
+   * Layers as zstd (tar+zstd), compressed with Node's zlib where it has zstd; without it the layers
+   * are gzip bytes under the zstd media type, which a client must refuse before reading them.
+   */
+  zstd?: boolean;
   /* The tag recorded in the layout's index.json. */
   tag?: string;
 }
@@ -287,8 +293,15 @@ export async function buildTestImage(directory: string, options: TestImageOption
     const plain = await tarOf(entries);
     unpackedBytes += plain.length;
     diffIds.push(digestOf(plain));
-    const blob = options.uncompressed ? plain : gzipSync(plain, { level: 6 });
-    const mediaType = options.uncompressed ? MEDIA_TYPES.ociLayer : docker ? MEDIA_TYPES.dockerLayerGzip : MEDIA_TYPES.ociLayerGzip;
+    const zstd = (zlib as unknown as { zstdCompressSync?: (bytes: Buffer) => Buffer }).zstdCompressSync;
+    const blob = options.uncompressed ? plain : options.zstd && zstd ? zstd(plain) : gzipSync(plain, { level: 6 });
+    const mediaType = options.uncompressed
+      ? MEDIA_TYPES.ociLayer
+      : options.zstd
+        ? MEDIA_TYPES.ociLayerZstd
+        : docker
+          ? MEDIA_TYPES.dockerLayerGzip
+          : MEDIA_TYPES.ociLayerGzip;
     layers.push({ mediaType, digest: store(blob), size: blob.length });
   }
   const config = {

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { mkdir, open, readdir, readFile, readlink, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
+import { chmod, mkdir, readdir, readFile, readlink, rename, rm, stat, unlink, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
 import { z } from 'zod';
@@ -19,7 +19,9 @@ import {
 import { type Descriptor, type ImageManifest, imageConfigSchema, layerCompression } from './manifest.js';
 import { formatReference, type ImageReference, parseReference } from './reference.js';
 import { RegistryClient, type ResolvedImage } from './registry-client.js';
-import { lstatOrUndefined, resolveInsideRoot, unpackLayerFile } from './unpack.js';
+import { syncDirectory, writeSyncedFile } from '../synced-file.js';
+import { SharedTasks } from './shared-tasks.js';
+import { checkDecompressible, lstatOrUndefined, resolveInsideRoot, unpackLayerFile } from './unpack.js';
 
 /*
  * The content-addressed image cache under local.statedir/images:
@@ -40,6 +42,8 @@ const MOUNT_POINT_FILES = ['etc/passwd', 'etc/group'];
 /* Layers downloaded at once per image. */
 const DOWNLOAD_CONCURRENCY = 3;
 const MINIMUM_RETENTION_MS = 60_000;
+/* A blob this young is never collected: another process (`poseidon pull`) may be about to unpack it. */
+const MINIMUM_BLOB_AGE_MS = 3600_000;
 const PROGRESS_INTERVAL_MS = 200;
 const PROGRESS_LOG_INTERVAL_MS = 5_000;
 
@@ -59,8 +63,28 @@ const recordSchema = z.object({
 });
 type ImageRecord = z.infer<typeof recordSchema>;
 
-const referencesSchema = z.record(z.string(), z.object({ topDigest: z.string(), manifestDigest: z.string() }));
+const referencesSchema = z.record(z.string(), z.object({ topDigest: z.string(), manifestDigest: z.string(), resolvedAt: z.string().default('') }));
 type References = z.infer<typeof referencesSchema>;
+
+/* Two processes (the daemon, `poseidon pull`) may both have resolved a reference: the later resolution wins. */
+function mergeReferences(a: References, b: References): References {
+  const merged: References = { ...a };
+  for (const [name, entry] of Object.entries(b)) {
+    const other = merged[name];
+    if (!other || other.resolvedAt <= entry.resolvedAt) merged[name] = entry;
+  }
+  return merged;
+}
+
+/* Whether the process that made a temporary directory (named `<pid>-...`) still runs. */
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (error) {
+    return (error as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
 
 export interface FileImageStoreOptions {
   /* local.statedir/images */
@@ -68,10 +92,19 @@ export interface FileImageStoreOptions {
   registries: Record<string, RegistryConfig>;
   cache: ImageCacheConfig;
   logger: Logger;
-  /* An image used this recently is never collected (default a minute), so that a prepare and its caller's pin are not raced by a collection. */
+  /*
+   * An image used this recently is never collected (default a minute), so that a prepare and its
+   * caller's pin are not raced by a collection; nor is a blob written this recently (default an hour).
+   */
   minimumRetentionMs?: number;
   /* Where progress and outcomes are reported (the handler's current instruments). */
   instruments?: () => ImageInstruments | undefined;
+}
+
+/* A build's or download's own signal and progress (see SharedTasks). */
+interface BuildOptions {
+  signal: AbortSignal;
+  onProgress: (report: PullProgress) => void;
 }
 
 function hexOf(digest: string): string {
@@ -98,14 +131,14 @@ function toPrepared(reference: string, root: string, record: ImageRecord): Prepa
 /* Writes a file by temporary name, fsync and rename: readers see the old or the new one, whole. */
 async function writeAtomically(file: string, text: string): Promise<void> {
   const temporary = `${file}.${process.pid}-${randomBytes(4).toString('hex')}.tmp`;
-  const handle = await open(temporary, 'w', 0o644);
   try {
-    await handle.writeFile(text);
-    await handle.sync();
-  } finally {
-    await handle.close();
+    await writeSyncedFile(temporary, text, 0o644);
+    await rename(temporary, file);
+  } catch (error) {
+    await rm(temporary, { force: true }).catch(() => undefined);
+    throw error;
   }
-  await rename(temporary, file);
+  await syncDirectory(path.dirname(file));
 }
 
 function cacheFailure(reference: string, error: unknown): ImageError {
@@ -116,7 +149,9 @@ export class FileImageStore implements ImageStore {
   readonly #directory: string;
   readonly #blobs: string;
   readonly #roots: string;
+  /* tmp/<pid>-<random>: this store's downloads, unpacks and removals under way. */
   readonly #tmp: string;
+  readonly #tmpParent: string;
   readonly #referencesFile: string;
   readonly #client: RegistryClient;
   readonly #logger: Logger;
@@ -125,10 +160,10 @@ export class FileImageStore implements ImageStore {
   #references: References = {};
   readonly #pins = new Map<string, number>();
   /* Builds under way by manifest digest: concurrent prepares of one image share one. */
-  readonly #building = new Map<string, Promise<ImageRecord>>();
+  readonly #building = new SharedTasks<ImageRecord, PullProgress>();
   readonly #preparing = new Map<string, Promise<{ image: PreparedImage; pulled: boolean }>>();
   /* Blob downloads under way by digest: two images with a common layer share one. */
-  readonly #downloading = new Map<string, Promise<void>>();
+  readonly #downloading = new SharedTasks<void, PullProgress>();
   #loaded: Promise<void> | undefined;
   #collecting: Promise<GarbageCollection> | undefined;
   #timer: NodeJS.Timeout | undefined;
@@ -139,7 +174,8 @@ export class FileImageStore implements ImageStore {
     this.#directory = options.directory;
     this.#blobs = path.join(options.directory, 'blobs', 'sha256');
     this.#roots = path.join(options.directory, 'roots');
-    this.#tmp = path.join(options.directory, 'tmp');
+    this.#tmpParent = path.join(options.directory, 'tmp');
+    this.#tmp = path.join(this.#tmpParent, `${process.pid}-${randomBytes(4).toString('hex')}`);
     this.#referencesFile = path.join(options.directory, 'references.json');
     this.#client = new RegistryClient(options.registries);
     this.#logger = options.logger.child({ component: 'images' });
@@ -157,12 +193,17 @@ export class FileImageStore implements ImageStore {
 
   #load(): Promise<void> {
     this.#loaded ??= (async () => {
-      // Only root may reach the roots: their files keep the image's ids (see README, "Images").
-      await mkdir(this.#directory, { recursive: true, mode: 0o711 });
-      await Promise.all([this.#blobs, this.#roots, this.#tmp].map((directory) => mkdir(directory, { recursive: true, mode: 0o711 })));
-      // What an earlier process left half-done (a crash during a pull) goes.
-      const leftovers = await readdir(this.#tmp);
-      await Promise.all(leftovers.map((name) => rm(path.join(this.#tmp, name), { recursive: true, force: true })));
+      /*
+       * Only root may enter the cache: roots keep the image's owners and modes (world-writable
+       * directories among them), which no host user must reach. The spawner opens a root as host
+       * root and mounts it idmapped into each runner.
+       */
+      await mkdir(this.#directory, { recursive: true, mode: 0o700 });
+      await chmod(this.#directory, 0o700);
+      await Promise.all([this.#blobs, this.#roots, this.#tmp].map((directory) => mkdir(directory, { recursive: true, mode: 0o755 })));
+      // What a process that is gone left half-done (a crash during a pull) goes; a running one's stays.
+      const leftovers = (await readdir(this.#tmpParent)).filter((name) => !processAlive(Number.parseInt(name, 10)));
+      await Promise.all(leftovers.map((name) => rm(path.join(this.#tmpParent, name), { recursive: true, force: true })));
       for (const name of await readdir(this.#roots)) {
         const record = await this.#readRecord(`sha256:${name}`);
         if (!record) {
@@ -201,11 +242,9 @@ export class FileImageStore implements ImageStore {
 
   /* The cached image a reference last resolved to, looking at the disk when memory knows nothing (a `poseidon pull` may have added it). */
   async #cached(name: string, reference: ImageReference): Promise<{ record: ImageRecord; topDigest: string } | undefined> {
-    let entry = this.#references[name];
-    if (!entry) {
-      entry = (await this.#readReferences())[name];
-      if (entry) this.#references[name] = entry;
-    }
+    // The disk too: a `poseidon pull` may have resolved it meanwhile.
+    this.#references = mergeReferences(this.#references, await this.#readReferences());
+    const entry = this.#references[name];
     const digest = entry?.manifestDigest ?? reference.digest;
     if (!digest) return undefined;
     const record = await this.#readRecord(digest);
@@ -286,12 +325,12 @@ export class FileImageStore implements ImageStore {
     let record = await this.#readRecord(resolved.manifestDigest);
     const pulled = record === undefined;
     if (!record) {
-      let building = this.#building.get(resolved.manifestDigest);
-      if (!building) {
-        building = this.#build(name, reference, resolved, options).finally(() => this.#building.delete(resolved.manifestDigest));
-        this.#building.set(resolved.manifestDigest, building);
-      }
-      record = await building;
+      record = await this.#building.run(
+        resolved.manifestDigest,
+        (signal, progress) => this.#build(name, reference, resolved, signal, progress),
+        options.signal,
+        options.onProgress,
+      );
     }
     await this.#remember(name, resolved, record);
     if (pulled) this.#logger.info({ reference: name, digest: record.digest, size: record.size }, 'image ready');
@@ -304,7 +343,7 @@ export class FileImageStore implements ImageStore {
     if (previous && previous.manifestDigest !== resolved.manifestDigest) {
       this.#logger.info({ reference: name, previous: previous.manifestDigest, digest: resolved.manifestDigest }, 'the tag now names another image');
     }
-    this.#references[name] = { topDigest: resolved.topDigest, manifestDigest: resolved.manifestDigest };
+    this.#references[name] = { topDigest: resolved.topDigest, manifestDigest: resolved.manifestDigest, resolvedAt: new Date().toISOString() };
     if (!record.references.includes(name)) record.references.push(name);
     await this.#writeRecord(record).catch((error: unknown) => this.#logger.warn({ err: error, digest: record.digest }, 'cannot update image.json'));
     await this.#writeReferences().catch((error: unknown) => {
@@ -315,8 +354,7 @@ export class FileImageStore implements ImageStore {
   #writeReferences(): Promise<void> {
     const write = this.#writingReferences.then(async () => {
       // Entries another process added meanwhile are kept.
-      const onDisk = await this.#readReferences();
-      this.#references = { ...onDisk, ...this.#references };
+      this.#references = mergeReferences(await this.#readReferences(), this.#references);
       await writeAtomically(this.#referencesFile, `${JSON.stringify(this.#references, null, 2)}\n`);
     });
     this.#writingReferences = write.catch(() => undefined);
@@ -333,15 +371,24 @@ export class FileImageStore implements ImageStore {
   }
 
   /* Downloads what is missing and unpacks into tmp/, then renames into roots/. */
-  async #build(name: string, reference: ImageReference, resolved: ResolvedImage, options: PrepareOptions): Promise<ImageRecord> {
+  async #build(
+    name: string,
+    reference: ImageReference,
+    resolved: ResolvedImage,
+    signal: AbortSignal,
+    onProgress: (report: PullProgress) => void,
+  ): Promise<ImageRecord> {
+    const options = { signal, onProgress };
     const { manifest, manifestDigest } = resolved;
     for (const layer of manifest.layers) {
-      if (!layerCompression(layer.mediaType))
-        throw new ImageError('unsupported', name, `${name}: layer ${layer.digest} has the unsupported media type ${layer.mediaType}`);
+      const compression = layerCompression(layer.mediaType);
+      if (!compression) throw new ImageError('unsupported', name, `${name}: layer ${layer.digest} has the unsupported media type ${layer.mediaType}`);
+      checkDecompressible(compression, name);
     }
     const total = manifest.layers.reduce((sum, layer) => sum + layer.size, 0);
     this.#logger.info({ reference: name, digest: manifestDigest, layers: manifest.layers.length, bytes: total }, 'pulling image');
     await this.#ensureBlob(name, reference, manifest.config, options, false);
+    signal.throwIfAborted();
     const configDocument = imageConfigSchema.safeParse(JSON.parse(await readFile(this.#blobPath(manifest.config.digest), 'utf8').catch(() => 'null')));
     if (!configDocument.success)
       throw new ImageError('invalid-image', name, `${name}: the image config is malformed: ${configDocument.error.issues[0]?.message ?? ''}`);
@@ -387,7 +434,7 @@ export class FileImageStore implements ImageStore {
       await rm(staging, { recursive: true, force: true }).catch((cleanup: unknown) =>
         this.#logger.error({ err: cleanup, staging }, 'cannot remove a failed unpack'),
       );
-      if (error instanceof ImageError || options.signal?.aborted) throw error;
+      if (error instanceof ImageError || signal.aborted) throw error;
       throw cacheFailure(name, error);
     }
   }
@@ -405,7 +452,7 @@ export class FileImageStore implements ImageStore {
   }
 
   /* Downloads layers (a few at once) and applies them in order, each as soon as it and its predecessors are there. */
-  async #unpackLayers(name: string, reference: ImageReference, manifest: ImageManifest, rootfs: string, options: PrepareOptions): Promise<number> {
+  async #unpackLayers(name: string, reference: ImageReference, manifest: ImageManifest, rootfs: string, options: BuildOptions): Promise<number> {
     const downloads: Array<Promise<void>> = [];
     let next = 0;
     const startNext = (): void => {
@@ -422,11 +469,11 @@ export class FileImageStore implements ImageStore {
       for (const [index, layer] of manifest.layers.entries()) {
         await downloads[index];
         const compression = layerCompression(layer.mediaType) ?? 'none';
-        const stats = await unpackLayerFile(rootfs, this.#blobPath(layer.digest), compression, name);
+        const stats = await unpackLayerFile(rootfs, this.#blobPath(layer.digest), compression, name, options.signal);
         size += stats.bytes;
         if (stats.skipped.length > 0)
           this.#logger.debug({ reference: name, layer: layer.digest, skipped: stats.skipped.slice(0, 20) }, 'layer entries skipped');
-        options.onProgress?.({ reference: name, layer: layer.digest, downloaded: layer.size, total: layer.size, phase: 'unpack' });
+        options.onProgress({ reference: name, layer: layer.digest, downloaded: layer.size, total: layer.size, phase: 'unpack' });
       }
     } finally {
       // A failed layer must not leave downloads of later ones running unobserved.
@@ -440,22 +487,22 @@ export class FileImageStore implements ImageStore {
   }
 
   /* A verified blob in blobs/, downloaded once however many pulls want it at the same time. */
-  async #ensureBlob(name: string, reference: ImageReference, descriptor: Descriptor, options: PrepareOptions, isLayer: boolean): Promise<void> {
+  async #ensureBlob(name: string, reference: ImageReference, descriptor: Descriptor, options: BuildOptions, isLayer: boolean): Promise<void> {
     const file = this.#blobPath(descriptor.digest);
     const existing = await lstatOrUndefined(file);
     if (existing?.isFile() && existing.size === descriptor.size) {
-      if (isLayer) options.onProgress?.({ reference: name, layer: descriptor.digest, downloaded: descriptor.size, total: descriptor.size, phase: 'cached' });
+      if (isLayer) options.onProgress({ reference: name, layer: descriptor.digest, downloaded: descriptor.size, total: descriptor.size, phase: 'cached' });
       return;
     }
-    let download = this.#downloading.get(descriptor.digest);
-    if (!download) {
-      download = this.#download(name, reference, descriptor, options, isLayer).finally(() => this.#downloading.delete(descriptor.digest));
-      this.#downloading.set(descriptor.digest, download);
-    }
-    await download;
+    await this.#downloading.run(
+      descriptor.digest,
+      (signal, progress) => this.#download(name, reference, descriptor, { signal, onProgress: progress }, isLayer),
+      options.signal,
+      options.onProgress,
+    );
   }
 
-  async #download(name: string, reference: ImageReference, descriptor: Descriptor, options: PrepareOptions, isLayer: boolean): Promise<void> {
+  async #download(name: string, reference: ImageReference, descriptor: Descriptor, options: BuildOptions, isLayer: boolean): Promise<void> {
     const partial = path.join(this.#tmp, `blob-${hexOf(descriptor.digest).slice(0, 16)}-${randomBytes(4).toString('hex')}`);
     const instruments = this.#options.instruments?.();
     let reported = 0;
@@ -470,7 +517,7 @@ export class FileImageStore implements ImageStore {
       if (done || now - lastProgress >= PROGRESS_INTERVAL_MS) {
         lastProgress = now;
         const progress: PullProgress = { reference: name, layer: descriptor.digest, downloaded, total: descriptor.size, phase: 'download' };
-        options.onProgress?.(progress);
+        options.onProgress(progress);
       }
       if (done || now - lastLog >= PROGRESS_LOG_INTERVAL_MS) {
         lastLog = now;
@@ -606,7 +653,7 @@ export class FileImageStore implements ImageStore {
 
   async #writeReferencesWithout(removed: Set<string>): Promise<void> {
     const write = this.#writingReferences.then(async () => {
-      const merged = { ...(await this.#readReferences()), ...this.#references };
+      const merged = mergeReferences(await this.#readReferences(), this.#references);
       for (const [name, entry] of Object.entries(merged)) if (removed.has(entry.manifestDigest)) delete merged[name];
       this.#references = merged;
       await writeAtomically(this.#referencesFile, `${JSON.stringify(merged, null, 2)}\n`);
@@ -627,10 +674,13 @@ export class FileImageStore implements ImageStore {
     if (this.#building.size > 0) return { count: 0, bytes: 0 };
     let count = 0;
     let bytes = 0;
+    const youngest = Date.now() - (this.#options.minimumRetentionMs ?? MINIMUM_BLOB_AGE_MS);
     for (const name of await readdir(this.#blobs)) {
       if (wanted.has(name)) continue;
       const file = path.join(this.#blobs, name);
-      const size = (await stat(file).catch(() => undefined))?.size ?? 0;
+      const info = await stat(file).catch(() => undefined);
+      if (!info || info.mtimeMs > youngest) continue;
+      const size = info.size;
       await unlink(file).catch(() => undefined);
       count += 1;
       bytes += size;
@@ -656,7 +706,8 @@ export class FileImageStore implements ImageStore {
   async close(): Promise<void> {
     clearInterval(this.#timer);
     this.#timer = undefined;
-    await Promise.allSettled([...this.#building.values(), this.#collecting]);
+    await Promise.allSettled([this.#building.settled(), this.#downloading.settled(), this.#collecting]);
     await this.#client.close();
+    await rm(this.#tmp, { recursive: true, force: true });
   }
 }

@@ -36,18 +36,24 @@ function invalid(reference: string, message: string): ImageError {
   return new ImageError('invalid-image', reference, `${reference}: ${message}`);
 }
 
-function decompressor(compression: LayerCompression, reference: string): NodeJS.ReadWriteStream | undefined {
-  if (compression === 'none') return undefined;
-  if (compression === 'gzip') return zlib.createGunzip();
-  const zstd = (zlib as unknown as { createZstdDecompress?: () => NodeJS.ReadWriteStream }).createZstdDecompress;
-  if (!zstd) {
+const zstdDecompress = (zlib as unknown as { createZstdDecompress?: () => NodeJS.ReadWriteStream }).createZstdDecompress;
+
+/* Refuses layers this Node.js cannot decompress, before anything is downloaded. */
+export function checkDecompressible(compression: LayerCompression, reference: string): void {
+  if (compression === 'zstd' && !zstdDecompress) {
     throw new ImageError(
       'unsupported',
       reference,
       `${reference}: the image has zstd-compressed layers, which this Node.js (${process.version}) cannot decompress (Node.js 22.15 or later can); use a gzip variant of the image`,
     );
   }
-  return zstd();
+}
+
+function decompressor(compression: LayerCompression, reference: string): NodeJS.ReadWriteStream | undefined {
+  checkDecompressible(compression, reference);
+  if (compression === 'none') return undefined;
+  if (compression === 'gzip') return zlib.createGunzip();
+  return zstdDecompress?.();
 }
 
 /*
@@ -100,7 +106,7 @@ export async function lstatOrUndefined(file: string): Promise<Stats | undefined>
 }
 
 /* Unpacks one layer blob (a file) onto root. */
-export async function unpackLayerFile(root: string, blob: string, compression: LayerCompression, reference: string): Promise<LayerStats> {
+export async function unpackLayerFile(root: string, blob: string, compression: LayerCompression, reference: string, signal?: AbortSignal): Promise<LayerStats> {
   const source: Readable = createReadStream(blob, { highWaterMark: 1024 * 1024 });
   const stage = decompressor(compression, reference);
   const extract = tar.extract();
@@ -110,12 +116,13 @@ export async function unpackLayerFile(root: string, blob: string, compression: L
   feeding.catch(() => undefined);
   try {
     for await (const entry of extract) {
+      signal?.throwIfAborted();
       await layer.apply(entry.header, entry);
     }
     await feeding;
   } catch (error) {
     source.destroy();
-    if (error instanceof ImageError) throw error;
+    if (error instanceof ImageError || signal?.aborted) throw error;
     const code = (error as NodeJS.ErrnoException).code;
     // Disk full or a permission problem is the host's, not the image's.
     if (code === 'ENOSPC' || code === 'EACCES' || code === 'EPERM' || code === 'EROFS' || code === 'EDQUOT') throw error;
