@@ -64,12 +64,10 @@ before(async () => {
 });
 
 after(async () => {
-  const logs = daemon?.logs().trim() ?? '';
   try {
     await daemon?.stop();
   } finally {
     await fake?.close();
-    if (logs.length > 0 && process.env['NOMAD_E2E_LOGS'] !== undefined) process.stderr.write(`--- daemon output ---\n${logs.slice(-8000)}\n`);
   }
 });
 
