@@ -152,6 +152,24 @@ describe('Nomad placement failures', () => {
     fake.control.setNodes([{}]);
   });
 
+  test("a claim's used mark updates the runner job in place: same allocation, new job version, workspace kept", async () => {
+    assert.equal((await client.putEnvironment(environmentSpec(48, { prewarmingPoolSize: 1 }))).status, 201);
+    const runnerId = await client.claim(48);
+    const [before] = fake.control.allocations(runnerId);
+    assert.ok(before);
+    assert.equal((await client.copySubmission(runnerId, { 'kept.txt': 'still here' })).status, 204);
+    // The mark changes only the count-0 config group's meta, which Nomad's tasksUpdated does not compare.
+    await fake.control.waitFor(() => fake.control.allocations(runnerId).some((allocation) => allocation['JobVersion'] === 1));
+    const after = fake.control.allocations(runnerId);
+    assert.deepEqual(
+      after.map((allocation) => [allocation['ID'], allocation['DesiredStatus']]),
+      [[before['ID'], 'run']],
+      'no replacement allocation',
+    );
+    assert.equal((await client.run(runnerId, 'cat kept.txt')).stdout, 'still here');
+    assert.equal((await client.deleteEnvironment(48)).status, 204);
+  });
+
   test('every request and response exchanged with the fake Nomad matched the Nomad spec', () => {
     assert.deepEqual(fake.control.specViolations(), []);
   });
