@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { CodeOceanClient, DEFAULT_IMAGE, environmentSpec, type EnvironmentSpec } from './support/codeocean-client.js';
 import { startDaemon, type Daemon } from './support/daemon.js';
+import { nomadOnly, poolStatistics, stopNomadTest } from './support/nomad-e2e.js';
 import { waitFor } from './support/wait.js';
 import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
 
@@ -35,8 +36,7 @@ async function metrics(target: Daemon): Promise<string> {
 }
 
 async function idleRunners(target: CodeOceanClient, environmentId: number): Promise<number | undefined> {
-  const body = (await target.statistics()).body as Record<string, { idleRunners: number }> | undefined;
-  return body?.[String(environmentId)]?.idleRunners;
+  return (await poolStatistics(target, environmentId))?.idleRunners;
 }
 
 const runnerJobs = (environmentId: number): string[] => fake.control.jobIds().filter((id) => id.startsWith(`${environmentId}-`));
@@ -54,22 +54,12 @@ before(async () => {
   fake = await startFakeNomad({ heartbeatMs: 200 });
   daemon = await startDaemon({
     token: TOKEN,
-    config: {
-      nomad: { enabled: true, address: '127.0.0.1', port: fake.port, requesttimeout: 3000 },
-      local: { enabled: false },
-      server: { alert: { buildfailurethreshold: 2 } },
-    },
+    config: { ...nomadOnly(fake.port), server: { alert: { buildfailurethreshold: 2 } } },
   });
   client = new CodeOceanClient(daemon.baseUrl, TOKEN);
 });
 
-after(async () => {
-  try {
-    await daemon?.stop();
-  } finally {
-    await fake?.close();
-  }
-});
+after(() => stopNomadTest(daemon, () => fake.close()));
 
 describe('Nomad placement failures', () => {
   test('a template Nomad cannot place fails the PUT with a 500 naming the reason, and nothing stays behind', async () => {
@@ -183,19 +173,11 @@ describe('nomad.runnerstarttimeout', () => {
     slowFake = await startFakeNomad({ heartbeatMs: 200, timings: { pullDelayMs: 3_000 } });
     slowDaemon = await startDaemon({
       token: TOKEN,
-      config: {
-        nomad: { enabled: true, address: '127.0.0.1', port: slowFake.port, requesttimeout: 3000, runnerstarttimeout: 1 },
-        local: { enabled: false },
-        server: { alert: { buildfailurethreshold: 1 } },
-        logger: { level: 'info' },
-      },
+      config: { ...nomadOnly(slowFake.port, { runnerstarttimeout: 1 }), server: { alert: { buildfailurethreshold: 1 } }, logger: { level: 'info' } },
     });
     slowClient = new CodeOceanClient(slowDaemon.baseUrl, TOKEN);
   });
-  after(async () => {
-    await slowDaemon?.stop();
-    await slowFake?.close();
-  });
+  after(() => stopNomadTest(slowDaemon, () => slowFake.close()));
 
   test('a runner whose image takes longer to pull than the timeout is waited for, not given up', async () => {
     const image = `${DEFAULT_IMAGE}-slow-pull`;
