@@ -11,7 +11,8 @@ import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
  * fails the PUT with Nomad's reasons (datacenter, driver, capacity) and leaves Nomad as it was;
  * runners Nomad cannot place fail at once, back off, show in /health and /metrics, and the pool fills
  * once capacity appears; nomad.runnerstarttimeout gives up a runner that never starts but not one
- * whose image is still being pulled.
+ * whose image is still being pulled. Also: a runner's used mark is an in-place update, and an exec
+ * Nomad refuses for the token (1011 after the upgrade) is an error that names nomad.token.
  */
 
 const TOKEN = 'nomad-placement-token';
@@ -158,6 +159,27 @@ describe('Nomad placement failures', () => {
     );
     assert.equal((await client.run(runnerId, 'cat kept.txt')).stdout, 'still here');
     assert.equal((await client.deleteEnvironment(48)).status, 204);
+  });
+
+  test('an exec Nomad refuses for the token answers an error naming nomad.token; the runner stays usable', async () => {
+    assert.equal((await client.putEnvironment(environmentSpec(49, { prewarmingPoolSize: 1 }))).status, 201);
+    const runnerId = await client.claim(49);
+    fake.control.denyExec(true);
+    try {
+      const upload = await client.copySubmission(runnerId, { 'a.txt': 'a' });
+      assert.equal(upload.status, 500, upload.text);
+      const body = upload.body as { message: string; errorCode: string };
+      assert.equal(body.errorCode, 'NOMAD_INTERNAL_SERVER_ERROR');
+      assert.match(body.message, /Nomad refused the exec \(Permission denied\): nomad\.token .*alloc-exec capability in namespace default/);
+      const execution = await client.connect(await client.websocketUrl(runnerId, 'true'));
+      assert.equal(execution.exitCode, undefined);
+      assert.match(execution.errors.join('\n'), /Permission denied/, JSON.stringify(execution.messages));
+    } finally {
+      fake.control.denyExec(false);
+    }
+    assert.equal((await client.copySubmission(runnerId, { 'a.txt': 'a' })).status, 204);
+    assert.equal((await client.run(runnerId, 'cat a.txt')).stdout, 'a');
+    assert.equal((await client.deleteEnvironment(49)).status, 204);
   });
 
   test('every request and response exchanged with the fake Nomad matched the Nomad spec', () => {
