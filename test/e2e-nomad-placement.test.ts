@@ -104,6 +104,12 @@ describe('Nomad placement failures', () => {
     const [node] = fake.control.setNodes([{ CPU: 70 }]);
     assert.ok(node);
     assert.equal((await client.putEnvironment(environmentSpec(45, { prewarmingPoolSize: 3, cpuLimit: 20 }))).status, 201);
+    await waitFor(
+      () => idleRunners(client, 45),
+      (idle) => idle === 2,
+      'the two runners that fit',
+    );
+    // From now on every build fails, so the failure streak grows past the threshold.
     const unhealthy = await waitFor(
       () => client.health(),
       (response) => response.status === 503,
@@ -112,7 +118,6 @@ describe('Nomad placement failures', () => {
     const message = (unhealthy.body as { message: string }).message;
     assert.match(message, /runners of execution environment 45 cannot be built/);
     assert.match(message, /Nomad could not place job "45-[^"]+".*Dimension "cpu" exhausted on 1 nodes/);
-    assert.equal(await idleRunners(client, 45), 2);
     assert.match(await metrics(daemon), /poseidon_nomad_placement_failures_total\{environment_id="45",cause="resources"\} [1-9]/);
     assert.match(await metrics(daemon), /poseidon_runner_builds_total\{environment_id="45",outcome="failure"\} [1-9]/);
     // Backing off, not hammering: a slower machine registers fewer jobs, never more, in a window.
@@ -192,10 +197,10 @@ describe('nomad.runnerstarttimeout', () => {
   let slowDaemon: Daemon;
   let slowClient: CodeOceanClient;
   before(async () => {
-    slowFake = await startFakeNomad({ heartbeatMs: 200, timings: { pullDelayMs: 3_000 } });
+    slowFake = await startFakeNomad({ heartbeatMs: 200, timings: { pullDelayMs: 6_000 } });
     slowDaemon = await startDaemon({
       token: TOKEN,
-      config: { ...nomadOnly(slowFake.port, { runnerstarttimeout: 1 }), server: { alert: { buildfailurethreshold: 1 } }, logger: { level: 'info' } },
+      config: { ...nomadOnly(slowFake.port, { runnerstarttimeout: 2 }), server: { alert: { buildfailurethreshold: 1 } }, logger: { level: 'info' } },
     });
     slowClient = new CodeOceanClient(slowDaemon.baseUrl, TOKEN);
   });
@@ -225,7 +230,7 @@ describe('nomad.runnerstarttimeout', () => {
       (response) => response.status === 503,
       '/health reporting the runner that did not start',
     );
-    assert.match((unhealthy.body as { message: string }).message, /did not start within 1 s \(nomad\.runnerstarttimeout\)/);
+    assert.match((unhealthy.body as { message: string }).message, /did not start within 2 s \(nomad\.runnerstarttimeout\)/);
     await waitFor(
       async () => slowFake.control.requests().some((entry) => entry.method === 'DELETE' && entry.path.startsWith('/v1/job/47-')),
       (purged) => purged,
