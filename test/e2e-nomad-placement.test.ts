@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { CodeOceanClient, DEFAULT_IMAGE, environmentSpec, type EnvironmentSpec } from './support/codeocean-client.js';
 import { startDaemon, type Daemon } from './support/daemon.js';
+import { nomadOnly, poolStatistics, stopNomadTest } from './support/nomad-e2e.js';
 import { waitFor } from './support/wait.js';
 import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
 
@@ -10,7 +11,8 @@ import { startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
  * fails the PUT with Nomad's reasons (datacenter, driver, capacity) and leaves Nomad as it was;
  * runners Nomad cannot place fail at once, back off, show in /health and /metrics, and the pool fills
  * once capacity appears; nomad.runnerstarttimeout gives up a runner that never starts but not one
- * whose image is still being pulled.
+ * whose image is still being pulled. Also: a runner's used mark is an in-place update, and an exec
+ * Nomad refuses for the token (1011 after the upgrade) is an error that names nomad.token.
  */
 
 const TOKEN = 'nomad-placement-token';
@@ -35,8 +37,7 @@ async function metrics(target: Daemon): Promise<string> {
 }
 
 async function idleRunners(target: CodeOceanClient, environmentId: number): Promise<number | undefined> {
-  const body = (await target.statistics()).body as Record<string, { idleRunners: number }> | undefined;
-  return body?.[String(environmentId)]?.idleRunners;
+  return (await poolStatistics(target, environmentId))?.idleRunners;
 }
 
 const runnerJobs = (environmentId: number): string[] => fake.control.jobIds().filter((id) => id.startsWith(`${environmentId}-`));
@@ -54,24 +55,12 @@ before(async () => {
   fake = await startFakeNomad({ heartbeatMs: 200 });
   daemon = await startDaemon({
     token: TOKEN,
-    config: {
-      nomad: { enabled: true, address: '127.0.0.1', port: fake.port, requesttimeout: 3000 },
-      local: { enabled: false },
-      server: { alert: { buildfailurethreshold: 2 } },
-    },
+    config: { ...nomadOnly(fake.port), server: { alert: { buildfailurethreshold: 2 } } },
   });
   client = new CodeOceanClient(daemon.baseUrl, TOKEN);
 });
 
-after(async () => {
-  const logs = daemon?.logs().trim() ?? '';
-  try {
-    await daemon?.stop();
-  } finally {
-    await fake?.close();
-    if (logs.length > 0 && process.env['NOMAD_E2E_LOGS'] !== undefined) process.stderr.write(`--- daemon output ---\n${logs.slice(-8000)}\n`);
-  }
-});
+after(() => stopNomadTest(daemon, () => fake.close()));
 
 describe('Nomad placement failures', () => {
   test('a template Nomad cannot place fails the PUT with a 500 naming the reason, and nothing stays behind', async () => {
@@ -115,6 +104,12 @@ describe('Nomad placement failures', () => {
     const [node] = fake.control.setNodes([{ CPU: 70 }]);
     assert.ok(node);
     assert.equal((await client.putEnvironment(environmentSpec(45, { prewarmingPoolSize: 3, cpuLimit: 20 }))).status, 201);
+    await waitFor(
+      () => idleRunners(client, 45),
+      (idle) => idle === 2,
+      'the two runners that fit',
+    );
+    // From now on every build fails, so the failure streak grows past the threshold.
     const unhealthy = await waitFor(
       () => client.health(),
       (response) => response.status === 503,
@@ -123,7 +118,6 @@ describe('Nomad placement failures', () => {
     const message = (unhealthy.body as { message: string }).message;
     assert.match(message, /runners of execution environment 45 cannot be built/);
     assert.match(message, /Nomad could not place job "45-[^"]+".*Dimension "cpu" exhausted on 1 nodes/);
-    assert.equal(await idleRunners(client, 45), 2);
     assert.match(await metrics(daemon), /poseidon_nomad_placement_failures_total\{environment_id="45",cause="resources"\} [1-9]/);
     assert.match(await metrics(daemon), /poseidon_runner_builds_total\{environment_id="45",outcome="failure"\} [1-9]/);
     // Backing off, not hammering: a slower machine registers fewer jobs, never more, in a window.
@@ -154,6 +148,45 @@ describe('Nomad placement failures', () => {
     fake.control.setNodes([{}]);
   });
 
+  test("a claim's used mark updates the runner job in place: same allocation, new job version, workspace kept", async () => {
+    assert.equal((await client.putEnvironment(environmentSpec(48, { prewarmingPoolSize: 1 }))).status, 201);
+    const runnerId = await client.claim(48);
+    const [before] = fake.control.allocations(runnerId);
+    assert.ok(before);
+    assert.equal((await client.copySubmission(runnerId, { 'kept.txt': 'still here' })).status, 204);
+    // The mark changes only the count-0 config group's meta, which Nomad's tasksUpdated does not compare.
+    await fake.control.waitFor(() => fake.control.allocations(runnerId).some((allocation) => allocation['JobVersion'] === 1));
+    const after = fake.control.allocations(runnerId);
+    assert.deepEqual(
+      after.map((allocation) => [allocation['ID'], allocation['DesiredStatus']]),
+      [[before['ID'], 'run']],
+      'no replacement allocation',
+    );
+    assert.equal((await client.run(runnerId, 'cat kept.txt')).stdout, 'still here');
+    assert.equal((await client.deleteEnvironment(48)).status, 204);
+  });
+
+  test('an exec Nomad refuses for the token answers an error naming nomad.token; the runner stays usable', async () => {
+    assert.equal((await client.putEnvironment(environmentSpec(49, { prewarmingPoolSize: 1 }))).status, 201);
+    const runnerId = await client.claim(49);
+    fake.control.denyExec(true);
+    try {
+      const upload = await client.copySubmission(runnerId, { 'a.txt': 'a' });
+      assert.equal(upload.status, 500, upload.text);
+      const body = upload.body as { message: string; errorCode: string };
+      assert.equal(body.errorCode, 'NOMAD_INTERNAL_SERVER_ERROR');
+      assert.match(body.message, /Nomad refused the exec \(Permission denied\): nomad\.token .*alloc-exec capability in namespace default/);
+      const execution = await client.connect(await client.websocketUrl(runnerId, 'true'));
+      assert.equal(execution.exitCode, undefined);
+      assert.match(execution.errors.join('\n'), /Permission denied/, JSON.stringify(execution.messages));
+    } finally {
+      fake.control.denyExec(false);
+    }
+    assert.equal((await client.copySubmission(runnerId, { 'a.txt': 'a' })).status, 204);
+    assert.equal((await client.run(runnerId, 'cat a.txt')).stdout, 'a');
+    assert.equal((await client.deleteEnvironment(49)).status, 204);
+  });
+
   test('every request and response exchanged with the fake Nomad matched the Nomad spec', () => {
     assert.deepEqual(fake.control.specViolations(), []);
   });
@@ -164,22 +197,14 @@ describe('nomad.runnerstarttimeout', () => {
   let slowDaemon: Daemon;
   let slowClient: CodeOceanClient;
   before(async () => {
-    slowFake = await startFakeNomad({ heartbeatMs: 200, timings: { pullDelayMs: 3_000 } });
+    slowFake = await startFakeNomad({ heartbeatMs: 200, timings: { pullDelayMs: 6_000 } });
     slowDaemon = await startDaemon({
       token: TOKEN,
-      config: {
-        nomad: { enabled: true, address: '127.0.0.1', port: slowFake.port, requesttimeout: 3000, runnerstarttimeout: 1 },
-        local: { enabled: false },
-        server: { alert: { buildfailurethreshold: 1 } },
-        logger: { level: 'info' },
-      },
+      config: { ...nomadOnly(slowFake.port, { runnerstarttimeout: 2 }), server: { alert: { buildfailurethreshold: 1 } }, logger: { level: 'info' } },
     });
     slowClient = new CodeOceanClient(slowDaemon.baseUrl, TOKEN);
   });
-  after(async () => {
-    await slowDaemon?.stop();
-    await slowFake?.close();
-  });
+  after(() => stopNomadTest(slowDaemon, () => slowFake.close()));
 
   test('a runner whose image takes longer to pull than the timeout is waited for, not given up', async () => {
     const image = `${DEFAULT_IMAGE}-slow-pull`;
@@ -205,7 +230,7 @@ describe('nomad.runnerstarttimeout', () => {
       (response) => response.status === 503,
       '/health reporting the runner that did not start',
     );
-    assert.match((unhealthy.body as { message: string }).message, /did not start within 1 s \(nomad\.runnerstarttimeout\)/);
+    assert.match((unhealthy.body as { message: string }).message, /did not start within 2 s \(nomad\.runnerstarttimeout\)/);
     await waitFor(
       async () => slowFake.control.requests().some((entry) => entry.method === 'DELETE' && entry.path.startsWith('/v1/job/47-')),
       (purged) => purged,

@@ -127,7 +127,6 @@ export class EvaluationTracker {
           });
         }, this.timeoutMs),
       ];
-      for (const timer of timers) timer.unref();
       this.#waiting.set(evalId, (evaluation) => {
         for (const timer of timers) clearTimeout(timer);
         this.#waiting.delete(evalId);
@@ -145,7 +144,7 @@ export class EvaluationTracker {
     }
   }
 
-  /* Shutdown: nobody waits any more. */
+  /* Shutdown: nobody waits any more (and no timer holds the process). */
   close(): void {
     for (const [evalId, waiter] of [...this.#waiting]) waiter({ ID: evalId, Status: 'canceled', StatusDescription: 'daemon shutting down' });
   }

@@ -99,6 +99,8 @@ export interface FakeNomadControl {
   updateNode(nodeId: string, change: NodeSpec): FakeNode;
   nodes(): FakeNode[];
   evaluation(evalId: string): JsonObject | undefined;
+  /* The token may do everything but exec (a policy without alloc-exec): execs close with 1011 "Permission denied". */
+  denyExec(denied: boolean): void;
 }
 
 export interface FakeNomad {
@@ -135,6 +137,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
   const subscribers = new Set<Subscriber>();
   const sockets = new Set<Socket>();
   let latencyMs = 0;
+  let execDenied = false;
   let address = '127.0.0.1:0';
 
   const tempRoot = mkdtempSync(join(tmpdir(), 'fake-nomad-'));
@@ -400,6 +403,9 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       const evaluation = cluster.evals.get(evalId);
       return evaluation === undefined ? undefined : structuredClone(evaluation);
     },
+    denyExec: (denied) => {
+      execDenied = denied;
+    },
   };
 
   const handleControl = async (request: IncomingMessage, response: ServerResponse, url: URL): Promise<void> => {
@@ -536,7 +542,7 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       wss.handleUpgrade(request, socket, head, (ws) => {
         // Nomad checks the token in the streaming RPC, after the upgrade: a server closes the socket
         // with 1011 and "Permission denied" (nomad/client_alloc_endpoint.go exec, toWsCode(500)).
-        if (!authorized(request)) return ws.close(1011, 'Permission denied');
+        if (!authorized(request) || execDenied) return ws.close(1011, 'Permission denied');
         handleExec(
           ws,
           { allocId: decodeURIComponent(match[1] ?? ''), task: url.searchParams.get('task') ?? undefined, command, tty: tty === 'true' },

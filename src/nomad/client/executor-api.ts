@@ -51,7 +51,7 @@ export class ExecutorApi {
   }
 
   async registerJob(job: NomadJob): Promise<RegisterResult> {
-    // The namespace query parameter and Job.Namespace must agree, or Nomad rejects the job.
+    // Nomad registers into the query parameter's namespace whatever the job says; the job says the same, so that it reads back as sent.
     const body = { Job: { ...job, Namespace: this.config.namespace } };
     const response = await this.http.call('POST', '/v1/jobs', { body, schema: jobRegisterResponseSchema });
     if (response.Warnings) this.logger.warn({ jobId: job.ID, warnings: response.Warnings }, 'Nomad registered the job with warnings');
