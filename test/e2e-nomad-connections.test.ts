@@ -91,6 +91,8 @@ describe('Nomad connection limits', () => {
       },
     });
     await started;
+    const metrics = await (await fetch(`${daemon?.origin}/metrics`, { headers: { 'Poseidon-Token': TOKEN } })).text();
+    assert.match(metrics, /^poseidon_nomad_connections\{kind="exec",state="in_use"\} 2$/m, 'the held exec slots are in the metrics');
     const listings = await Promise.all([client.listFiles(runnerId), client.listFiles(runnerId)]);
     for (const listing of listings) {
       assert.equal(listing.status, 500, listing.text);
