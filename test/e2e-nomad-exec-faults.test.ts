@@ -126,11 +126,27 @@ describe('Nomad exec faults', () => {
   });
 
   test('a kill that comes before the wrapper wrote its pid file still stops the command', async () => {
-    fake.control.injectExecFault({ kind: 'delay-start', match: EXECUTION, afterMs: 2_500, times: 1 });
+    let startExecution: () => void = () => undefined;
+    const until = new Promise<void>((resolve) => (startExecution = resolve));
+    fake.control.injectExecFault({ kind: 'delay-start', match: EXECUTION, until, times: 1 });
     const alloc = allocation();
     const command = 'touch started-late.txt; sleep 30';
+    fake.control.clearRequests();
     const result = await client.run(runnerId, command, { timeLimit: 1 });
     assert.ok(result.gotTimeout, JSON.stringify(result.messages));
+    // The kill's exec ran to its end while the execution's had not started yet.
+    const isKill = (argv: string[]): boolean => argv.includes('kill') && argv.some((part) => part.startsWith('/tmp/.poseidon-'));
+    await fake.control.waitFor(
+      () =>
+        fake.control.requests().some((entry) => entry.kind === 'exec' && isKill(JSON.parse(new URLSearchParams(entry.query).get('command') ?? '[]'))) &&
+        !fake.control.runningExecs(alloc).some(isKill),
+      15_000,
+    );
+    assert.ok(
+      fake.control.runningExecs(alloc).some((argv) => argv.includes(command)),
+      'the execution waits to start',
+    );
+    startExecution();
     // The delayed exec starts after the kill, finds the kill's mark and leaves before running the command.
     await fake.control.waitFor(() => !fake.control.runningExecs(alloc).some((argv) => argv.includes(command)), 15_000);
     const listing = await client.listFiles(runnerId, { recursive: false });

@@ -52,7 +52,11 @@ export interface Instruments extends ImageInstruments {
    * no depletion), ready, or failed for good (detail says why) until the environment is put again.
    */
   imageState?(environmentId: number, state: 'pulling' | 'ready' | 'failed', detail?: string): void;
+  /* Connections to Nomad (HTTP calls or exec sessions) in use and callers waiting for one, after every change. */
+  nomadConnections?(kind: NomadConnectionKind, inUse: number, queued: number): void;
 }
+
+export type NomadConnectionKind = 'http' | 'exec';
 
 /*
  * served: a runner came in time; timeout: none within runners.claimtimeout (NOMAD_OVERLOAD);
@@ -85,6 +89,9 @@ export function fanOut(...targets: Array<Partial<Instruments>>): Instruments {
     },
     imageState: (...args) => {
       for (const target of targets) target.imageState?.(...args);
+    },
+    nomadConnections: (...args) => {
+      for (const target of targets) target.nomadConnections?.(...args);
     },
   };
 }
@@ -137,6 +144,7 @@ export class Metrics implements Instruments {
   readonly #imageLayerSize: Gauge<'reference' | 'layer'>;
   readonly #imagePrepares: Histogram<'outcome'>;
   readonly #placementFailures: Counter<'environment_id' | 'cause'>;
+  readonly #nomadConnections: Gauge<'kind' | 'state'>;
 
   constructor(options: MetricsOptions = {}) {
     const registers = [this.registry];
@@ -232,6 +240,12 @@ export class Metrics implements Instruments {
       name: 'poseidon_nomad_placement_failures_total',
       help: 'Registrations Nomad evaluated but could not place, by environment and cause (no_nodes, constraints, resources)',
       labelNames: ['environment_id', 'cause'],
+      registers,
+    });
+    this.#nomadConnections = new Gauge({
+      name: 'poseidon_nomad_connections',
+      help: 'Connections to Nomad by kind (http, exec) and state: in_use, or queued for a free one (nomad.maxconnections)',
+      labelNames: ['kind', 'state'],
       registers,
     });
     this.#nomadErrors = new Counter({
@@ -346,6 +360,11 @@ export class Metrics implements Instruments {
   nomadCall(method: string, endpoint: string, seconds: number, error?: { errorCode?: string }): void {
     this.#nomadDuration.observe({ method, endpoint, outcome: error === undefined ? 'success' : 'error' }, seconds);
     if (error !== undefined) this.#nomadErrors.inc({ method, endpoint, error_code: error.errorCode ?? 'UNKNOWN' });
+  }
+
+  nomadConnections(kind: NomadConnectionKind, inUse: number, queued: number): void {
+    this.#nomadConnections.set({ kind, state: 'in_use' }, inUse);
+    this.#nomadConnections.set({ kind, state: 'queued' }, queued);
   }
 
   imageBytes(registry: string, bytes: number): void {

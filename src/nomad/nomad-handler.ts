@@ -87,7 +87,11 @@ export class NomadAccessorHandler extends AccessorHandler {
     super();
     this.#logger = logger.child({ backend: 'nomad' });
     // Every Nomad call is reported (latency, errors) to whatever instruments the daemon attached later.
-    this.#api = new ExecutorApi(config, this.#logger, { ...options.api, onCall: (...args) => this.instruments.nomadCall(...args) });
+    this.#api = new ExecutorApi(config, this.#logger, {
+      ...options.api,
+      onCall: (...args) => this.instruments.nomadCall(...args),
+      onConnections: (...args) => this.instruments.nomadConnections?.(...args),
+    });
     this.#base = loadBaseTemplate(config);
     this.#readinessTimeoutMs = config.runnerstarttimeout * 1000;
     this.#evaluations = new EvaluationTracker((evalId) => this.#api.getEvaluation(evalId), this.#logger);

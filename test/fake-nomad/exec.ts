@@ -28,7 +28,8 @@ export interface ExecRequest {
  *   with `afterMs`, that long after it started (the command keeps running);
  * - truncate-tail: the last `bytes` of output are lost, the exit frame still comes (nomad#27146,
  *   Docker's exec inspect returning before the output copy finished);
- * - delay-start: the command starts `afterMs` late (a slow Docker exec create).
+ * - delay-start: the command starts `afterMs` late, or once `until` settles (a slow Docker exec
+ *   create; Docker starts the exec even when the client is gone by then).
  */
 export type ExecFaultKind = 'missing-exited' | 'close-1000' | 'truncate-tail' | 'delay-start';
 
@@ -37,6 +38,8 @@ export interface ExecFault {
   /* Matched against the command's argv joined with spaces; every exec when absent. */
   readonly match?: RegExp;
   readonly afterMs?: number;
+  /* delay-start: the command starts when this settles (in-process tests), instead of after afterMs. */
+  readonly until?: Promise<unknown>;
   readonly bytes?: number;
   /* How many matching execs it applies to; unlimited when absent. */
   readonly times?: number;
@@ -124,11 +127,12 @@ export function handleExec(
 
   const registration = registerExec(record, request.command);
   if (fault?.kind === 'delay-start') {
-    // Docker starts an exec it created even when the client is gone by then.
-    setTimeout(() => {
+    const start = (): void => {
       if (record.dir !== undefined) runProcess(socket, record, request, file, args, send, spec, violations, undefined, registration);
       else registration.done();
-    }, fault.afterMs ?? 1_000);
+    };
+    if (fault.until !== undefined) void fault.until.finally(start);
+    else setTimeout(start, fault.afterMs ?? 1_000);
     return;
   }
   runProcess(socket, record, request, file, args, send, spec, violations, fault, registration);

@@ -19,11 +19,12 @@ import {
 import { NomadError } from './errors.js';
 import { EventStreamSubscription, type EventStreamOptions } from './event-stream.js';
 import { execInAllocation, type ExecOptions } from './exec.js';
-import { NomadHttp, defaultRetryPolicy, type CallObserver, type RetryPolicy } from './http.js';
+import { NomadHttp, defaultRetryPolicy, type CallObserver, type ConnectionObserver, type RetryPolicy } from './http.js';
 
 export interface ExecutorApiOptions {
   readonly retry?: Partial<RetryPolicy>;
   readonly onCall?: CallObserver;
+  readonly onConnections?: ConnectionObserver;
 }
 
 export interface RegisterResult {
@@ -47,7 +48,7 @@ export class ExecutorApi {
     private readonly logger: Logger,
     options: ExecutorApiOptions = {},
   ) {
-    this.http = new NomadHttp(config, logger, { ...defaultRetryPolicy, ...options.retry }, options.onCall);
+    this.http = new NomadHttp(config, logger, { ...defaultRetryPolicy, ...options.retry }, options.onCall, options.onConnections);
   }
 
   async registerJob(job: NomadJob): Promise<RegisterResult> {

@@ -6,7 +6,7 @@ import type { Logger } from 'pino';
 import { Pool } from 'undici';
 import type { z } from 'zod';
 import type { NomadConfig } from '../../config/schema.js';
-import { nomadEndpoint, secondsSince } from '../../monitoring/metrics.js';
+import { type NomadConnectionKind, nomadEndpoint, secondsSince } from '../../monitoring/metrics.js';
 import { NomadError, unreachable } from './errors.js';
 import { ConnectionLimiter } from './limiter.js';
 
@@ -22,6 +22,9 @@ export interface RetryPolicy {
 
 /* Told about every single HTTP attempt (latency and failure), for metrics; ids are stripped from the path first. */
 export type CallObserver = (method: string, endpoint: string, seconds: number, error?: { errorCode?: string }) => void;
+
+/* Told the connections in use and the callers queued for one, by kind, after every change. */
+export type ConnectionObserver = (kind: NomadConnectionKind, inUse: number, queued: number) => void;
 
 export const defaultRetryPolicy: RetryPolicy = { retries: 3, baseDelayMs: 100, maxDelayMs: 2_000 };
 
@@ -77,6 +80,7 @@ export class NomadHttp {
     private readonly logger: Logger,
     private readonly retry: RetryPolicy = defaultRetryPolicy,
     private readonly onCall: CallObserver = () => undefined,
+    onConnections: ConnectionObserver = () => undefined,
   ) {
     const scheme = config.tls.active ? 'https' : 'http';
     const host = config.address.includes(':') && !config.address.startsWith('[') ? `[${config.address}]` : config.address;
@@ -86,8 +90,10 @@ export class NomadHttp {
     this.namespace = config.namespace;
     this.timeoutMs = config.requesttimeout;
     const shares = connectionShares(config.maxconnections);
-    this.calls = new ConnectionLimiter('HTTP calls', shares.calls, config.maxqueued, this.timeoutMs);
-    this.execs = new ConnectionLimiter('exec sessions', shares.execs, config.maxqueued, this.timeoutMs);
+    this.calls = new ConnectionLimiter('HTTP calls', shares.calls, config.maxqueued, this.timeoutMs, (inUse, queued) => onConnections('http', inUse, queued));
+    this.execs = new ConnectionLimiter('exec sessions', shares.execs, config.maxqueued, this.timeoutMs, (inUse, queued) =>
+      onConnections('exec', inUse, queued),
+    );
     this.pool = new Pool(this.baseUrl.origin, {
       connections: shares.pool,
       connect: { ...this.tls, timeout: this.timeoutMs },

@@ -16,6 +16,8 @@ export class ConnectionLimiter {
     readonly slots: number,
     private readonly maxQueued: number,
     private readonly maxWaitMs: number,
+    /* Told the slots in use and the callers waiting after every change, for metrics. */
+    private readonly onChange: (inUse: number, queued: number) => void = () => undefined,
   ) {}
 
   get inUse(): number {
@@ -31,6 +33,7 @@ export class ConnectionLimiter {
     if (signal?.aborted === true) return Promise.reject(abortReason(signal));
     if (this.#inUse < this.slots && this.#waiting.length === 0) {
       this.#inUse += 1;
+      this.#changed();
       return Promise.resolve(this.#releaser());
     }
     if (this.#waiting.length >= this.maxQueued) {
@@ -41,6 +44,7 @@ export class ConnectionLimiter {
         grant: () => {
           cleanup();
           this.#inUse += 1;
+          this.#changed();
           resolve(this.#releaser());
         },
       };
@@ -48,6 +52,7 @@ export class ConnectionLimiter {
         cleanup();
         const index = this.#waiting.indexOf(entry);
         if (index >= 0) this.#waiting.splice(index, 1);
+        this.#changed();
         reject(error);
       };
       const timer = setTimeout(() => leave(this.#overload(`none became free within ${this.maxWaitMs} ms`)), this.maxWaitMs);
@@ -58,6 +63,7 @@ export class ConnectionLimiter {
       };
       signal?.addEventListener('abort', onAbort, { once: true });
       this.#waiting.push(entry);
+      this.#changed();
     });
   }
 
@@ -76,8 +82,14 @@ export class ConnectionLimiter {
       if (released) return;
       released = true;
       this.#inUse -= 1;
-      this.#waiting.shift()?.grant();
+      const next = this.#waiting.shift();
+      if (next === undefined) this.#changed();
+      else next.grant();
     };
+  }
+
+  #changed(): void {
+    this.onChange(this.#inUse, this.#waiting.length);
   }
 
   #overload(detail: string): NomadError {
