@@ -5,7 +5,7 @@ import { REPO_ROOT } from '../test/support/daemon.js';
 import { describeError, type CaseRunner } from './cases/common.js';
 import { burstClaims, codeoceanSession } from './cases/codeocean.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
-import { nomadClaim } from './cases/nomad.js';
+import { nomadClaim, nomadScale } from './cases/nomad.js';
 import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
 import { streamConcurrent, streamSingle } from './cases/streaming.js';
 import type { Baseline } from './lib/baselines.js';
@@ -34,6 +34,7 @@ const CASES: Record<string, CaseRunner> = {
   stream_single: streamSingle,
   stream_concurrent: streamConcurrent,
   nomad_claim: nomadClaim,
+  nomad_scale: nomadScale,
 };
 
 const USAGE = `usage: npm run bench -- [--case NAME[,NAME…]]… [--n N] [--duration S] [--json PATH] [--quick] [--profile DIR]
@@ -95,6 +96,7 @@ function extras(name: string, result: CaseResult): string {
     idle_runners: ['rss_mb_before', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],
     codeocean_session: ['learners', 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'baseline_p99_ms', 'ratio_p99'],
     burst_claims: ['claims', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
+    nomad_scale: ['runners', 'recovered_runners', 'start_ms', 'recovery_ms', 'rss_mb', 'storm_events_per_s', 'resync_ms', 'fill_ms'],
     nomad_claim: ['refill_ms', 'refill_after_claims_ms', 'pool_size'],
   };
   return (keys[name] ?? [])
