@@ -153,7 +153,11 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   readonly allocationId: string;
   /* Task restarts seen when the runner was adopted; a higher count means the container restarted. */
   readonly restarts: number;
-  job: NomadJob;
+  /*
+   * The registered job as JSON text: it is only read when the runner is claimed (the "used" mark),
+   * and as an object graph it cost more than everything else of an idle runner (a Nomad job is big).
+   */
+  #jobText: string;
   #destroyed = false;
   #oomKilled = false;
   #workspace: Promise<string> | undefined;
@@ -163,7 +167,8 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   /* Exit files of executions whose status arrived in the exit frame; the next execution removes them. */
   readonly #staleExitFiles: string[] = [];
   readonly #ports: MappedPort[];
-  readonly #logger: Logger;
+  readonly #parentLogger: Logger;
+  #childLogger: Logger | undefined;
 
   constructor(
     options: NomadRunnerOptions,
@@ -178,9 +183,23 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     this.environmentId = options.environmentId;
     this.allocationId = options.allocationId;
     this.restarts = options.restarts;
-    this.job = options.job;
+    this.#jobText = JSON.stringify(options.job);
     this.#ports = options.ports.map((port) => ({ exposedPort: port.To || Number(port.Label), hostAddress: `${port.HostIP}:${port.Value}` }));
-    this.#logger = logger.child({ runnerId: options.id, environmentId: options.environmentId, allocationId: options.allocationId });
+    this.#parentLogger = logger;
+  }
+
+  get job(): NomadJob {
+    return JSON.parse(this.#jobText) as NomadJob;
+  }
+
+  set job(job: NomadJob) {
+    this.#jobText = JSON.stringify(job);
+  }
+
+  /* Made on first use: most idle runners never log, and a child logger per runner adds up at 10,000. */
+  get #logger(): Logger {
+    this.#childLogger ??= this.#parentLogger.child({ runnerId: this.id, environmentId: this.environmentId, allocationId: this.allocationId });
+    return this.#childLogger;
   }
 
   get destroyed(): boolean {
