@@ -125,10 +125,15 @@ export class NomadAccessorHandler extends AccessorHandler {
   protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined> {
     const runner = await this.pools.claim(environmentId, inactivityTimeout, log, signal);
     if (runner === undefined) return undefined;
-    runner.enqueueJobWrite('mark used', async (job) => {
-      const used = withRunnerUsage(job, true, inactivityTimeout);
-      await this.#api.registerJob(used);
-      runner.job = used;
+    /*
+     * The runner job is derived from the template again, as it was registered: runners do not keep
+     * their job (at 10,000 runners the copies cost more memory than all the rest of them).
+     */
+    runner.enqueueJobWrite('mark used', async () => {
+      const template = this.#templates.get(environmentId);
+      // Without its template the environment is gone, and so is the runner's job.
+      if (template === undefined) return;
+      await this.#api.registerJob(withRunnerUsage(deriveRunnerJob(template, runner.id, this.config.namespace), true, inactivityTimeout));
     });
     return runner;
   }
@@ -249,7 +254,7 @@ export class NomadAccessorHandler extends AccessorHandler {
       });
       throw error;
     }
-    const runner = this.#newRunner(id, spec.id, allocation, job);
+    const runner = this.#newRunner(id, spec.id, allocation);
     this.#logger.info({ runnerId: id, environmentId: spec.id, allocationId: allocation.ID }, 'runner ready');
     return runner;
   }
@@ -309,14 +314,13 @@ export class NomadAccessorHandler extends AccessorHandler {
     }
   }
 
-  #newRunner(id: string, environmentId: number, allocation: Allocation | AllocationListStub, job: NomadJob): NomadRunner {
+  #newRunner(id: string, environmentId: number, allocation: Allocation | AllocationListStub): NomadRunner {
     const runner = new NomadRunner(
       {
         id,
         environmentId,
         allocationId: allocation.ID,
         ports: allocation.AllocatedResources?.Shared?.Ports ?? [],
-        job,
         restarts: restartsOf(allocation),
       },
       this.#api,
@@ -503,7 +507,7 @@ export class NomadAccessorHandler extends AccessorHandler {
   }
 
   #adopt(environment: ExecutionEnvironment<NomadRunner>, job: NomadJob, allocation: Allocation | AllocationListStub): void {
-    const runner = this.#newRunner(job.ID, environment.id, allocation, job);
+    const runner = this.#newRunner(job.ID, environment.id, allocation);
     const usage = readRunnerUsage(job);
     if (usage.used) {
       // Activity times are not persisted (that would cost a Nomad call per request): the full timeout restarts.

@@ -110,8 +110,6 @@ export interface NomadRunnerOptions {
   readonly environmentId: number;
   readonly allocationId: string;
   readonly ports: readonly PortMapping[];
-  /* The registered runner job, re-registered with new meta when the runner is claimed. */
-  readonly job: NomadJob;
   readonly restarts: number;
 }
 
@@ -153,11 +151,6 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   readonly allocationId: string;
   /* Task restarts seen when the runner was adopted; a higher count means the container restarted. */
   readonly restarts: number;
-  /*
-   * The registered job as JSON text: it is only read when the runner is claimed (the "used" mark),
-   * and as an object graph it cost more than everything else of an idle runner (a Nomad job is big).
-   */
-  #jobText: string;
   #destroyed = false;
   #oomKilled = false;
   #workspace: Promise<string> | undefined;
@@ -183,17 +176,8 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     this.environmentId = options.environmentId;
     this.allocationId = options.allocationId;
     this.restarts = options.restarts;
-    this.#jobText = JSON.stringify(options.job);
     this.#ports = options.ports.map((port) => ({ exposedPort: port.To || Number(port.Label), hostAddress: `${port.HostIP}:${port.Value}` }));
     this.#parentLogger = logger;
-  }
-
-  get job(): NomadJob {
-    return JSON.parse(this.#jobText) as NomadJob;
-  }
-
-  set job(job: NomadJob) {
-    this.#jobText = JSON.stringify(job);
   }
 
   /* Made on first use: most idle runners never log, and a child logger per runner adds up at 10,000. */
@@ -219,12 +203,12 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
    * Queues a Nomad job operation after the earlier ones. Used for the "used" meta write after a
    * claim: it is off the claim's path, retried with backoff, and only logged when it fails.
    */
-  enqueueJobWrite(what: string, write: (job: NomadJob) => Promise<void>, attempts = 5): void {
+  enqueueJobWrite(what: string, write: () => Promise<void>, attempts = 5): void {
     this.#jobOperations = this.#jobOperations.then(async () => {
       for (let attempt = 1; attempt <= attempts; attempt += 1) {
         if (this.#destroyed) return;
         try {
-          await write(this.job);
+          await write();
           this.#logger.debug({ what }, 'runner job updated');
           return;
         } catch (error) {
