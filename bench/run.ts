@@ -6,7 +6,7 @@ import { describeError, type CaseRunner } from './cases/common.js';
 import { burstClaims, codeoceanSession } from './cases/codeocean.js';
 import { imagePull, imageRootStart } from './cases/images.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
-import { nomadClaim } from './cases/nomad.js';
+import { nomadClaim, nomadScale } from './cases/nomad.js';
 import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
 import { streamConcurrent, streamSingle } from './cases/streaming.js';
 import type { Baseline } from './lib/baselines.js';
@@ -37,6 +37,7 @@ const CASES: Record<string, CaseRunner> = {
   stream_concurrent: streamConcurrent,
   nomad_claim: nomadClaim,
   image_pull: imagePull,
+  nomad_scale: nomadScale,
 };
 
 const USAGE = `usage: npm run bench -- [--case NAME[,NAME…]]… [--n N] [--duration S] [--json PATH] [--quick] [--profile DIR]
@@ -98,6 +99,18 @@ function extras(name: string, result: CaseResult): string {
     idle_runners: ['rss_mb_before', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],
     codeocean_session: ['learners', 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'baseline_p99_ms', 'ratio_p99'],
     burst_claims: ['claims', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
+    nomad_scale: [
+      'runners',
+      'recovered_runners',
+      'start_ms',
+      'recovery_ms',
+      'rss_mb',
+      'rss_mb_after_storm',
+      'storm_events_per_s',
+      'baseline_p99_ms',
+      'resync_ms',
+      'fill_ms',
+    ],
     nomad_claim: ['refill_ms', 'refill_after_claims_ms', 'pool_size'],
     image_pull: ['unpacked_mb', 'download_mb', 'mb_per_s', 'baseline_mb_per_s'],
   };

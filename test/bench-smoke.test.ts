@@ -23,9 +23,12 @@ const EXPECTED: Record<string, string[]> = {
   pool_refill_100: LATENCY_KEYS,
   nomad_claim: LATENCY_KEYS,
   image_pull: [...LATENCY_KEYS, 'mb_per_s', 'baseline_mb_per_s', 'unpacked_mb'],
+  codeocean_session: [...LATENCY_KEYS, 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'ratio_p99'],
+  burst_claims: ['n', 'p50_ms', 'p99_ms', 'errors', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
+  nomad_scale: [...LATENCY_KEYS, 'recovered_runners', 'start_ms', 'recovery_ms', 'rss_mb', 'storm_events_per_s', 'resync_ms', 'baseline_p99_ms'],
 };
 
-test('every bench case runs with --quick and reports the documented keys', { timeout: 110_000 }, async () => {
+test('every bench case runs with --quick and reports the documented keys', { timeout: 170_000 }, async () => {
   const dir = mkdtempSync(join(tmpdir(), 'bench-smoke-'));
   const jsonPath = join(dir, 'results.json');
   try {

@@ -51,7 +51,10 @@ export function daemonPid(configPath: string): number | undefined {
 export interface FakeNomadProcess {
   port: number;
   origin: string;
+  pid: number | undefined;
   setLatency(ms: number): Promise<void>;
+  /* POST/GET on the fake's control API (test/fake-nomad/server.ts), JSON both ways. */
+  control(method: 'GET' | 'POST' | 'PUT', path: string, body?: unknown): Promise<unknown>;
   stop(): Promise<void>;
 }
 
@@ -59,8 +62,9 @@ export interface FakeNomadProcess {
  * The fake Nomad runs as its own process so that its work (job bookkeeping, spec validation, event
  * stream) neither steals the bench client's event loop nor distorts the claim latencies it measures.
  */
-export async function startFakeNomadProcess(port: number): Promise<FakeNomadProcess> {
-  const child: ChildProcess = spawn(process.execPath, ['--import', 'tsx', 'test/fake-nomad/main.ts', '--port', String(port), '--heartbeat-ms', '1000'], {
+export async function startFakeNomadProcess(port: number, options: { lean?: boolean } = {}): Promise<FakeNomadProcess> {
+  const args = ['--import', 'tsx', 'test/fake-nomad/main.ts', '--port', String(port), '--heartbeat-ms', '1000', ...(options.lean === true ? ['--lean'] : [])];
+  const child: ChildProcess = spawn(process.execPath, args, {
     cwd: REPO_ROOT,
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -87,18 +91,20 @@ export async function startFakeNomadProcess(port: number): Promise<FakeNomadProc
     }
     await sleep(50);
   }
+  const control = async (method: 'GET' | 'POST' | 'PUT', path: string, body?: unknown): Promise<unknown> => {
+    const response = await fetch(`${origin}/__control${path}`, {
+      method,
+      ...(body === undefined ? {} : { headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) }),
+    });
+    if (!response.ok) throw new Error(`fake Nomad control ${method} ${path} answered ${response.status}`);
+    return response.json();
+  };
   return {
     port,
     origin,
-    setLatency: async (ms) => {
-      const response = await fetch(`${origin}/__control/latency`, {
-        method: 'PUT',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify({ ms }),
-      });
-      if (!response.ok) throw new Error(`fake Nomad latency control answered ${response.status}`);
-      await response.arrayBuffer();
-    },
+    pid: child.pid,
+    setLatency: async (ms) => void (await control('PUT', '/latency', { ms })),
+    control,
     stop,
   };
 }

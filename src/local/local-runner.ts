@@ -20,7 +20,7 @@ import type { Sandbox } from './sandbox.js';
 /* A runner of the local backend: a live sandbox whose agent does the work. */
 export class LocalRunner extends InactivityTrackingRunner implements ManagedRunner {
   #destroyed = false;
-  readonly #logger: Logger;
+  #childLogger: Logger | undefined;
 
   constructor(
     readonly id: string,
@@ -29,17 +29,22 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     private readonly ports: MappedPort[],
     /* What the sandbox was built on: who unprivileged commands run as, and their variables. */
     private readonly image: Pick<RunnerImage, 'learner' | 'environment'>,
-    logger: Logger,
+    private readonly parentLogger: Logger,
     private readonly listLimits: AgentListLimits = DEFAULT_LIST_LIMITS,
     /* server.interactivestderr: stderr apart from the terminal (true) or on it (false). */
     private readonly interactiveStderr = true,
   ) {
     super();
-    this.#logger = logger.child({ runnerId: id, environmentId });
     // Learner code (privileged, beside the agent) may have forged frames: worth one warning, with the runner's id.
     sandbox.agent.onClose((error) => {
       if (error instanceof AgentProtocolError) this.#logger.warn({ err: error.message }, 'agent connection ended: protocol violation');
     });
+  }
+
+  /* Made on first use: an idle runner never logs, and a child logger per runner adds up over a pool. */
+  get #logger(): Logger {
+    this.#childLogger ??= this.parentLogger.child({ runnerId: this.id, environmentId: this.environmentId });
+    return this.#childLogger;
   }
 
   /* A closed agent connection ends the runner at once (410), before its sandbox has even exited. */

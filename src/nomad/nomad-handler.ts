@@ -8,7 +8,7 @@ import { AccessorHandler, type PutOutcome } from '../runner/accessor-handler.js'
 import { BackendError } from '../runner/errors.js';
 import type { Runner } from '../runner/runner.js';
 import { newRunnerId } from '../runner/runner-id.js';
-import type { Allocation, EventBatch, NomadJob } from './client/api-types.js';
+import type { Allocation, AllocationListStub, EventBatch, NomadJob } from './client/api-types.js';
 import { EvaluationTracker, evaluationFailure, PlacementError } from './evaluations.js';
 import type { EventStreamSubscription } from './client/event-stream.js';
 import { ExecutorApi, type ExecutorApiOptions } from './client/executor-api.js';
@@ -27,10 +27,14 @@ import {
   withRunnerUsage,
 } from './job-template.js';
 import { NomadRunner } from './nomad-runner.js';
-import { isPullingImage, isRunning, metaEnvironmentSpec, ReconciliationLoop, restartsOf, specOfTemplate } from './reconciliation.js';
+import { forEachLimited, isPullingImage, isRunning, metaEnvironmentSpec, ReconciliationLoop, restartsOf, specOfTemplate } from './reconciliation.js';
 
 /* Poseidon's fallback when a used runner's meta lacks its timeout. */
 const DEFAULT_USED_TIMEOUT_SECONDS = 60;
+/* A resync's Nomad calls in flight: 4 environments × 16 runner jobs stay below nomad.maxconnections' default. */
+const RECONCILE_ENVIRONMENTS_AT_ONCE = 4;
+const RECONCILE_RUNNERS_AT_ONCE = 16;
+const SWEEP_INTERVAL_MS = 1000;
 
 export interface NomadHandlerOptions {
   readonly api?: ExecutorApiOptions;
@@ -76,6 +80,9 @@ export class NomadAccessorHandler extends AccessorHandler {
   readonly #interactiveStderr: boolean;
   #subscription: EventStreamSubscription | undefined;
   #everConnected = false;
+  #lastSweep = 0;
+  /* Allocations seen ending while a resync runs (its allocation snapshot may still show them running). */
+  readonly #stoppedDuringResync = new Set<string>();
   #closed = false;
 
   constructor(
@@ -122,10 +129,15 @@ export class NomadAccessorHandler extends AccessorHandler {
   protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined> {
     const runner = await this.pools.claim(environmentId, inactivityTimeout, log, signal);
     if (runner === undefined) return undefined;
-    runner.enqueueJobWrite('mark used', async (job) => {
-      const used = withRunnerUsage(job, true, inactivityTimeout);
-      await this.#api.registerJob(used);
-      runner.job = used;
+    /*
+     * The runner job is derived from the template again, as it was registered: runners do not keep
+     * their job (at 10,000 runners the copies cost more memory than all the rest of them).
+     */
+    runner.enqueueJobWrite('mark used', async () => {
+      const template = this.#templates.get(environmentId);
+      // Without its template the environment is gone, and so is the runner's job.
+      if (template === undefined) return;
+      await this.#api.registerJob(withRunnerUsage(deriveRunnerJob(template, runner.id, this.config.namespace), true, inactivityTimeout));
     });
     return runner;
   }
@@ -246,7 +258,7 @@ export class NomadAccessorHandler extends AccessorHandler {
       });
       throw error;
     }
-    const runner = this.#newRunner(id, spec.id, allocation, job);
+    const runner = this.#newRunner(id, spec.id, allocation);
     this.#logger.info({ runnerId: id, environmentId: spec.id, allocationId: allocation.ID }, 'runner ready');
     return runner;
   }
@@ -306,14 +318,13 @@ export class NomadAccessorHandler extends AccessorHandler {
     }
   }
 
-  #newRunner(id: string, environmentId: number, allocation: Allocation, job: NomadJob): NomadRunner {
+  #newRunner(id: string, environmentId: number, allocation: Allocation | AllocationListStub): NomadRunner {
     const runner = new NomadRunner(
       {
         id,
         environmentId,
         allocationId: allocation.ID,
         ports: allocation.AllocatedResources?.Shared?.Ports ?? [],
-        job,
         restarts: restartsOf(allocation),
       },
       this.#api,
@@ -345,12 +356,18 @@ export class NomadAccessorHandler extends AccessorHandler {
       else if (event.kind === 'evaluation' && environmentIdOfJob(event.evaluation.JobID ?? '') !== undefined) this.#evaluations.observe(event.evaluation);
       else if (event.kind === 'job' && event.Type === 'JobDeregistered') this.#onJobDeregistered(event.job.ID);
     }
-    // Destroyed runners (returned, expired) produce no allocation events after a purge.
+    // Destroyed runners (returned, expired) produce no allocation events after a purge. Swept at most
+    // once a second: a pass over 10,000 runners per batch made an event storm block claims.
+    const now = Date.now();
+    if (now - this.#lastSweep < SWEEP_INTERVAL_MS) return;
+    this.#lastSweep = now;
     for (const [allocationId, runner] of this.#byAllocation) if (runner.destroyed) this.#byAllocation.delete(allocationId);
   }
 
   #onAllocation(allocation: Allocation): void {
     if (isTemplateJobId(allocation.JobID)) return;
+    // A resync adopts from a snapshot of allocations: one that ended since must not be adopted.
+    if (this.#reconciliation.running && !isRunning(allocation)) this.#stoppedDuringResync.add(allocation.ID);
     const waiter = this.#waiters.get(allocation.JobID);
     if (waiter !== undefined) {
       if (isRunning(allocation)) waiter.resolve(allocation);
@@ -411,11 +428,18 @@ export class NomadAccessorHandler extends AccessorHandler {
   /* Makes the in-memory environments and runners match Nomad's jobs, without double-counting. */
   async #reconcile(): Promise<void> {
     const templates = (await this.#api.listJobs(templateJobPrefix)).filter((stub) => isTemplateJobId(stub.ID) && stub.Status !== 'dead');
+    this.#stoppedDuringResync.clear();
+    // One call for every allocation instead of two per runner job: the running ones are adopted from it.
+    const runningByJob = new Map<string, AllocationListStub>();
+    for (const allocation of await this.#api.listAllocations()) {
+      if (isRunning(allocation) && !runningByJob.has(allocation.JobID)) runningByJob.set(allocation.JobID, allocation);
+    }
     const inNomad = new Set<number>();
-    for (const stub of templates) {
+    // Environments, and the runners of each, a few at a time: thousands of runner jobs in sequence took minutes.
+    await forEachLimited(templates, RECONCILE_ENVIRONMENTS_AT_ONCE, async (stub) => {
       const job = await this.#api.getJob(stub.ID);
       const spec = job === undefined ? undefined : specOfTemplate(job);
-      if (job === undefined || spec === undefined || this.#closed) continue;
+      if (job === undefined || spec === undefined || this.#closed) return;
       inNomad.add(spec.id);
       let environment = this.pools.get(spec.id);
       if (environment === undefined) {
@@ -423,9 +447,9 @@ export class NomadAccessorHandler extends AccessorHandler {
         // Not filling yet: the runners Nomad still runs are adopted first.
         environment = this.pools.add(spec);
       }
-      await this.#reconcileRunners(environment);
+      await this.#reconcileRunners(environment, runningByJob);
       environment.refill();
-    }
+    });
     for (const [environmentId] of this.pools.entries()) {
       if (inNomad.has(environmentId) || this.#putDuringResync.has(environmentId)) continue;
       this.#logger.warn({ environmentId }, 'template job vanished from Nomad: environment removed');
@@ -436,38 +460,49 @@ export class NomadAccessorHandler extends AccessorHandler {
     await Promise.all([...this.#waiters.keys()].map((jobId) => this.#checkWaiter(jobId)));
   }
 
-  async #reconcileRunners(environment: ExecutionEnvironment<NomadRunner>): Promise<void> {
+  /*
+   * `snapshot`: the running allocation of each job when the resync began. Only trusted for what it
+   * shows running (and not seen ending since); a job without one there is asked about again, since
+   * its allocation may have started meanwhile.
+   */
+  async #reconcileRunners(environment: ExecutionEnvironment<NomadRunner>, snapshot: ReadonlyMap<string, AllocationListStub>): Promise<void> {
     const environmentId = environment.id;
     // Runners created after this snapshot are not in the job list below and must not look lost.
     const before = new Set(this.#runnersOf(environmentId));
     const jobs = (await this.#api.listJobs(`${environmentId}-`)).filter((stub) => environmentIdOfJob(stub.ID) === environmentId && !isTemplateJobId(stub.ID));
     const alive = new Set<string>();
-    for (const stub of jobs) {
-      if (this.#waiters.has(stub.ID)) continue;
+    const knownById = new Map([...before].map((runner) => [runner.id, runner]));
+    // Built once per environment: looking each job up among all runners was quadratic at 10,000 runners.
+    const runnerIds = new Set([...this.#byAllocation.values()].map((runner) => runner.id));
+    await forEachLimited(jobs, RECONCILE_RUNNERS_AT_ONCE, async (stub) => {
+      if (this.#waiters.has(stub.ID)) return;
       if (this.#discarded.has(stub.ID) || stub.Status === 'dead') {
         await this.#api.deregisterJob(stub.ID, { purge: true });
-        continue;
+        return;
       }
-      const allocations = await this.#api.listJobAllocations(stub.ID);
-      const running = allocations.find(isRunning);
-      const known = [...before].find((runner) => runner.id === stub.ID);
+      const snapshotted = snapshot.get(stub.ID);
+      const running =
+        snapshotted !== undefined && !this.#stoppedDuringResync.has(snapshotted.ID)
+          ? snapshotted
+          : (await this.#api.listJobAllocations(stub.ID)).find(isRunning);
+      const known = knownById.get(stub.ID);
       if (known !== undefined) {
         if (running?.ID === known.allocationId && !known.destroyed) alive.add(known.id);
-        continue;
+        return;
       }
-      if (running === undefined || [...this.#byAllocation.values()].some((runner) => runner.id === stub.ID)) {
+      if (running === undefined || runnerIds.has(stub.ID)) {
         // Not running (still starting for a previous process, or broken): the pool builds a fresh one instead.
         if (running === undefined) {
           this.#discarded.add(stub.ID);
           await this.#api.deregisterJob(stub.ID, { purge: true });
         }
-        continue;
+        return;
       }
-      const [job, allocation] = await Promise.all([this.#api.getJob(stub.ID), this.#api.getAllocation(running.ID)]);
-      if (job === undefined || allocation === undefined || !isRunning(allocation)) continue;
-      this.#adopt(environment, job, allocation);
+      const job = await this.#api.getJob(stub.ID);
+      if (job === undefined || this.#stoppedDuringResync.has(running.ID)) return;
+      this.#adopt(environment, job, running);
       alive.add(stub.ID);
-    }
+    });
     for (const runner of before) {
       if (!alive.has(runner.id) && !runner.destroyed) this.#lose(runner, 'no running allocation in Nomad');
     }
@@ -475,8 +510,8 @@ export class NomadAccessorHandler extends AccessorHandler {
     for (const id of this.#discarded) if (environmentIdOfJob(id) === environmentId && !listed.has(id)) this.#discarded.delete(id);
   }
 
-  #adopt(environment: ExecutionEnvironment<NomadRunner>, job: NomadJob, allocation: Allocation): void {
-    const runner = this.#newRunner(job.ID, environment.id, allocation, job);
+  #adopt(environment: ExecutionEnvironment<NomadRunner>, job: NomadJob, allocation: Allocation | AllocationListStub): void {
+    const runner = this.#newRunner(job.ID, environment.id, allocation);
     const usage = readRunnerUsage(job);
     if (usage.used) {
       // Activity times are not persisted (that would cost a Nomad call per request): the full timeout restarts.

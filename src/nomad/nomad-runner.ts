@@ -110,8 +110,6 @@ export interface NomadRunnerOptions {
   readonly environmentId: number;
   readonly allocationId: string;
   readonly ports: readonly PortMapping[];
-  /* The registered runner job, re-registered with new meta when the runner is claimed. */
-  readonly job: NomadJob;
   readonly restarts: number;
 }
 
@@ -153,7 +151,6 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   readonly allocationId: string;
   /* Task restarts seen when the runner was adopted; a higher count means the container restarted. */
   readonly restarts: number;
-  job: NomadJob;
   #destroyed = false;
   #oomKilled = false;
   #workspace: Promise<string> | undefined;
@@ -163,7 +160,8 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
   /* Exit files of executions whose status arrived in the exit frame; the next execution removes them. */
   readonly #staleExitFiles: string[] = [];
   readonly #ports: MappedPort[];
-  readonly #logger: Logger;
+  readonly #parentLogger: Logger;
+  #childLogger: Logger | undefined;
 
   constructor(
     options: NomadRunnerOptions,
@@ -178,9 +176,14 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
     this.environmentId = options.environmentId;
     this.allocationId = options.allocationId;
     this.restarts = options.restarts;
-    this.job = options.job;
     this.#ports = options.ports.map((port) => ({ exposedPort: port.To || Number(port.Label), hostAddress: `${port.HostIP}:${port.Value}` }));
-    this.#logger = logger.child({ runnerId: options.id, environmentId: options.environmentId, allocationId: options.allocationId });
+    this.#parentLogger = logger;
+  }
+
+  /* Made on first use: most idle runners never log, and a child logger per runner adds up at 10,000. */
+  get #logger(): Logger {
+    this.#childLogger ??= this.#parentLogger.child({ runnerId: this.id, environmentId: this.environmentId, allocationId: this.allocationId });
+    return this.#childLogger;
   }
 
   get destroyed(): boolean {
@@ -200,12 +203,12 @@ export class NomadRunner extends InactivityTrackingRunner implements ManagedRunn
    * Queues a Nomad job operation after the earlier ones. Used for the "used" meta write after a
    * claim: it is off the claim's path, retried with backoff, and only logged when it fails.
    */
-  enqueueJobWrite(what: string, write: (job: NomadJob) => Promise<void>, attempts = 5): void {
+  enqueueJobWrite(what: string, write: () => Promise<void>, attempts = 5): void {
     this.#jobOperations = this.#jobOperations.then(async () => {
       for (let attempt = 1; attempt <= attempts; attempt += 1) {
         if (this.#destroyed) return;
         try {
-          await write(this.job);
+          await write();
           this.#logger.debug({ what }, 'runner job updated');
           return;
         } catch (error) {

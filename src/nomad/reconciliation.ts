@@ -88,7 +88,7 @@ export function isPullingImage(allocation: Allocation | AllocationListStub): boo
   return /^(Downloading image|Docker image pull progress)/.test(message);
 }
 
-export function restartsOf(allocation: Allocation): number {
+export function restartsOf(allocation: Allocation | AllocationListStub): number {
   return allocation.TaskStates?.[defaultTaskName]?.Restarts ?? 0;
 }
 
@@ -105,4 +105,20 @@ export function specOfTemplate(job: NomadJob): ExecutionEnvironmentSpec | undefi
   }
   const environment = readTemplateEnvironment(job);
   return environment === undefined ? undefined : { ...environment, exposedPorts: [...environment.exposedPorts] };
+}
+
+/* Runs `work` on every item, at most `limit` at a time; rejects with the first failure once all settled. */
+export async function forEachLimited<T>(items: readonly T[], limit: number, work: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const failures: unknown[] = [];
+  await Promise.all(
+    Array.from({ length: Math.min(limit, items.length) }, async () => {
+      while (next < items.length) {
+        const item = items[next] as T;
+        next += 1;
+        await work(item).catch((error: unknown) => void failures.push(error));
+      }
+    }),
+  );
+  if (failures.length > 0) throw failures[0];
 }

@@ -21,6 +21,11 @@ export interface FakeNomadOptions {
   readonly token?: string;
   /* Validate responses, events and exec frames against the spec + overlay; reject invalid request bodies with 400 (default true). */
   readonly validate?: boolean;
+  /*
+   * Keep every request and event batch for control.requests()/events() (default true). Off, the fake
+   * stays cheap at scale (10,000 runner jobs, event storms), where that history would grow without end.
+   */
+  readonly history?: boolean;
   readonly port?: number;
   /* Nomad's http_max_conns_per_client (default 100; 0: no limit). */
   readonly maxConnsPerClient?: number;
@@ -82,6 +87,10 @@ export interface FakeNomadControl {
   /* Per client address: the most concurrent connections seen, and how many got a 429. */
   connections(): { peak: number; rejected: number };
   resetConnectionStats(): void;
+  /* Re-publishes running allocations unchanged, perSecond of them each second, for `seconds` (load tests). */
+  eventStorm(perSecond: number, seconds: number): void;
+  /* Allocation events the storms published so far. */
+  stormEvents(): number;
   specViolations(): readonly string[];
   /* Every batch emitted since start (the ring buffer only keeps the newest ones). */
   events(): readonly EventBatch[];
@@ -136,6 +145,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
   const rejectedSockets = new WeakSet<Socket>();
   const subscribers = new Set<Subscriber>();
   const sockets = new Set<Socket>();
+  const storms = new Set<NodeJS.Timeout>();
+  let stormEvents = 0;
   let latencyMs = 0;
   let execDenied = false;
   let address = '127.0.0.1:0';
@@ -147,8 +158,9 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     tempRoot,
     () => address,
   );
+  const history = options.history ?? true;
   cluster.onEmit = (batch) => {
-    allEvents.push(batch);
+    if (history) allEvents.push(batch);
     if (spec !== undefined) violations.push(...spec.eventLine(batch));
   };
   const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false });
@@ -375,6 +387,26 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
       connectionStats.peak = Math.max(0, ...openConnections.values());
       connectionStats.rejected = 0;
     },
+    eventStorm: (perSecond, seconds) => {
+      // Ticks of 10 ms, each catching up with the rate (timers drift under load): small steady batches.
+      const started = Date.now();
+      let sent = 0;
+      const timer = setInterval(() => {
+        const elapsed = Math.min(Date.now() - started, seconds * 1000);
+        const due = Math.floor((elapsed / 1000) * perSecond) - sent;
+        if (due > 0) {
+          const published = cluster.republishRunning(due);
+          sent += due;
+          stormEvents += published;
+        }
+        if (elapsed >= seconds * 1000) {
+          clearInterval(timer);
+          storms.delete(timer);
+        }
+      }, 10);
+      storms.add(timer);
+    },
+    stormEvents: () => stormEvents,
     specViolations: () => [...violations],
     events: () => [...allEvents],
     allocations: (jobId) =>
@@ -466,6 +498,11 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     if ((match = /^\/nodes\/([^/]+)$/.exec(path)) !== null && method === 'PATCH')
       return sendJson(response, control.updateNode(decodeURIComponent(match[1] ?? ''), isObject(body) ? (body as NodeSpec) : {}));
     if (path === '/images/slow' && method === 'POST') return (control.slowImagePull(String(field('image') ?? '')), done());
+    if (path === '/event-storm' && method === 'POST') {
+      control.eventStorm(Number(field('perSecond') ?? 1000), Number(field('seconds') ?? 1));
+      return done();
+    }
+    if (path === '/event-storm' && method === 'GET') return sendJson(response, { events: control.stormEvents() });
     if (path === '/violations' && method === 'GET') return sendJson(response, control.specViolations());
     if (path === '/snapshot' && method === 'GET')
       return sendJson(response, { index: cluster.index, jobs: control.jobIds(), allocations: control.allocations() });
@@ -478,7 +515,14 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     const handle = async (): Promise<void> => {
       if (url.pathname.startsWith('/__control/')) return handleControl(request, response, url);
       const method = request.method ?? 'GET';
-      requestLog.push({ method, path: url.pathname, query: url.search, time: Date.now(), kind: url.pathname === '/v1/event/stream' ? 'event-stream' : 'http' });
+      if (history)
+        requestLog.push({
+          method,
+          path: url.pathname,
+          query: url.search,
+          time: Date.now(),
+          kind: url.pathname === '/v1/event/stream' ? 'event-stream' : 'http',
+        });
       const fault = await applyFaults(method, url.pathname);
       if (fault !== undefined) return sendText(response, fault.status, fault.body);
       if (!authorized(request)) return sendText(response, 403, 'ACL token not found');
@@ -569,6 +613,8 @@ export async function startFakeNomad(options: FakeNomadOptions = {}): Promise<Fa
     port,
     control,
     close: async () => {
+      for (const timer of storms) clearInterval(timer);
+      storms.clear();
       for (const subscriber of [...subscribers]) {
         clearInterval(subscriber.heartbeat);
         subscriber.response.destroy();

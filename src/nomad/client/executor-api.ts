@@ -90,6 +90,16 @@ export class ExecutorApi {
     return allocations.sort((a, b) => (b.CreateIndex ?? 0) - (a.CreateIndex ?? 0));
   }
 
+  /* Every allocation of the namespace with its allocated resources (ports), newest first: one call for a resync. */
+  async listAllocations(): Promise<AllocationListStub[]> {
+    const allocations = await this.http.call('GET', '/v1/allocations', {
+      query: { resources: true },
+      schema: z.array(allocationListStubSchema),
+      idempotent: true,
+    });
+    return allocations.sort((a, b) => (b.CreateIndex ?? 0) - (a.CreateIndex ?? 0));
+  }
+
   async getAllocation(allocationId: string): Promise<Allocation | undefined> {
     return this.http.call('GET', `/v1/allocation/${encodeURIComponent(allocationId)}`, {
       schema: allocationSchema,
