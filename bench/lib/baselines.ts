@@ -146,7 +146,9 @@ let terminalReader: string | undefined;
 /* Compiles bench/lib/terminal-read.c once per run (gcc comes with the set-up script). */
 function terminalReaderBinary(): string {
   if (terminalReader !== undefined) return terminalReader;
-  const output = join(mkdtempSync(join(tmpdir(), 'poseidon-bench-')), 'terminal-read');
+  const directory = mkdtempSync(join(tmpdir(), 'poseidon-bench-'));
+  process.once('exit', () => rmSync(directory, { recursive: true, force: true }));
+  const output = join(directory, 'terminal-read');
   const source = fileURLToPath(new URL('terminal-read.c', import.meta.url));
   const compiled = spawnSync('gcc', ['-O2', '-o', output, source], { encoding: 'utf8' });
   if (compiled.status !== 0) throw new Error(`cannot compile ${source}: ${compiled.stderr}`);

@@ -8,7 +8,7 @@ import { BackendError, FileNotAvailableError, RunnerNotFoundError, WorkspaceUpda
 import { InactivityTrackingRunner, type ManagedRunner } from '../runner/managed-runner.js';
 import type { ExecutionOutput, ExecutionProcess, ExecutionResult, FileContent, ListFilesOptions } from '../runner/runner.js';
 import { parseFindOutput, WORKSPACE } from '../runner/workspace-files.js';
-import type { NomadJob, PortMapping } from './client/api-types.js';
+import type { PortMapping } from './client/api-types.js';
 import type { StdinSource } from './client/exec.js';
 import { NomadExecError } from './client/errors.js';
 import type { ExecutorApi } from './client/executor-api.js';
