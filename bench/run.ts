@@ -5,6 +5,7 @@ import { REPO_ROOT } from '../test/support/daemon.js';
 import { describeError, type CaseRunner } from './cases/common.js';
 import { burstClaims, codeoceanSession } from './cases/codeocean.js';
 import { imagePull, imageRootStart } from './cases/images.js';
+import { seccompStart } from './cases/sandbox.js';
 import { claimCopyReturn, executeTrue, throughput } from './cases/local.js';
 import { nomadClaim, nomadScale } from './cases/nomad.js';
 import { idleRunners, poolRefill100, poolRefill100Network } from './cases/pool.js';
@@ -38,6 +39,7 @@ const CASES: Record<string, CaseRunner> = {
   nomad_claim: nomadClaim,
   image_pull: imagePull,
   nomad_scale: nomadScale,
+  seccomp_start: seccompStart,
 };
 
 const USAGE = `usage: npm run bench -- [--case NAME[,NAME…]]… [--n N] [--duration S] [--json PATH] [--quick] [--profile DIR]

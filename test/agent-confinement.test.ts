@@ -78,7 +78,7 @@ describe('agent file operations stay confined', () => {
     await run(client, 'mkfifo fifo && perl -MIO::Socket::UNIX -e \'IO::Socket::UNIX->new(Type => SOCK_STREAM(), Local => "sock", Listen => 1) or die $!\'');
     const started = Date.now();
     await assert.rejects(copyFile(client, 'fifo'), refused(/cannot write fifo: not a regular file/));
-    assert.ok(Date.now() - started < 2000, 'the write to a FIFO did not hang');
+    assert.ok(Date.now() - started < 10_000, 'the write to a FIFO did not hang');
     await assert.rejects(copyFile(client, 'sock'), refused(/cannot write sock: not a regular file/));
     await assert.rejects(client.read('fifo'), refused(/not a regular file/));
     assert.equal((await run(client, '[ -p fifo ] && [ -S sock ] && echo kept')).stdout, 'kept\n');

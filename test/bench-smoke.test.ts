@@ -22,6 +22,7 @@ const EXPECTED: Record<string, string[]> = {
   idle_runners: ['n', 'errors', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000'],
   pool_refill_100: LATENCY_KEYS,
   nomad_claim: LATENCY_KEYS,
+  seccomp_start: LATENCY_KEYS,
   image_pull: [...LATENCY_KEYS, 'mb_per_s', 'baseline_mb_per_s', 'unpacked_mb'],
   codeocean_session: [...LATENCY_KEYS, 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'ratio_p99'],
   burst_claims: ['n', 'p50_ms', 'p99_ms', 'errors', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
