@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
+import { connect } from 'node:net';
 import WebSocket from 'ws';
 import { NomadSpec, startFakeNomad, type FakeNomad } from './fake-nomad/index.js';
 import { NOMAD_SPEC_MISSING, nomadSpecPresent } from './fake-nomad/spec.js';
@@ -198,6 +199,30 @@ describe('fake Nomad', () => {
     assert.equal((await call(fake, 'GET', '/v1/status/leader')).status, 500);
     assert.equal((await call(fake, 'GET', '/v1/status/leader')).status, 200);
     assert.ok(Array.isArray((await call(fake, 'GET', '/__control/requests')).json));
+  });
+
+  it('refuses connections past the per-client limit with Nomad’s raw 429, before reading a request', async () => {
+    assert.equal((await call(fake, 'PUT', '/__control/connection-limit', { limit: 1 })).status, 200);
+    const held = connect(fake.port);
+    await new Promise<void>((resolve) => held.once('connect', () => resolve()));
+    try {
+      await fake.control.waitFor(() => fake.control.connections().peak >= 1);
+      const refused = connect(fake.port);
+      const answer = await new Promise<string>((resolve) => {
+        let text = '';
+        refused.on('data', (chunk: Buffer) => (text += chunk.toString('utf8')));
+        refused.on('close', () => resolve(text));
+      });
+      assert.match(answer, /^HTTP\/1\.1 429 Too Many Requests\r\n/);
+      assert.match(answer, /Connection: close\r\n\r\nYour IP is issuing too many concurrent connections, please rate limit your calls\n$/);
+      assert.ok(fake.control.connections().rejected >= 1);
+    } finally {
+      held.destroy();
+      fake.control.setConnectionLimit(100);
+    }
+    assert.equal((await call(fake, 'POST', '/__control/exec-faults', { kind: 'nonsense' })).status, 400);
+    assert.equal((await call(fake, 'POST', '/__control/exec-faults', { kind: 'missing-exited', match: 'never-matches', times: 1 })).status, 200);
+    assert.equal((await call(fake, 'DELETE', '/__control/exec-faults')).status, 200);
   });
 
   it('sent only spec-conforming responses and events', () => {
