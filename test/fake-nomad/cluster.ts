@@ -2,6 +2,7 @@ import type { ChildProcess } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
 import { join } from 'node:path';
+import { removeContainerTmp } from './exec.js';
 import { canonicalizeJob, isObject, jobSpecKey, newId, omitEmpty, nowNs, objectList, rfc3339, validateJob, zeroTime, type JsonObject } from './model.js';
 import {
   type AllocMetric,
@@ -927,6 +928,7 @@ export class Cluster {
         }
       }
       if (dir !== undefined) rmSync(dir, { recursive: true, force: true });
+      removeContainerTmp(record);
     };
     if (delayMs > 0 && !this.closed) this.later(delayMs, kill);
     else kill();

@@ -1,5 +1,5 @@
 import { spawn } from 'node:child_process';
-import { existsSync } from 'node:fs';
+import { existsSync, readdirSync, rmSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import type { Writable } from 'node:stream';
 import type { WebSocket } from 'ws';
@@ -74,6 +74,32 @@ export function oomKillExecs(record: AllocRecord, match: RegExp | undefined): nu
   return killed;
 }
 
+/*
+ * A container's /tmp goes with it, but the fake's execs share the host's. So the names in /tmp that
+ * execs pass (the daemon's pid, exit and kill files, its stderr FIFOs) are noted per allocation, and
+ * every file under them is removed with the allocation's "container".
+ */
+const containerTmpNames = new WeakMap<AllocRecord, Set<string>>();
+const TMP_NAME = /^\/tmp\/((?:\.poseidon-|stderr_)[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})/;
+
+function noteTmpNames(record: AllocRecord, command: readonly string[]): void {
+  for (const part of command) {
+    const name = TMP_NAME.exec(part)?.[1];
+    if (name === undefined) continue;
+    const names = containerTmpNames.get(record) ?? new Set<string>();
+    containerTmpNames.set(record, names.add(name));
+  }
+}
+
+export function removeContainerTmp(record: AllocRecord): void {
+  const names = containerTmpNames.get(record);
+  if (names === undefined || names.size === 0) return;
+  containerTmpNames.delete(record);
+  for (const entry of readdirSync('/tmp')) {
+    if ([...names].some((name) => entry.startsWith(name))) rmSync(`/tmp/${entry}`, { force: true });
+  }
+}
+
 /* The argv of every exec of the allocation that is running or about to start (delay-start). */
 export function runningExecCommands(record: AllocRecord): string[][] {
   return [...(runningExecs.get(record) ?? [])].map((exec) => [...exec.command]);
@@ -125,6 +151,7 @@ export function handleExec(
   const [file, ...args] = request.command;
   if (file === undefined) return refuse(closePolicy, 'command is not present');
 
+  noteTmpNames(record, request.command);
   const registration = registerExec(record, request.command);
   if (fault?.kind === 'delay-start') {
     const start = (): void => {
