@@ -95,7 +95,17 @@ const COLUMNS = ['case', 'n', 'p50 ms', 'p90 ms', 'p99 ms', 'max ms', 'ops/s', '
 function extras(name: string, result: CaseResult): string {
   const keys: Record<string, string[]> = {
     claim_copy_return: ['claim_copy_p50_ms', 'claim_p50_ms', 'copy_p50_ms', 'return_p50_ms'],
-    throughput: ['clients', 'overload_errors', 'pool_min_idle', 'baseline_ops_per_s', 'ratio_rate', 'claim_p50_ms', 'copy_p50_ms', 'execute_p50_ms', 'return_p50_ms'],
+    throughput: [
+      'clients',
+      'overload_errors',
+      'pool_min_idle',
+      'baseline_ops_per_s',
+      'ratio_rate',
+      'claim_p50_ms',
+      'copy_p50_ms',
+      'execute_p50_ms',
+      'return_p50_ms',
+    ],
     stream_single: ['mb_per_s', 'baseline_mb_per_s', 'terminal_mb_per_s', 'of_terminal'],
     stream_concurrent: ['mb_per_s', 'baseline_mb_per_s', 'terminal_mb_per_s', 'of_terminal', 'lost_bytes', 'lost_exits'],
     idle_runners: ['rss_mb_before', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],

@@ -20,7 +20,7 @@ function sessionFiles(): FileCopy[] {
 }
 
 export async function codeoceanSession(context: BenchContext): Promise<CaseResult> {
-  const { client } = await context.local();
+  const { client, daemon } = await context.local();
   const learners = context.quick ? 3 : 50;
   const durationMs = (context.quick ? Math.min(context.options.durationS, 2) : context.options.durationS) * 1000;
   const spec = environmentSpec(ENV.session, learners);
@@ -76,7 +76,9 @@ export async function codeoceanSession(context: BenchContext): Promise<CaseResul
     await Promise.all(runners.map((runnerId) => client.returnRunner(runnerId).catch(() => undefined)));
     await client.deleteEnvironment(ENV.session).catch(() => undefined);
   }
-  const baseline = await context.baseline(`python_on_host_${learners}`, () => pythonOnHost(learners, context.quick ? 1000 : Math.min(durationMs, 10_000)));
+  const baseline = await context.baseline(`python_on_host_${learners}`, () =>
+    pythonOnHost(learners, context.quick ? 1000 : Math.min(durationMs, 10_000), daemon.cgroupParent),
+  );
   const result = latencyResult(samples, errors.count, elapsed, baseline);
   const baselineRate = baseline.ops_per_s ?? 0;
   return {

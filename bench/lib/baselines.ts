@@ -4,6 +4,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import Fastify from 'fastify';
+import pino from 'pino';
+import { createCgroupManager, type RunnerCgroup } from '../../src/local/cgroups.js';
 import { DEFAULT_PATH } from '../../src/local/runner-image.js';
 import { DataFd, sandboxBwrapArguments } from '../../src/local/sandbox.js';
 import { sandboxAccounts } from '../../src/local/sandbox-accounts.js';
@@ -240,15 +242,16 @@ export const SESSION_FILES = [
 /* agent/poseidon-spawner.c's SANDBOX_NICE: every sandbox process runs at this nice level. */
 const SANDBOX_NICE = 10;
 
-function pythonOnce(directory: string): Promise<number> {
+function pythonOnce(directory: string, cgroup: RunnerCgroup | undefined): Promise<number> {
   return new Promise((resolve, reject) => {
     /*
-     * The sandbox's PATH, so that the same python3 runs (not a version manager's shim of the bench
-     * user), and the sandboxes' nice level (the spawner's SANDBOX_NICE): on a shared host, other
-     * load then weighs on the baseline as on learner code. nice execs python3 as the sandbox's
-     * /bin/sh -c does.
+     * Like a runner's execution: /bin/sh -c joins a cgroup with a runner's limits under the daemon's
+     * cgroup parent, then execs the program at the sandboxes' nice level (the spawner's SANDBOX_NICE),
+     * with the sandbox's PATH (the same python3, not a version manager's shim of the bench user). On a
+     * shared host, other load then weighs on the baseline as on learner code.
      */
-    const child = spawn('nice', ['-n', String(SANDBOX_NICE), 'python3', 'main.py'], {
+    const script = `for f in "$@"; do echo $$ > "$f"; done; exec nice -n ${SANDBOX_NICE} python3 main.py`;
+    const child = spawn('/bin/sh', ['-c', script, 'sh', ...(cgroup?.procsFiles ?? [])], {
       cwd: directory,
       env: { PATH: DEFAULT_PATH, LANG: 'C.UTF-8' },
       stdio: ['pipe', 'pipe', 'ignore'],
@@ -265,30 +268,38 @@ function pythonOnce(directory: string): Promise<number> {
 }
 
 /* The session's Python program started directly on the host, `concurrency` at a time, for a while. */
-export async function pythonOnHost(concurrency: number, durationMs: number): Promise<Baseline> {
+export async function pythonOnHost(concurrency: number, durationMs: number, cgroupParent: string): Promise<Baseline> {
   const directory = mkdtempSync(join(tmpdir(), 'bench-python-'));
+  const manager = await createCgroupManager('auto', cgroupParent, pino({ level: 'silent' }));
+  // One cgroup per worker, as each learner's runner has its own (the bench environments' limits).
+  const cgroups = await Promise.all(
+    Array.from({ length: concurrency }, (_, index) =>
+      manager.create(`bench-baseline-${process.pid}-${index}`, { memoryBytes: 512 * 1024 * 1024, cpuShares: 2000, pids: 512 }),
+    ),
+  );
   try {
     for (const file of SESSION_FILES) writeFileSync(join(directory, file.path), file.content);
-    await pythonOnce(directory);
+    await pythonOnce(directory, cgroups[0]);
     const samples: number[] = [];
     const deadline = Date.now() + durationMs;
     const started = nowMs();
     await Promise.all(
-      Array.from({ length: concurrency }, async () => {
+      Array.from({ length: concurrency }, async (_, index) => {
         while (Date.now() < deadline) {
           const start = nowMs();
-          await pythonOnce(directory);
+          await pythonOnce(directory, cgroups[index]);
           samples.push(nowMs() - start);
         }
       }),
     );
     const elapsed = (nowMs() - started) / 1000;
     return {
-      what: `the same Python program on the host at the sandboxes' nice level, ${concurrency} at a time`,
+      what: `the same Python program on the host (sh -c, the sandboxes' nice level, a runner's cgroup each), ${concurrency} at a time`,
       ...summarize(samples),
       ops_per_s: round(samples.length / elapsed, 1),
     };
   } finally {
     rmSync(directory, { recursive: true, force: true });
+    await Promise.all(cgroups.map((cgroup) => cgroup?.destroy()));
   }
 }

@@ -62,6 +62,8 @@ export interface Daemon {
   tempDir: string;
   configPath: string;
   stateDir: string;
+  /** local.cgroupparent: where its runners' cgroups are (TEST_CGROUP_PARENT keeps checkouts apart). */
+  cgroupParent: string;
   /** Everything the daemon wrote to stdout and stderr so far. */
   logs(): string;
   /** PIDs of this daemon's bwrap processes (its sandboxes' outer processes). */
@@ -343,6 +345,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     tempDir,
     configPath,
     stateDir,
+    cgroupParent: String((config.local as ConfigTree).cgroupparent),
     logs: () => output,
     sandboxPids: () => (child.pid !== undefined && !exited ? descendantsOf(child.pid).filter(isBwrap) : []),
     stop,
