@@ -2,9 +2,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pino from 'pino';
 import type { ExecutionEnvironmentSpec } from '../src/dto/environment.js';
+import type { ManagedRunner } from '../src/runner/managed-runner.js';
+import { MemoryRunner, settle, spec } from './support/memory-pools.js';
 import { BuildSlots } from '../src/environment/build-slots.js';
 import { ExecutionEnvironment } from '../src/environment/execution-environment.js';
-import { InactivityTrackingRunner, type ManagedRunner } from '../src/runner/managed-runner.js';
 
 /* Runner builds that end only when the test says so: how many run at once is what is checked. */
 class HeldBuilds {
@@ -30,53 +31,12 @@ class HeldBuilds {
   }
 }
 
-class MemoryRunner extends InactivityTrackingRunner implements ManagedRunner {
-  destroyed = false;
-  constructor(
-    readonly id: string,
-    readonly environmentId: number,
-  ) {
-    super();
-  }
-  mappedPorts() {
-    return [];
-  }
-  async updateFileSystem() {}
-  async listFileSystem() {
-    return [];
-  }
-  async getFileContent(): Promise<never> {
-    throw new Error('not used');
-  }
-  async execute(): Promise<never> {
-    throw new Error('not used');
-  }
-  async destroy() {
-    this.destroyed = true;
-    this.stopInactivityTimer();
-  }
-}
-
-const spec = (id: number, prewarmingPoolSize: number): ExecutionEnvironmentSpec => ({
-  id,
-  image: 'python',
-  prewarmingPoolSize,
-  cpuLimit: 100,
-  memoryLimit: 128,
-  networkAccess: false,
-  exposedPorts: [],
-});
-
 /* Deleting waits for builds under way: they are let finish (and their runners destroyed). */
 async function deleteAll(builds: HeldBuilds, ...environments: ExecutionEnvironment[]): Promise<void> {
   const deleted = Promise.all(environments.map((environment) => environment.delete('test')));
   for (const build of builds.pending.splice(0)) build.finish();
   await deleted;
 }
-
-const settle = async () => {
-  for (let round = 0; round < 5; round += 1) await new Promise((resolve) => setImmediate(resolve));
-};
 
 test('BuildSlots: a freed slot goes to an owner with waiting claims before owners that only top up', () => {
   const slots = new BuildSlots(1);

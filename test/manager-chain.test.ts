@@ -2,41 +2,13 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import pino from 'pino';
 import type { ExecutionEnvironmentSpec } from '../src/dto/environment.js';
+import { MemoryRunner, settle, spec } from './support/memory-pools.js';
 import type { ContextLogger } from '../src/monitoring/logger.js';
 import { type ClaimWaitOutcome, noInstruments } from '../src/monitoring/metrics.js';
 import { EnvironmentPools } from '../src/environment/environment-pools.js';
 import { AccessorHandler, type PutOutcome } from '../src/runner/accessor-handler.js';
 import { EnvironmentNotFoundError, NoIdleRunnerError, RunnerNotFoundError } from '../src/runner/errors.js';
-import { InactivityTrackingRunner, type ManagedRunner } from '../src/runner/managed-runner.js';
 import type { Runner } from '../src/runner/runner.js';
-
-/* An in-memory runner: the chain logic under test never touches a backend. */
-class MemoryRunner extends InactivityTrackingRunner implements ManagedRunner {
-  destroyed = false;
-  constructor(
-    readonly id: string,
-    readonly environmentId: number,
-  ) {
-    super();
-  }
-  mappedPorts() {
-    return [];
-  }
-  async updateFileSystem() {}
-  async listFileSystem() {
-    return [];
-  }
-  async getFileContent(): Promise<never> {
-    throw new Error('not used');
-  }
-  async execute(): Promise<never> {
-    throw new Error('not used');
-  }
-  async destroy() {
-    this.destroyed = true;
-    this.stopInactivityTimer();
-  }
-}
 
 /* A handler as the backends build theirs: the chain from AccessorHandler, the pools an object it owns. */
 class MemoryHandler extends AccessorHandler {
@@ -92,21 +64,6 @@ class MemoryHandler extends AccessorHandler {
     return this.pools.shutdown();
   }
 }
-
-const spec = (id: number, prewarmingPoolSize = 2): ExecutionEnvironmentSpec => ({
-  id,
-  image: 'python',
-  prewarmingPoolSize,
-  cpuLimit: 100,
-  memoryLimit: 128,
-  networkAccess: false,
-  exposedPorts: [],
-});
-
-/* Lets queued refills finish; setImmediate, so that mocked timers do not stall it. */
-const settle = async () => {
-  for (let round = 0; round < 5; round += 1) await new Promise((resolve) => setImmediate(resolve));
-};
 
 function chain() {
   // The first handler takes only even ids, like a Nomad handler that owns some environments.
