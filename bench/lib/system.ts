@@ -76,7 +76,8 @@ export async function startFakeNomadProcess(port: number, options: { lean?: bool
   const stop = async (): Promise<void> => {
     if (child.exitCode !== null || child.signalCode !== null) return;
     child.kill('SIGTERM');
-    const done = await Promise.race([exited.then(() => true), sleep(3000).then(() => false)]);
+    // Generous: at 10,000 allocations the fake needs seconds to remove their directories before it exits.
+    const done = await Promise.race([exited.then(() => true), sleep(30_000).then(() => false)]);
     if (!done) {
       child.kill('SIGKILL');
       await exited;
