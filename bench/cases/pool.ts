@@ -61,9 +61,9 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
 }
 
 /* Fills an emptied pool of `size` n times; the time from the resize to a full pool, per fill. */
-async function refillTimes(context: BenchContext, size: number, networkAccess: boolean, errors: ErrorLog): Promise<number[]> {
+async function refillTimes(context: BenchContext, size: number, networkAccess: boolean, errors: ErrorLog, beforeEach?: () => Promise<void>): Promise<number[]> {
   const { client } = await context.local();
-  return fillTimes(client, context, (poolSize) => environmentSpec(ENV.refill, poolSize, networkAccess), size, errors);
+  return fillTimes(client, context, (poolSize) => environmentSpec(ENV.refill, poolSize, networkAccess), size, errors, beforeEach);
 }
 
 /* Fills the emptied pool of the environment `specOf` describes n times; the time to a full pool, per fill. */
@@ -73,6 +73,8 @@ export async function fillTimes(
   specOf: (poolSize: number) => EnvironmentSpec,
   size: number,
   errors: ErrorLog,
+  /* Untimed work right before each fill, with the pool empty (an interleaved baseline). */
+  beforeEach?: () => Promise<void>,
 ): Promise<number[]> {
   const n = context.n(3);
   const samples: number[] = [];
@@ -86,6 +88,7 @@ export async function fillTimes(
       await client.putEnvironment(specOf(0));
       await until(async () => (await idleCount()) === 0, Date.now() + 10_000);
       await sleep(context.quick ? 100 : 1000);
+      await beforeEach?.();
       const start = nowMs();
       // Only the pool size changes, so the daemon resizes the existing environment's pool.
       await client.putEnvironment(specOf(size));
@@ -104,12 +107,16 @@ export async function fillTimes(
 export async function poolRefill100(context: BenchContext): Promise<CaseResult> {
   const size = context.quick ? 5 : 100;
   const errors = new ErrorLog();
-  const samples = await refillTimes(context, size, false, errors);
-  const baselineMs = await context.baseline(`bwrap_batch_${size}`, async () => {
-    const runs: number[] = [];
-    for (let i = 0; i < (context.quick ? 1 : 3); i++) runs.push(await rawBwrapBatch(size, REFILL_CONCURRENCY));
-    return { what: `${size} raw sandboxes (a runner's namespaces, mounts and seccomp), ${REFILL_CONCURRENCY} at a time`, ...summarize(runs) };
+  // Each refill right after a raw batch, under the same conditions (the kernel may still be tearing
+  // down an earlier case's sandboxes, other sessions' load drifts): the two alternate.
+  const runs: number[] = [];
+  const samples = await refillTimes(context, size, false, errors, async () => {
+    runs.push(await rawBwrapBatch(size, REFILL_CONCURRENCY));
   });
+  const baselineMs = await context.baseline(`bwrap_batch_${size}`, async () => ({
+    what: `${size} raw sandboxes (a runner's namespaces, mounts and seccomp), ${REFILL_CONCURRENCY} at a time, alternating with the refills`,
+    ...summarize(runs),
+  }));
   return refillResult(samples, size, baselineMs, errors);
 }
 
