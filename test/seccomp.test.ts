@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { execFileSync, spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
 import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import type { AgentClient, AgentExecOptions } from '../src/local/agent/agent-client.js';
 import { ensureAgentBuilt } from '../src/local/binaries.js';
 import { seccompProgram } from '../src/local/seccomp.js';
-import { type AgentSandbox, minimalSandboxArguments, startAgentSandbox } from './support/agent-sandbox.js';
+import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
 
 /*
  * The seccomp filter of every sandbox (agent/seccomp-policy.c), loaded by bwrap --seccomp into a
