@@ -5,9 +5,9 @@ import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { AgentClient } from '../src/local/agent/agent-client.js';
-import { AGENT_BINARY, agentCapabilityArguments, AGENT_SANDBOX_PATH, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/binaries.js';
+import { AGENT_BINARY, ensureAgentBuilt, SPAWNER_BINARY } from '../src/local/binaries.js';
 import { idmappedPath, type SpawnedProcess, SpawnerClient } from '../src/local/spawner-client.js';
-import { minimalSandboxArguments } from './support/agent-sandbox.js';
+import { agentCommandArguments, minimalSandboxArguments } from './support/agent-sandbox.js';
 
 /*
  * The spawner (agent/poseidon-spawner.c) forks for the daemon: a spawned process talks over one
@@ -171,24 +171,7 @@ describe('sandbox spawner', () => {
 
   test('a bwrap sandbox runs the agent over the socket', async () => {
     const child = spawner.spawn(
-      [
-        '/usr/bin/env',
-        'bwrap',
-        ...minimalSandboxArguments(),
-        '--perms',
-        '1777',
-        '--tmpfs',
-        '/workspace',
-        '--ro-bind',
-        AGENT_BINARY,
-        AGENT_SANDBOX_PATH,
-        '--chdir',
-        '/workspace',
-        '--clearenv',
-        ...agentCapabilityArguments(),
-        '--',
-        AGENT_SANDBOX_PATH,
-      ],
+      ['/usr/bin/env', 'bwrap', ...minimalSandboxArguments(), '--perms', '1777', '--tmpfs', '/workspace', ...agentCommandArguments(AGENT_BINARY)],
       { PATH: '/usr/local/bin:/usr/bin:/bin' },
     );
     const socket = await child.connection;

@@ -15,6 +15,8 @@ export interface SessionOptions {
 /* Output is paused above the high mark of unsent WebSocket data and resumed below the low one. */
 const HIGH_WATER_BYTES = 8 * 1024 * 1024;
 const LOW_WATER_BYTES = 1024 * 1024;
+/* Output chunks of one event-loop turn go out as one message, up to this many characters. */
+const COALESCE_LIMIT = 256 * 1024;
 
 /*
  * One execution streamed over one WebSocket, with Poseidon's guarantees: `start` first, then
@@ -65,7 +67,6 @@ export async function runExecutionSession(socket: WebSocket, runner: Runner, req
     pending = undefined;
     if (!finished) send(message);
   };
-  const COALESCE_LIMIT = 256 * 1024;
   const enqueue = (type: 'stdout' | 'stderr', data: string): void => {
     if (pending !== undefined && pending.type !== type) flushPending();
     if (pending === undefined) pending = { type, data };

@@ -27,6 +27,11 @@ export function minimalSandboxArguments(): string[] {
   return [...testSandboxNamespaces(), ...hostSystemArguments(), '--proc', '/proc', '--dev', '/dev'];
 }
 
+/* The tail of a test sandbox's bwrap arguments: the agent binary mounted read-only and run in /workspace with a clear environment. */
+export function agentCommandArguments(agent: string): string[] {
+  return ['--ro-bind', agent, AGENT_SANDBOX_PATH, '--chdir', '/workspace', '--clearenv', ...agentCapabilityArguments(), '--', AGENT_SANDBOX_PATH];
+}
+
 /*
  * A sandbox like the daemon's (host /usr read-only, private /workspace and /tmp), running the agent;
  * with options.seccomp, bwrap loads that BPF program (seccompProgram()) through an extra pipe, fd 5.
@@ -63,17 +68,9 @@ export async function startAgentSandbox(extraArguments: string[] = [], options: 
       '1777',
       '--tmpfs',
       '/tmp',
-      '--ro-bind',
-      agent,
-      AGENT_SANDBOX_PATH,
       ...extraArguments,
       ...(options.seccomp ? ['--seccomp', '5'] : []),
-      '--chdir',
-      '/workspace',
-      '--clearenv',
-      ...agentCapabilityArguments(),
-      '--',
-      AGENT_SANDBOX_PATH,
+      ...agentCommandArguments(agent),
     ],
     { stdio: ['pipe', 'pipe', 'inherit', 'pipe', 'pipe', ...(options.seccomp ? (['pipe'] as const) : [])] },
   );
