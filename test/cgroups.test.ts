@@ -1,5 +1,9 @@
 import assert from 'node:assert/strict';
-import { readFile } from 'node:fs/promises';
+import { execFileSync } from 'node:child_process';
+import { closeSync, constants, existsSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { open, readFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
 import { test } from 'node:test';
 import pino from 'pino';
 import { createCgroupManager } from '../src/local/cgroups.js';
@@ -30,4 +34,44 @@ test('a runner cgroup carries memory, CPU share and pids limits, and is removed 
   assert.equal(await cgroup.oomKills(), 0);
   await cgroup.destroy();
   await assert.rejects(readFile(cgroup.procsFiles[0] ?? ''), /ENOENT/);
+});
+
+/*
+ * Runner cgroups are made and removed without libuv's thread pool: a pool held up by slow file
+ * I/O (an image being unpacked, a stalled disk) must not stall the build or teardown of sandboxes.
+ * Every thread of the pool is parked in open() of a FIFO that has no writer until the end.
+ */
+test('runner cgroups are created and removed while every thread of the I/O pool is blocked', async () => {
+  const manager = await createCgroupManager('auto', process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts-test', pino({ level: 'silent' }));
+  const directory = mkdtempSync(path.join(tmpdir(), 'cgroup-pool-'));
+  const fifo = path.join(directory, 'fifo');
+  execFileSync('mkfifo', [fifo]);
+  const threads = Number(process.env.UV_THREADPOOL_SIZE ?? 4);
+  const parked = Array.from({ length: threads }, () => open(fifo, 'r'));
+  let writer: number | undefined;
+  try {
+    const work = (async () => {
+      const cgroup = await manager.create(`pool-blocked-${process.pid}`, { memoryBytes: 32 * MEGABYTE, cpuShares: 100, pids: 16 });
+      assert.ok(cgroup);
+      const directories = cgroup.procsFiles.map((file) => path.dirname(file));
+      assert.ok(directories.every((entry) => existsSync(entry)));
+      await cgroup.destroy();
+      return directories;
+    })();
+    const outcome = await Promise.race([work, new Promise<'stalled'>((resolve) => setTimeout(() => resolve('stalled'), 20_000).unref())]);
+    assert.notEqual(outcome, 'stalled', 'creating or removing a cgroup waited for the I/O thread pool');
+    assert.ok(Array.isArray(outcome) && outcome.every((entry) => !existsSync(entry)), 'the cgroup is gone');
+  } finally {
+    // A writer releases the parked opens (O_NONBLOCK: it fails only when no reader is there yet).
+    for (let attempt = 0; attempt < 100 && writer === undefined; attempt += 1) {
+      try {
+        writer = openSync(fifo, constants.O_WRONLY | constants.O_NONBLOCK);
+      } catch {
+        await new Promise((resolve) => setTimeout(resolve, 10));
+      }
+    }
+    await Promise.all(parked.map(async (handle) => (await handle).close()));
+    if (writer !== undefined) closeSync(writer);
+    rmSync(directory, { recursive: true, force: true });
+  }
 });

@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmdirSync, writeFileSync } from 'node:fs';
 import { mkdir, readdir, readFile, rmdir, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import type { Logger } from 'pino';
@@ -106,7 +106,7 @@ function detectVersion(): 'v1' | 'v2' | 'off' {
 
 async function readCounter(file: string, key: string): Promise<number> {
   try {
-    const content = await readFile(file, 'utf8');
+    const content = readFileSync(file, 'utf8');
     const line = content.split('\n').find((candidate) => candidate.startsWith(`${key} `));
     return line ? Number(line.split(' ')[1]) : 0;
   } catch {
@@ -114,25 +114,53 @@ async function readCounter(file: string, key: string): Promise<number> {
   }
 }
 
-/* Kills every process listed, until the cgroup is empty, then removes the directories. */
-async function emptyAndRemove(directories: string[]): Promise<void> {
-  for (let attempt = 0; attempt < 50; attempt += 1) {
-    let remaining = 0;
-    for (const directory of directories) {
-      const procs = await readFile(path.join(directory, 'cgroup.procs'), 'utf8').catch(() => '');
-      for (const pid of procs.split('\n').filter(Boolean)) {
-        remaining += 1;
-        try {
-          process.kill(Number(pid), 'SIGKILL');
-        } catch {
-          // Already gone.
-        }
-      }
-    }
-    if (remaining === 0) break;
-    await new Promise((resolve) => setTimeout(resolve, 20));
+/*
+ * Runner cgroups are made, limited and removed with synchronous calls. Every call is a
+ * microsecond-scale operation on an in-memory kernel file system, while each asynchronous one costs a
+ * round trip through libuv's four-thread pool (a wake-up, a context switch, a promise): with a
+ * runner built and removed per claim, that machinery cost more CPU than the kernel's work, and a
+ * pool busy with slow disk I/O (image unpacking, the state store) would stall every sandbox build.
+ */
+
+/* rmdir, and whether the directory is gone; EBUSY (still populated) is the one expected failure. */
+function removed(directory: string): boolean {
+  try {
+    rmdirSync(directory);
+    return true;
+  } catch (error) {
+    const code = (error as NodeJS.ErrnoException).code;
+    if (code === 'ENOENT') return true;
+    if (code === 'EBUSY') return false;
+    throw error;
   }
-  await Promise.all(directories.map((directory) => rmdir(directory).catch(() => undefined)));
+}
+
+/*
+ * Removes the directories; those still populated have their processes killed until they are empty.
+ * A sandbox's processes are normally gone when this runs (its pid namespace ended with bwrap), so
+ * the common path is one rmdir per directory, without reading cgroup.procs.
+ */
+async function emptyAndRemove(directories: string[]): Promise<void> {
+  let remaining = directories;
+  for (let attempt = 0; attempt < 50 && remaining.length > 0; attempt += 1) {
+    if (attempt > 0) await new Promise((resolve) => setTimeout(resolve, 20));
+    remaining = remaining.filter((directory) => {
+      try {
+        if (removed(directory)) return false;
+        for (const pid of readFileSync(path.join(directory, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean)) {
+          try {
+            process.kill(Number(pid), 'SIGKILL');
+          } catch {
+            // Already gone.
+          }
+        }
+        return true;
+      } catch {
+        // Unreadable or not removable for another reason: nothing more to do here than the old code did.
+        return false;
+      }
+    });
+  }
 }
 
 class CgroupV1Manager implements CgroupManager {
@@ -161,26 +189,29 @@ class CgroupV1Manager implements CgroupManager {
     const pids = path.join(this.parents.pids, name);
     const cpu = this.parents.cpu ? path.join(this.parents.cpu, name) : undefined;
     const directories = [memory, pids, ...(cpu ? [cpu] : [])];
+    // Only what this call made is removed on failure: a name that exists already is someone else's.
+    const made: string[] = [];
     try {
-      await Promise.all(directories.map((directory) => mkdir(directory, { recursive: true })));
+      for (const directory of directories) {
+        mkdirSync(directory);
+        made.push(directory);
+      }
       if (limits.memoryBytes > 0) {
-        await writeFile(path.join(memory, 'memory.limit_in_bytes'), String(limits.memoryBytes));
+        writeFileSync(path.join(memory, 'memory.limit_in_bytes'), String(limits.memoryBytes));
         // Without this, a runner could swap instead of being OOM-killed at its limit.
-        await writeFile(path.join(memory, 'memory.memsw.limit_in_bytes'), String(limits.memoryBytes)).catch(() => undefined);
+        optionalWrite(path.join(memory, 'memory.memsw.limit_in_bytes'), String(limits.memoryBytes), () => true);
         /*
          * v1 does not charge socket buffers to memory.limit_in_bytes: without this, a runner that fills
          * loopback TCP connections without reading them pins gigabytes of host kernel memory. The
          * kernel only accounts sockets created after this limit is set, so it is written here, before
          * any process joins the cgroup. (Kernels built without kmem accounting lack the file.)
          */
-        await writeFile(path.join(memory, 'memory.kmem.tcp.limit_in_bytes'), String(limits.memoryBytes)).catch((error: unknown) => {
-          if ((error as NodeJS.ErrnoException).code !== 'ENOENT') throw error;
-        });
+        optionalWrite(path.join(memory, 'memory.kmem.tcp.limit_in_bytes'), String(limits.memoryBytes), (code) => code === 'ENOENT');
       }
-      await writeFile(path.join(pids, 'pids.max'), String(limits.pids));
-      if (cpu && limits.cpuShares > 0) await writeFile(path.join(cpu, 'cpu.shares'), String(clampShares(limits.cpuShares)));
+      writeFileSync(path.join(pids, 'pids.max'), String(limits.pids));
+      if (cpu && limits.cpuShares > 0) writeFileSync(path.join(cpu, 'cpu.shares'), String(clampShares(limits.cpuShares)));
     } catch (error) {
-      await emptyAndRemove(directories);
+      await emptyAndRemove(made);
       throw error;
     }
     return {
@@ -188,6 +219,15 @@ class CgroupV1Manager implements CgroupManager {
       oomKills: () => readCounter(path.join(memory, 'memory.oom_control'), 'oom_kill'),
       destroy: () => emptyAndRemove(directories),
     };
+  }
+}
+
+/* A limit the kernel may lack: `tolerated` says which error codes leave the cgroup without it. */
+function optionalWrite(file: string, value: string, tolerated: (code: string | undefined) => boolean): void {
+  try {
+    writeFileSync(file, value);
+  } catch (error) {
+    if (!tolerated((error as NodeJS.ErrnoException).code)) throw error;
   }
 }
 
@@ -213,15 +253,15 @@ class CgroupV2Manager implements CgroupManager {
 
   async create(name: string, limits: ResourceLimits): Promise<RunnerCgroup> {
     const directory = path.join(this.parent, name);
-    await mkdir(directory, { recursive: true });
+    mkdirSync(directory);
     try {
       if (limits.memoryBytes > 0) {
         // v2 charges socket buffers to memory.max itself (the "sock" line of memory.stat): no separate TCP limit.
-        await writeFile(path.join(directory, 'memory.max'), String(limits.memoryBytes));
-        await writeFile(path.join(directory, 'memory.swap.max'), '0').catch(() => undefined);
+        writeFileSync(path.join(directory, 'memory.max'), String(limits.memoryBytes));
+        optionalWrite(path.join(directory, 'memory.swap.max'), '0', () => true);
       }
-      await writeFile(path.join(directory, 'pids.max'), String(limits.pids));
-      if (limits.cpuShares > 0) await writeFile(path.join(directory, 'cpu.weight'), String(sharesToWeight(clampShares(limits.cpuShares))));
+      writeFileSync(path.join(directory, 'pids.max'), String(limits.pids));
+      if (limits.cpuShares > 0) writeFileSync(path.join(directory, 'cpu.weight'), String(sharesToWeight(clampShares(limits.cpuShares))));
     } catch (error) {
       await emptyAndRemove([directory]);
       throw error;
@@ -230,7 +270,7 @@ class CgroupV2Manager implements CgroupManager {
       procsFiles: [path.join(directory, 'cgroup.procs')],
       oomKills: () => readCounter(path.join(directory, 'memory.events'), 'oom_kill'),
       destroy: async () => {
-        await writeFile(path.join(directory, 'cgroup.kill'), '1').catch(() => undefined);
+        optionalWrite(path.join(directory, 'cgroup.kill'), '1', () => true);
         await emptyAndRemove([directory]);
       },
     };
