@@ -9,7 +9,7 @@ ARG BASE=node:22-bookworm-slim
 
 FROM ${BASE} AS build
 WORKDIR /src
-RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev make libseccomp-dev \
+RUN apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev musl-tools make libseccomp-dev \
     && rm -rf /var/lib/apt/lists/*
 COPY package.json package-lock.json tsconfig.json tsconfig.build.json ./
 RUN npm ci --no-fund --no-audit --ignore-scripts

@@ -84,6 +84,7 @@
 #include <termios.h>
 #include <unistd.h>
 
+#include "errno-text.h"
 #include "frame-reader.h"
 
 enum { REQ_EXEC = 1, REQ_STDIN, REQ_KILL, REQ_FILES, REQ_LIST, REQ_READ, REQ_PAUSE, REQ_RESUME, REQ_DISCARD };
@@ -496,7 +497,7 @@ static _Noreturn void child_main(int in, int out, int err, int tty, int privileg
 	exec_search(argv, envp);
 	step = argv[0];
 fail:
-	dprintf(2, "poseidon-agent: %s: %s\n", step, strerror(errno));
+	dprintf(2, "poseidon-agent: %s: %s\n", step, errno_text(errno));
 	_exit(127);
 }
 
@@ -530,7 +531,7 @@ static void handle_exec(uint32_t id, struct cursor *c)
 		 */
 		master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
 		if (master < 0 || unlockpt(master) < 0 || (slave = ioctl(master, TIOCGPTPEER, O_RDWR | O_NOCTTY | O_CLOEXEC)) < 0) {
-			send_result(id, (uint32_t)errno, "cannot create a terminal: %s", strerror(errno));
+			send_result(id, (uint32_t)errno, "cannot create a terminal: %s", errno_text(errno));
 			goto out;
 		}
 		struct winsize size = { .ws_row = TTY_ROWS, .ws_col = TTY_COLS };
@@ -538,15 +539,15 @@ static void handle_exec(uint32_t id, struct cursor *c)
 		if (ioctl(master, TIOCSWINSZ, &size) < 0 || tcgetattr(slave, &termios) < 0
 		    || (!(flags & FLAG_PRIVILEGED) && fchown(slave, uid, gid) < 0) || fchmod(slave, 0620) < 0
 		    || (master_in = fcntl(master, F_DUPFD_CLOEXEC, 3)) < 0) {
-			send_result(id, (uint32_t)errno, "cannot set up the terminal: %s", strerror(errno));
+			send_result(id, (uint32_t)errno, "cannot set up the terminal: %s", errno_text(errno));
 			goto out;
 		}
 		veof = termios.c_cc[VEOF];
 	}
 	for (int i = tty ? 2 : 0; i < (tty_stderr ? 2 : 3); i++)
-		if (pipe2(pipes[i], O_CLOEXEC) < 0) { send_result(id, (uint32_t)errno, "cannot create pipes: %s", strerror(errno)); goto out; }
+		if (pipe2(pipes[i], O_CLOEXEC) < 0) { send_result(id, (uint32_t)errno, "cannot create pipes: %s", errno_text(errno)); goto out; }
 	pid_t pid = fork();
-	if (pid < 0) { send_result(id, (uint32_t)errno, "cannot start the command: %s", strerror(errno)); goto out; }
+	if (pid < 0) { send_result(id, (uint32_t)errno, "cannot start the command: %s", errno_text(errno)); goto out; }
 	if (pid == 0) {
 		if (tty) child_main(slave, slave, tty_stderr ? slave : pipes[2][1], 1, flags & FLAG_PRIVILEGED, uid, gid, cwd, argv, envp);
 		child_main(pipes[0][0], pipes[1][1], pipes[2][1], 0, flags & FLAG_PRIVILEGED, uid, gid, cwd, argv, envp);
@@ -695,7 +696,7 @@ static int fail_with(int e, const char *format, ...)
 static int fail_errno(const char *what, const char *path)
 {
 	int e = errno;
-	return fail_with(e, "cannot %s %s: %s", what, path, strerror(e));
+	return fail_with(e, "cannot %s %s: %s", what, path, errno_text(e));
 }
 
 /* The d_type-less way: getdents64 straight into a buffer, so a directory needs no DIR (32 KiB each). */
@@ -917,7 +918,7 @@ static int write_file_at(int dir, const char *name, const uint8_t *data, size_t 
 	int fd;
 	if (fstatat(dir, name, &before, AT_SYMLINK_NOFOLLOW) == 0) {
 		/* Looked at before it is opened: opening a device can itself do something. */
-		if (S_ISDIR(before.st_mode)) return fail_with(EISDIR, "cannot write %s: %s", shown, strerror(EISDIR));
+		if (S_ISDIR(before.st_mode)) return fail_with(EISDIR, "cannot write %s: %s", shown, errno_text(EISDIR));
 		if (!S_ISREG(before.st_mode)) return fail_with(EINVAL, "cannot write %s: not a regular file", shown);
 		/* O_NONBLOCK: should a FIFO have taken its place, the open must not hang (it is refused below). */
 		fd = openat(dir, name, O_WRONLY | O_NOFOLLOW | O_NONBLOCK | O_NOCTTY | O_CLOEXEC);
@@ -949,8 +950,8 @@ static int copy_entry(const char *path, int is_directory, const uint8_t *content
 	const char *parent, *name;
 	split_path(full, &parent, &name);
 	int r = 0;
-	if (name[0] == 0) r = fail_with(EISDIR, "cannot write %s: %s", path, strerror(EISDIR));
-	else if (is_dot_or_dotdot(name)) r = fail_with(EINVAL, "cannot write %s: %s", path, strerror(EINVAL));
+	if (name[0] == 0) r = fail_with(EISDIR, "cannot write %s: %s", path, errno_text(EISDIR));
+	else if (is_dot_or_dotdot(name)) r = fail_with(EINVAL, "cannot write %s: %s", path, errno_text(EINVAL));
 	else {
 		int dir = open_parent(parent, path);
 		if (dir < 0) r = -1;
@@ -1224,7 +1225,7 @@ static void handle_list(uint32_t id, struct cursor *c)
 		else send_result(id, E2BIG, "the listing has more than %u bytes", l.max_bytes);
 	} else {
 		if (l.out.len > 0) send_event(EV_LISTING, id, l.out.data, l.out.len);
-		if (r < 0) send_result(id, (uint32_t)e, "cannot list %s: %s", path, strerror(e));
+		if (r < 0) send_result(id, (uint32_t)e, "cannot list %s: %s", path, errno_text(e));
 		else send_result(id, 0, NULL);
 	}
 	free(l.out.data);
@@ -1258,7 +1259,7 @@ static void handle_read(uint32_t id, struct cursor *c)
 	if (fd >= 0 && fstat(fd, &st) < 0) { e = errno; close_fd(&fd); }
 	if (fd >= 0 && (!S_ISREG(st.st_mode) || st.st_dev != before.st_dev || st.st_ino != before.st_ino)) { regular = 0; close_fd(&fd); }
 	if (!regular) send_result(id, EINVAL, "cannot read %s: not a regular file", path);
-	else if (fd < 0) send_result(id, (uint32_t)e, "cannot read %s: %s", path, strerror(e));
+	else if (fd < 0) send_result(id, (uint32_t)e, "cannot read %s: %s", path, errno_text(e));
 	free(full);
 	free(path);
 	if (fd < 0) return;
@@ -1281,7 +1282,7 @@ static void advance_reader(struct reader *r)
 	static char buf[CHUNK];
 	ssize_t n = read(r->fd, buf, r->left < sizeof buf ? (size_t)r->left : sizeof buf);
 	if (n < 0 && errno == EINTR) return;
-	if (n < 0) { send_result(r->id, (uint32_t)errno, "cannot read: %s", strerror(errno)); r->done = 1; return; }
+	if (n < 0) { send_result(r->id, (uint32_t)errno, "cannot read: %s", errno_text(errno)); r->done = 1; return; }
 	if (n > 0) send_event(EV_DATA, r->id, buf, (size_t)n);
 	r->left -= (uint64_t)n;
 	if (n == 0 || r->left == 0) { send_result(r->id, 0, NULL); r->done = 1; }

@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(bubblewrap util-linux tar findutils coreutils python3 gcc libc6-dev make libseccomp-dev nftables iproute2 busybox-static skopeo umoci docker-registry)
+packages=(bubblewrap util-linux tar findutils coreutils python3 gcc libc6-dev musl-tools make libseccomp-dev nftables iproute2 busybox-static skopeo umoci docker-registry)
 missing=()
 for package in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

@@ -46,7 +46,8 @@ export const SECCOMP_PROGRAM = path.join(AGENT_SOURCE_DIR, 'build/seccomp.bpf');
 
 /* What each output is made from: the agent and the spawner both include the shared frame reader. */
 const BUILT_FROM: ReadonlyArray<[output: string, sources: string[]]> = [
-  [AGENT_BINARY, ['poseidon-agent.c', 'frame-reader.h']],
+  // The Makefile chooses the agent's libc (musl): a change there rebuilds it.
+  [AGENT_BINARY, ['poseidon-agent.c', 'frame-reader.h', 'errno-text.h', 'Makefile']],
   [SPAWNER_BINARY, ['poseidon-spawner.c', 'frame-reader.h']],
   [SECCOMP_PROGRAM, ['seccomp-policy.c']],
 ];
@@ -59,7 +60,7 @@ function isStale(output: string, sources: string[]): boolean {
 
 /*
  * Builds the agent, the spawner and the seccomp program if missing or older than their sources
- * (needs gcc, make, libc6-dev and libseccomp-dev); returns the agent's path (the others are
+ * (needs gcc, make, libc6-dev, musl-tools and libseccomp-dev); returns the agent's path (the others are
  * SPAWNER_BINARY and SECCOMP_PROGRAM).
  */
 export function ensureAgentBuilt(): string {
