@@ -13,10 +13,16 @@
  *               daemon can tell which spawn the connection belongs to), and execs argv with that
  *               socket as fd 0 and 1 and a pipe to the spawner as fd 2.
  *   0x02 KILL   (empty) SIGKILL to the child.
+ *   0x03 DETACH (empty) The child (a bubblewrap that now only waits for its one child, the sandbox's
+ *               pid 1) is replaced by that child: the spawner, a subreaper, kills the waiting
+ *               process and adopts the orphan, so a live sandbox costs one host process, not two.
+ *               From then on KILL and EXITED concern the adopted process.
  * EVENTS (spawner -> daemon)
  *   0x81 STARTED  i32 pid
  *   0x82 FAILED   message (no child was started)
  *   0x83 EXITED   i32 wait status | the first STDERR_KEEP bytes the child wrote to fd 2
+ *   0x84 DETACHED i32 pid of the process now held: the adopted one, or the same as before if the
+ *                 child had not exactly one child of its own (then nothing changed)
  *
  * When stdin reaches EOF (the daemon is gone) the spawner kills all its children and exits; the
  * children also die with it (PR_SET_PDEATHSIG, and bubblewrap's --die-with-parent).
@@ -47,7 +53,7 @@
 
 #include "frame-reader.h"
 
-enum { REQ_SPAWN = 0x01, REQ_KILL = 0x02, EV_STARTED = 0x81, EV_FAILED = 0x82, EV_EXITED = 0x83 };
+enum { REQ_SPAWN = 0x01, REQ_KILL = 0x02, REQ_DETACH = 0x03, EV_STARTED = 0x81, EV_FAILED = 0x82, EV_EXITED = 0x83, EV_DETACHED = 0x84 };
 enum { FLAG_USERNS = 1, FLAG_NETNS = 2, FLAG_AGENT = 4 };
 /* Where a spawned process finds the agent with FLAG_AGENT: bwrap runs /proc/self/fd/3. */
 #define AGENT_FD 3
@@ -496,6 +502,37 @@ static void reap_children(void)
 	}
 }
 
+/* The only child of pid, or 0 if it has none or several (or the kernel lacks the children file). */
+static pid_t only_child(pid_t pid)
+{
+	char path[64], text[64];
+	snprintf(path, sizeof path, "/proc/%d/task/%d/children", (int)pid, (int)pid);
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0) return 0;
+	ssize_t n = read(fd, text, sizeof text - 1);
+	close(fd);
+	if (n <= 0) return 0;
+	text[n] = '\0';
+	char *end;
+	long first = strtol(text, &end, 10);
+	while (*end == ' ' || *end == '\n') end++;
+	return first > 0 && *end == '\0' ? (pid_t)first : 0;
+}
+
+/*
+ * Replaces the child by its only child (see DETACH). Killing the waiting parent orphans the
+ * grandchild, which the kernel hands to the nearest subreaper: this process. The old pid is
+ * reaped by reap_children without an event, as no child holds it any more.
+ */
+static void detach(struct child *c)
+{
+	pid_t inner = only_child(c->pid);
+	if (inner > 0 && kill(c->pid, SIGKILL) == 0) c->pid = inner;
+	uint8_t b[4];
+	put_u32(b, (uint32_t)c->pid);
+	send_event(EV_DETACHED, c->id, b, 4, NULL, 0);
+}
+
 static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size_t len)
 {
 	if (type == REQ_SPAWN) {
@@ -503,6 +540,9 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 	} else if (type == REQ_KILL) {
 		for (size_t i = 0; i < nchildren; i++)
 			if (children[i]->id == id) kill(children[i]->pid, SIGKILL);
+	} else if (type == REQ_DETACH) {
+		for (size_t i = 0; i < nchildren; i++)
+			if (children[i]->id == id) { detach(children[i]); break; }
 	} else {
 		fprintf(stderr, "poseidon-spawner: unknown request type %u\n", type);
 		kill_all_and_exit(2, "unknown request");
@@ -559,6 +599,8 @@ int main(int argc, char **argv)
 	if (argc == 3 && (agent_memfd = load_agent(argv[2])) < 0) return 1;
 	/* Without the daemon there is nobody to serve: die with it even if its pipe lingers. */
 	if (prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) < 0) { perror("poseidon-spawner: prctl(PR_SET_PDEATHSIG)"); return 1; }
+	/* Orphans of our children come to us, so a DETACHed sandbox's pid 1 stays ours to wait for and kill. */
+	if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0) { perror("poseidon-spawner: prctl(PR_SET_CHILD_SUBREAPER)"); return 1; }
 	/*
 	 * No check of getppid() here: the daemon may itself be pid 1 (node as a container's init), and a
 	 * daemon that died before the prctl above is noticed anyway, as EOF on stdin at the first read.

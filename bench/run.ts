@@ -108,7 +108,16 @@ function extras(name: string, result: CaseResult): string {
     ],
     stream_single: ['mb_per_s', 'baseline_mb_per_s', 'terminal_mb_per_s', 'of_terminal'],
     stream_concurrent: ['mb_per_s', 'baseline_mb_per_s', 'terminal_mb_per_s', 'of_terminal', 'lost_bytes', 'lost_exits'],
-    idle_runners: ['rss_mb_before', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner_at_1000', 'reached_at_1000', 'fill_ms_at_1000'],
+    idle_runners: [
+      'rss_mb_before',
+      'rss_mb_at_1000',
+      'host_mb_per_runner_at_100',
+      'host_mb_per_runner_at_1000',
+      'host_mb_released_per_runner',
+      'charged_mb_per_runner_at_1000',
+      'reached_at_1000',
+      'fill_ms_at_1000',
+    ],
     codeocean_session: ['learners', 'lost_exits', 'lost_bytes', 'baseline_ops_per_s', 'ratio_rate', 'baseline_p99_ms', 'ratio_p99'],
     burst_claims: ['claims', 'served', 'overload_errors', 'all_served_ms', 'baseline_ms', 'ratio_served', 'api_p99_ms'],
     nomad_scale: [

@@ -151,6 +151,35 @@ describe('sandbox spawner', () => {
     assert.equal(alive(child.pid ?? 0), false);
   });
 
+  test('detach swaps a waiting parent for its only child, which kill and exited then concern', async () => {
+    // `; exit 7` keeps sh from exec'ing sleep: sh waits for its one child, as bubblewrap does for a sandbox.
+    const child = spawner.spawn(['/bin/sh', '-c', 'sleep 30; exit 7'], { PATH: '/usr/bin:/bin' });
+    (await child.connection).destroy();
+    await waitUntil(() => child.pid !== undefined && readFileSync(`/proc/${child.pid}/task/${child.pid}/children`, 'utf8').trim() !== '');
+    const waiter = child.pid ?? 0;
+    await child.detach();
+    assert.notEqual(child.pid, waiter, 'the held process is the child now');
+    assert.match(readFileSync(`/proc/${child.pid}/cmdline`, 'utf8'), /^sleep\0/);
+    await waitUntil(() => !alive(waiter));
+    const spawnerPid = Number(readFileSync(`/proc/${child.pid}/status`, 'utf8').match(/^PPid:\s+(\d+)/m)?.[1]);
+    assert.match(readFileSync(`/proc/${spawnerPid}/cmdline`, 'utf8'), /poseidon-spawner/, 'the spawner adopted the child');
+    child.kill();
+    assert.equal((await child.exited).signal, 'SIGKILL', "the exit is the adopted child's, not the waiter's exit 7");
+    assert.equal(alive(child.pid ?? 0), false);
+  });
+
+  test('detach keeps a process that has no child of its own', async () => {
+    const child = spawner.spawn(['/bin/sleep', '30'], {});
+    (await child.connection).destroy();
+    await waitUntil(() => child.pid !== undefined);
+    const pid = child.pid;
+    await child.detach();
+    assert.equal(child.pid, pid);
+    assert.ok(alive(pid ?? 0));
+    child.kill();
+    assert.equal((await child.exited).signal, 'SIGKILL');
+  });
+
   test('a program that cannot be executed exits 126 with the reason on stderr', async () => {
     const child = spawner.spawn(['/nonexistent/program'], {});
     const exit = await child.exited;

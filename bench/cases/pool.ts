@@ -2,7 +2,7 @@ import { type Baseline, rawBwrapBatch } from '../lib/baselines.js';
 import { type BenchClient, type EnvironmentSpec, environmentSpec } from '../lib/client.js';
 import { until, type BenchContext, type CaseResult } from '../lib/context.js';
 import { nowMs, round, sleep, summarize } from '../lib/stats.js';
-import { memAvailableMb, rssMb } from '../lib/system.js';
+import { cgroupChargedMb, memAvailableMb, rssMb, settleKernelMemory } from '../lib/system.js';
 import { ENV, ErrorLog } from './common.js';
 
 /* Prewarmed pools: what idle runners cost in memory, and how fast an empty pool fills. */
@@ -11,18 +11,20 @@ import { ENV, ErrorLog } from './common.js';
 const REFILL_CONCURRENCY = 8;
 
 export async function idleRunners(context: BenchContext): Promise<CaseResult> {
-  const { client, pid } = await context.local();
+  const { client, pid, daemon } = await context.local();
   // Nominal sizes name the JSON keys; --quick uses tiny pools under the same keys (see `sizes`).
   const nominal = [10, 100, 1000] as const;
   const actual = context.quick ? [2, 3, 4] : [...nominal];
   const waitBudgetMs = context.quick ? 20_000 : 100_000;
   const errors = new ErrorLog();
   await client.deleteEnvironment(ENV.idle);
-  await sleep(context.quick ? 200 : 1500);
+  await settleKernelMemory(context.quick ? 2000 : 20_000);
   const memBefore = memAvailableMb();
+  const chargedBefore = cgroupChargedMb(daemon.cgroupParent);
   const rssBefore = pid === undefined ? undefined : rssMb(pid);
   const result: CaseResult = { n: 0, errors: 0, sizes: actual, rss_mb_before: round(rssBefore ?? 0, 1) };
   const caseDeadline = Date.now() + waitBudgetMs;
+  let largest = 0;
   try {
     for (const [index, size] of actual.entries()) {
       const key = nominal[index] ?? size;
@@ -41,19 +43,32 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
       const fillMs = nowMs() - start;
       // Let freshly started sandboxes settle (page faults, lazy allocations) before reading memory.
       await sleep(context.quick ? 200 : 1500);
+      await settleKernelMemory(context.quick ? 2000 : 20_000);
       const rss = pid === undefined ? undefined : rssMb(pid);
       const hostDelta = memBefore - memAvailableMb();
+      const charged = cgroupChargedMb(daemon.cgroupParent);
       result[`rss_mb_at_${key}`] = round(rss ?? 0, 1);
       result[`host_mb_per_runner_at_${key}`] = idle > 0 ? round(hostDelta / idle, 2) : 0;
+      if (charged !== undefined && chargedBefore !== undefined && idle > 0)
+        result[`charged_mb_per_runner_at_${key}`] = round((charged - chargedBefore) / idle, 2);
       result[`reached_at_${key}`] = idle;
       result[`fill_ms_at_${key}`] = round(fillMs, 0);
       result.n = idle;
+      largest = idle;
       if (!full) errors.add(new Error(`pool of ${size} reached only ${idle} idle runners within the wait budget`));
     }
   } finally {
     const start = nowMs();
+    const memFull = memAvailableMb();
     await client.deleteEnvironment(ENV.idle).catch((error: unknown) => errors.add(error));
     result.teardown_ms = round(nowMs() - start, 0);
+    /*
+     * The same memory seen from the other side: what the host got back once the pool was gone. Other
+     * sessions on a shared host move MemAvailable too; a fill and a release figure that agree say the
+     * noise was small, ones that differ say by how much.
+     */
+    await settleKernelMemory(context.quick ? 2000 : 30_000);
+    if (largest > 0) result.host_mb_released_per_runner = round((memAvailableMb() - memFull) / largest, 2);
   }
   result.errors = errors.count;
   if (errors.samples.length > 0) result.error_samples = errors.samples;

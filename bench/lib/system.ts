@@ -29,11 +29,49 @@ export function rssMb(pid: number): number | undefined {
   return statusField(pid, 'VmRSS');
 }
 
-export function memAvailableMb(): number {
+function meminfoMb(field: string): number {
   const line = readFileSync('/proc/meminfo', 'utf8')
     .split('\n')
-    .find((entry) => entry.startsWith('MemAvailable:'));
+    .find((entry) => entry.startsWith(`${field}:`));
   return Number(/(\d+)/.exec(line ?? '')?.[1] ?? 0) / 1024;
+}
+
+export function memAvailableMb(): number {
+  return meminfoMb('MemAvailable');
+}
+
+/*
+ * Waits until the kernel's unreclaimable slab stops moving (under 1 MB in a second, at most
+ * timeoutMs): namespaces of sandboxes that just ended are freed asynchronously (network
+ * namespaces by a workqueue, after RCU grace periods), and a host figure read meanwhile charges
+ * or credits another case's teardown to this one.
+ */
+export async function settleKernelMemory(timeoutMs = 20_000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let last = meminfoMb('SUnreclaim');
+  while (Date.now() < deadline) {
+    await sleep(1000);
+    const now = meminfoMb('SUnreclaim');
+    if (Math.abs(now - last) < 1) return;
+    last = now;
+  }
+}
+
+/*
+ * What the kernel charged to the runner cgroups below parent: their processes' pages, page tables,
+ * kernel stacks and the kernel objects it accounts to a cgroup (namespaces, mounts, inodes, most
+ * slab). Unaccounted kernel memory is not in it, so it is a lower bound of the host figure, but
+ * one that no other process on the host can disturb.
+ */
+export function cgroupChargedMb(parent: string): number | undefined {
+  for (const file of [`/sys/fs/cgroup/memory/${parent}/memory.usage_in_bytes`, `/sys/fs/cgroup/${parent}/memory.current`]) {
+    try {
+      return Number(readFileSync(file, 'utf8').trim()) / 1024 / 1024;
+    } catch {
+      // The other cgroup version, or no cgroups.
+    }
+  }
+  return undefined;
 }
 
 /* The daemon's node process, found by its unique config path (the harness does not expose its pid). */

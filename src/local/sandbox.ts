@@ -91,8 +91,12 @@ export function sandboxBwrapArguments(options: SandboxShape): string[] {
     '--unshare-ipc',
     '--unshare-uts',
     '--unshare-cgroup-try',
-    // The agent is pid 1: no other process of the sandbox holds its connection to the daemon.
-    '--die-with-parent',
+    /*
+     * The agent is pid 1: no other process of the sandbox holds its connection to the daemon. No
+     * --die-with-parent: once the agent is ready the spawner adopts it and ends bubblewrap's waiting
+     * process (see Sandbox.start), which would otherwise kill it. The agent ends with the daemon
+     * through its connection (EOF) and with the spawner through the spawner's kill of its children.
+     */
     '--new-session',
     '--as-pid-1',
     '--hostname',
@@ -147,13 +151,16 @@ export class Sandbox {
   readonly #cleanedUp: Promise<void>;
 
   private constructor(
-    private readonly bwrapProcess: SpawnedProcess,
+    /* bubblewrap until the agent is ready, then the agent itself (the sandbox's pid 1), adopted by the spawner. */
+    private readonly hostProcess: SpawnedProcess,
     readonly agent: AgentClient,
     cgroup: RunnerCgroup | undefined,
     onCleanupError: (error: unknown) => void,
   ) {
-    this.#cleanedUp = bwrapProcess.exited.then(async () => {
+    this.#cleanedUp = hostProcess.exited.then(async () => {
       this.#exited = true;
+      // Reported dead because the spawner died: its adopted agent lives on until its connection ends.
+      agent.close();
       for (const listener of this.#exitListeners.splice(0)) listener();
       await cgroup?.destroy().catch(onCleanupError);
     });
@@ -215,12 +222,18 @@ export class Sandbox {
       throw new Error(`${failure}: ${exit?.stderr.trim() || 'no message'}`);
     }
     if (!agent) throw new Error('the sandbox agent is missing');
+    /*
+     * bubblewrap's own process now only waits for the agent: about 0.2 MB of host memory per idle
+     * runner (its libraries' private pages, page tables, kernel stack). The spawner adopts the agent
+     * and ends it, so a runner is one host process; a sandbox that died meanwhile is reported as usual.
+     */
+    await child.detach();
     return new Sandbox(child, agent, options.cgroup, options.onCleanupError);
   }
 
-  /* A host process inside the sandbox's network namespace (bubblewrap's own, outside its pid namespace). */
+  /* A host process inside the sandbox's network namespace (its pid 1, the agent, once started). */
   get processId(): number | undefined {
-    return this.bwrapProcess.pid;
+    return this.hostProcess.pid;
   }
 
   get alive(): boolean {
@@ -234,8 +247,8 @@ export class Sandbox {
 
   /* Ends every process of the sandbox and removes its cgroup. */
   async destroy(): Promise<void> {
-    // The sandbox's pid 1 dies with bwrap, and the kernel then kills everything in its pid namespace.
-    if (!this.#exited) this.bwrapProcess.kill();
+    // SIGKILL to the sandbox's pid 1 (or to bwrap, with which it dies): the kernel then kills everything in its pid namespace.
+    if (!this.#exited) this.hostProcess.kill();
     await this.#cleanedUp;
   }
 }

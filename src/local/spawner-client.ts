@@ -18,7 +18,7 @@ import { encodeFrame, type Frame, FrameParser } from './frames.js';
  * with the exit status.
  */
 
-const Request = { spawn: 0x01, kill: 0x02 } as const;
+const Request = { spawn: 0x01, kill: 0x02, detach: 0x03 } as const;
 const SOCKET_DIRECTORY_PREFIX = 'poseidon-spawner-';
 
 /*
@@ -45,7 +45,7 @@ export async function removeStaleSocketDirectories(parent: string = os.tmpdir())
   }
   return removed;
 }
-const Event = { started: 0x81, failed: 0x82, exited: 0x83 } as const;
+const Event = { started: 0x81, failed: 0x82, exited: 0x83, detached: 0x84 } as const;
 const KEY_LEN = 16;
 const CONNECTION_GRACE_MS = 50;
 
@@ -93,6 +93,7 @@ export class SpawnedProcess {
   readonly exited: Promise<SpawnExit>;
   /* Its stdin and stdout, as one duplex socket; rejects if the process ended before connecting. */
   readonly connection: Promise<net.Socket>;
+  #detached: Array<() => void> = [];
   #resolveExit!: (exit: SpawnExit) => void;
   #resolveConnection!: (socket: net.Socket) => void;
   #rejectConnection!: (error: Error) => void;
@@ -121,6 +122,25 @@ export class SpawnedProcess {
     if (this.#exit === undefined) this.client.kill(this.id);
   }
 
+  /*
+   * For a process that has become a mere waiter for its only child (bubblewrap once the sandbox
+   * runs): the spawner adopts that child and ends the waiter. Resolves once `pid` names the
+   * process now held (unchanged if there was not exactly one child); kill() and exited follow it.
+   */
+  detach(): Promise<void> {
+    if (this.#exit !== undefined) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.#detached.push(resolve);
+      if (this.#detached.length === 1) this.client.detach(this.id);
+    });
+  }
+
+  /** @internal */
+  adopted(pid: number): void {
+    this.pid = pid;
+    for (const resolve of this.#detached.splice(0)) resolve();
+  }
+
   /** @internal */
   connected(socket: net.Socket): void {
     this.#resolveConnection(socket);
@@ -131,6 +151,7 @@ export class SpawnedProcess {
     if (this.#exit !== undefined) return;
     this.#exit = exit;
     this.#resolveExit(exit);
+    for (const resolve of this.#detached.splice(0)) resolve();
     this.#rejectConnection(new Error(`the process exited before connecting: ${describeExit(exit)}`));
   }
 }
@@ -200,6 +221,11 @@ export class SpawnerClient {
   /** @internal */
   kill(id: number): void {
     if (this.#processes.has(id)) this.#child?.stdin?.write(encodeFrame(Request.kill, id));
+  }
+
+  /** @internal */
+  detach(id: number): void {
+    if (this.#processes.has(id)) this.#child?.stdin?.write(encodeFrame(Request.detach, id));
   }
 
   /* Ends the spawner, which kills every process it started, and removes the socket. */
@@ -282,6 +308,8 @@ export class SpawnerClient {
       if (!spawned) continue;
       if (frame.type === Event.started) {
         spawned.pid = frame.payload.readInt32LE(0);
+      } else if (frame.type === Event.detached) {
+        spawned.adopted(frame.payload.readInt32LE(0));
       } else if (frame.type === Event.failed) {
         this.#ended(spawned, { code: null, signal: null, stderr: frame.payload.toString('utf8') });
       } else if (frame.type === Event.exited) {

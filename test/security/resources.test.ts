@@ -7,7 +7,7 @@ import { environmentSpec } from '../support/codeocean-client.js';
 import { descendantsOf, processesMatching } from '../support/daemon.js';
 import { useDaemon } from '../support/fixture.js';
 import {
-  bwrapAncestor,
+  sandboxOwner,
   cpuSeconds,
   daemonPid,
   hostExecutable,
@@ -142,9 +142,9 @@ print('MADE')
     const directories = runnerCgroupDirectories(runnerId);
     assert.ok(directories.length > 0 && directories.every((directory) => existsSync(directory)), `the runner has no cgroup: ${directories.join(', ')}`);
     const marked = await startMarkedProcess(client, runnerId, 'true', false);
-    const bwrap = bwrapAncestor(marked.pid);
-    assert.ok(bwrap !== undefined, 'no bwrap process above the sandbox');
-    for (const pid of [bwrap, ...descendantsOf(bwrap)]) {
+    const owner = sandboxOwner(marked.pid);
+    assert.ok(owner !== undefined, 'no host process owns the sandbox');
+    for (const pid of [owner, ...descendantsOf(owner)]) {
       try {
         process.kill(pid, 'SIGKILL');
       } catch {
@@ -244,9 +244,9 @@ print('QUEUED_MB', total // 1048576, flush=True)
     const marked = await startMarkedProcess(client, runnerId, 'true', false);
     try {
       // The agent is the sandbox's pid 1; older layouts ran it below bubblewrap's init, so look for its name too.
-      const bwrap = bwrapAncestor(marked.pid);
-      assert.ok(bwrap !== undefined, 'no bwrap process above the sandbox');
-      const agent = [bwrap, ...descendantsOf(bwrap)].find((pid) => /agent/.test(hostExecutable(pid))) ?? sandboxInit(marked.pid);
+      const owner = sandboxOwner(marked.pid);
+      assert.ok(owner !== undefined, 'no host process owns the sandbox');
+      const agent = [owner, ...descendantsOf(owner)].find((pid) => /agent/.test(hostExecutable(pid))) ?? sandboxInit(marked.pid);
       assert.ok(agent !== undefined, 'no agent process in the sandbox');
       const score = (pid: number): number => Number(readFileSync(`/proc/${pid}/oom_score_adj`, 'utf8'));
       assert.ok(score(agent) < score(marked.pid), `the agent's oom_score_adj ${score(agent)} is not below learner code's ${score(marked.pid)}`);

@@ -66,7 +66,7 @@ export interface Daemon {
   cgroupParent: string;
   /** Everything the daemon wrote to stdout and stderr so far. */
   logs(): string;
-  /** PIDs of this daemon's bwrap processes (its sandboxes' outer processes). */
+  /** PIDs of this daemon's sandboxes' outer host processes (the spawner's children). */
   sandboxPids(): number[];
   stop(): Promise<void>;
 }
@@ -122,13 +122,17 @@ export function processesMatching(needle: string): number[] {
   return pids;
 }
 
-function isBwrap(pid: number): boolean {
+function argv0Of(pid: number | undefined): string {
   try {
-    const argv0 = readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
-    return argv0.endsWith('bwrap');
+    return readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '';
   } catch {
-    return false;
+    return '';
   }
+}
+
+/* A sandbox's outer host process: a child of the spawner (bubblewrap while it starts, then the sandbox's pid 1). */
+export function isSandboxOwner(pid: number): boolean {
+  return argv0Of(parentOf(pid)).endsWith('poseidon-spawner') && argv0Of(pid) !== '';
 }
 
 function parentOf(pid: number): number | undefined {
@@ -347,7 +351,7 @@ export async function startDaemon(options: DaemonOptions = {}): Promise<Daemon> 
     stateDir,
     cgroupParent: String((config.local as ConfigTree).cgroupparent),
     logs: () => output,
-    sandboxPids: () => (child.pid !== undefined && !exited ? descendantsOf(child.pid).filter(isBwrap) : []),
+    sandboxPids: () => (child.pid !== undefined && !exited ? descendantsOf(child.pid).filter(isSandboxOwner) : []),
     stop,
   };
 }

@@ -139,20 +139,16 @@ function argv0(pid: number): string {
   }
 }
 
-/** The bwrap process (on the host) whose sandbox holds `pid`. */
-export function bwrapAncestor(pid: number): number | undefined {
+/**
+ * The host process that owns the sandbox holding `pid`: the spawner's child on its chain of parents
+ * (the sandbox's pid 1 once started; bubblewrap before). Killing it ends the whole sandbox.
+ */
+export function sandboxOwner(pid: number): number | undefined {
   let current: number | undefined = pid;
   for (let depth = 0; current !== undefined && current > 1 && depth < 64; depth++) {
-    if (argv0(current).endsWith('bwrap')) {
-      // bwrap may fork itself (an outer one waiting for the sandbox's init); the outermost is the sandbox's owner.
-      const parent = parentOf(current);
-      if (parent !== undefined && argv0(parent).endsWith('bwrap')) {
-        current = parent;
-        continue;
-      }
-      return current;
-    }
-    current = parentOf(current);
+    const parent = parentOf(current);
+    if (parent !== undefined && argv0(parent).endsWith('poseidon-spawner')) return current;
+    current = parent;
   }
   return undefined;
 }
@@ -245,9 +241,9 @@ export function hostPathsOf(daemon: Daemon): string[] {
 
 /** Host pid of the sandbox's pid 1 (the agent), found from any process inside the sandbox. */
 export function sandboxInit(pidInside: number): number | undefined {
-  const bwrap = bwrapAncestor(pidInside);
-  if (bwrap === undefined) return undefined;
-  return [bwrap, ...descendantsOf(bwrap)].find((pid) => {
+  const owner = sandboxOwner(pidInside);
+  if (owner === undefined) return undefined;
+  return [owner, ...descendantsOf(owner)].find((pid) => {
     try {
       const nspid = statusField(pid, 'NSpid').split(/\s+/);
       return nspid.length > 1 && nspid[nspid.length - 1] === '1';

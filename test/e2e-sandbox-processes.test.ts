@@ -1,0 +1,124 @@
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { after, before, describe, test } from 'node:test';
+import { CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
+import { type Daemon, descendantsOf, processesMatching, startDaemon } from './support/daemon.js';
+import { hostExecutable, sleepMarker } from './support/security.js';
+import { waitFor } from './support/wait.js';
+
+/*
+ * What a runner costs on the host in processes: one, the sandbox's pid 1 (the agent), adopted by
+ * the spawner once the sandbox is up; bubblewrap's waiting process is gone. As the pid namespace's
+ * init, the agent reaps every orphan of learner code.
+ */
+
+const ENV = 93;
+const POOL = 3;
+
+function statusField(pid: number, field: string): string {
+  const line = readFileSync(`/proc/${pid}/status`, 'utf8')
+    .split('\n')
+    .find((entry) => entry.startsWith(`${field}:`));
+  return line?.slice(field.length + 1).trim() ?? '';
+}
+
+function parentOf(pid: number): number {
+  return Number(statusField(pid, 'PPid'));
+}
+
+function processState(pid: number): string | undefined {
+  try {
+    return statusField(pid, 'State').charAt(0);
+  } catch {
+    return undefined;
+  }
+}
+
+describe('sandbox processes on the host', () => {
+  let daemon: Daemon;
+  let client: CodeOceanClient;
+
+  const spawnerPid = (): number => {
+    const spawner = descendantsOf(daemon.pid).find((pid) => {
+      try {
+        return (readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0')[0] ?? '').endsWith('poseidon-spawner');
+      } catch {
+        return false;
+      }
+    });
+    assert.ok(spawner !== undefined, 'the daemon has no spawner');
+    return spawner;
+  };
+  const spawnerChildren = (): number[] => {
+    const spawner = spawnerPid();
+    return descendantsOf(spawner).filter((pid) => parentOf(pid) === spawner);
+  };
+
+  before(async () => {
+    daemon = await startDaemon();
+    client = new CodeOceanClient(daemon.baseUrl, daemon.token);
+    assert.equal((await client.putEnvironment(environmentSpec(ENV, { prewarmingPoolSize: POOL }))).status, 201);
+    await waitFor(
+      async () => ((await client.statistics()).body as Record<string, { idleRunners: number }>)[String(ENV)]?.idleRunners ?? 0,
+      (idle) => idle === POOL,
+      'the pool to fill',
+    );
+  });
+
+  after(async () => {
+    await daemon?.stop();
+  });
+
+  test('an idle runner is one host process: the sandbox pid 1 running the agent, no bubblewrap left waiting', async () => {
+    // Refills may still be settling: wait for the spawner to hold exactly the pool's sandboxes.
+    const children = await waitFor(
+      async () => spawnerChildren(),
+      (pids) => pids.length === POOL && pids.every((pid) => !hostExecutable(pid).endsWith('bwrap')),
+      'one host process per idle runner',
+    );
+    for (const pid of children) {
+      const nspid = statusField(pid, 'NSpid').split(/\s+/);
+      assert.equal(nspid.length, 2, `process ${pid} is not in a pid namespace of its own: NSpid ${nspid.join(' ')}`);
+      assert.equal(nspid[1], '1', `process ${pid} is not its sandbox's pid 1`);
+      assert.match(hostExecutable(pid), /memfd:poseidon-agent/, `process ${pid} is not the agent`);
+      assert.deepEqual(descendantsOf(pid), [], `idle sandbox ${pid} runs more than its agent`);
+    }
+  });
+
+  test("the agent, as its sandbox's init, reaps orphans of learner code", async () => {
+    const runnerId = await client.claim(ENV);
+    const marker = sleepMarker();
+    // sh exits at once, so the sleep (deaf to the terminal's hang-up) is orphaned and re-parented to the sandbox's pid 1.
+    const result = await client.connect(
+      await client.websocketUrl(runnerId, `sh -c '(trap "" HUP; exec sleep ${marker}) </dev/null >/dev/null 2>&1 & echo started'`, 0),
+    );
+    assert.match(result.stdout, /started/);
+    const [orphan] = await waitFor(
+      async () => processesMatching(`sleep ${marker}`),
+      (pids) => pids.length === 1,
+      'the orphaned sleep',
+    );
+    assert.ok(orphan !== undefined);
+    assert.ok(spawnerChildren().includes(parentOf(orphan)), `the orphan's parent ${parentOf(orphan)} is not a sandbox's pid 1`);
+    // Killed from the host, it stays a zombie until its parent reaps it; only then its /proc entry goes.
+    process.kill(orphan, 'SIGKILL');
+    await waitFor(
+      async () => processState(orphan),
+      (state) => state === undefined,
+      'the killed orphan to be reaped by the agent',
+    );
+    assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
+  });
+
+  test('destroying a runner ends its one host process', async () => {
+    const before = spawnerChildren();
+    const runnerId = await client.claim(ENV);
+    const claimedOwners = new Set(before);
+    assert.equal((await client.deleteRunner(runnerId)).status, 204);
+    await waitFor(
+      async () => [...claimedOwners].filter((pid) => processState(pid) !== undefined && processState(pid) !== 'Z').length,
+      (alive) => alive < before.length,
+      'the destroyed runner to leave the host',
+    );
+  });
+});
