@@ -1,15 +1,22 @@
-import { type Baseline, outputRead, streamCommand, terminalBytes } from '../lib/baselines.js';
+import { type Baseline, outputRead, outputReadBaseline, outputReadOnce, outputReadRound, streamCommand, terminalBytes } from '../lib/baselines.js';
 import { environmentSpec, type ExecutionOutcome } from '../lib/client.js';
 import { fillPool, type BenchContext, type CaseResult } from '../lib/context.js';
 import { nowMs, round, timeSequential } from '../lib/stats.js';
+import { CpuMeter } from '../lib/system.js';
 import { ENV, ErrorLog, latencyResult } from './common.js';
 
 /* WebSocket stdout streaming: one big stream, then many at once; every byte and every exit counted. */
 
 const MB = 1_000_000;
+/*
+ * The terminal reads, which the cases are held to, run right before each timed round: other load
+ * on a shared machine drifts within seconds, and both sides of the ratio then see the same.
+ */
+const ALTERNATING = ', alternating with the timed rounds';
 
 export async function streamSingle(context: BenchContext): Promise<CaseResult> {
-  const { client } = await context.local();
+  const { client, pid } = await context.local();
+  const cpu = new CpuMeter(pid);
   const bytes = context.quick ? 1 * MB : 100 * MB;
   const n = context.n(3);
   await fillPool(client, environmentSpec(ENV.main, context.quick ? 3 : 30), 60_000);
@@ -17,11 +24,15 @@ export async function streamSingle(context: BenchContext): Promise<CaseResult> {
   const errors = new ErrorLog();
   let samples: number[];
   let lostBytes = 0;
+  const terminalRuns: number[] = [];
+  const terminalRound = async (): Promise<void> => {
+    terminalRuns.push(await outputReadRound(bytes, 1, 'terminal'));
+  };
   try {
     await client.run(runnerId, streamCommand(MB), { guardMs: 30_000 }).catch((error: unknown) => errors.add(error));
     errors.count = 0;
     const once = async (): Promise<void> => {
-      const outcome = await client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 });
+      const outcome = await cpu.measure(() => client.run(runnerId, streamCommand(bytes), { guardMs: 60_000 }));
       lostBytes += Math.max(0, terminalBytes(bytes) - outcome.stdoutBytes);
       if (outcome.stdoutBytes !== terminalBytes(bytes) || outcome.exitCode !== 0) {
         throw new Error(
@@ -29,12 +40,13 @@ export async function streamSingle(context: BenchContext): Promise<CaseResult> {
         );
       }
     };
-    samples = await timeSequential(once, { n, deadline: Date.now() + 60_000, onError: (error) => errors.add(error) });
+    await outputReadOnce(MB, 'terminal');
+    samples = await timeSequential(once, { n, deadline: Date.now() + 60_000, onError: (error) => errors.add(error), beforeEach: terminalRound });
   } finally {
     await client.returnRunner(runnerId).catch(() => undefined);
   }
   const baseline = await context.baseline(`pipe_read_${bytes}`, () => outputRead(context.quick ? 1 : 3, bytes));
-  const terminal = await context.baseline(`terminal_read_${bytes}`, () => outputRead(context.quick ? 1 : 3, bytes, 1, 'terminal'));
+  const terminal = await context.baseline(`terminal_read_${bytes}`, async () => outputReadBaseline(terminalRuns, bytes, 1, 'terminal', ALTERNATING));
   const result = latencyResult(samples, errors.count, undefined, baseline);
   const mbPerS = round(bytes / MB / (Math.max(result.p50_ms ?? 0, 0.001) / 1000), 1);
   return {
@@ -44,12 +56,14 @@ export async function streamSingle(context: BenchContext): Promise<CaseResult> {
     lost_bytes: lostBytes,
     baseline_mb_per_s: baseline.mb_per_s ?? 0,
     ...terminalCeiling(mbPerS, terminal),
+    ...cpu.perMb(bytes / MB),
     ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
   };
 }
 
 export async function streamConcurrent(context: BenchContext): Promise<CaseResult> {
-  const { client } = await context.local();
+  const { client, pid } = await context.local();
+  const cpu = new CpuMeter(pid);
   const streams = context.quick ? 5 : 50;
   const bytes = context.quick ? 64 * 1024 : 2 * MB;
   const n = context.n(3);
@@ -63,6 +77,7 @@ export async function streamConcurrent(context: BenchContext): Promise<CaseResul
   let lostBytes = 0;
   let lostExits = 0;
   let timed = 0;
+  const terminalRuns: number[] = [];
   try {
     const round_ = async (size: number): Promise<{ outcomes: Array<ExecutionOutcome | undefined>; elapsed: number }> => {
       const start = nowMs();
@@ -77,10 +92,12 @@ export async function streamConcurrent(context: BenchContext): Promise<CaseResul
       return { outcomes, elapsed: nowMs() - start };
     };
     await round_(4096);
+    await outputReadRound(64 * 1024, streams, 'terminal');
     errors.count = 0;
     const deadline = Date.now() + 60_000;
     for (let i = 0; i < n && Date.now() < deadline; i++) {
-      const { outcomes, elapsed } = await round_(bytes);
+      terminalRuns.push(await outputReadRound(bytes, streams, 'terminal'));
+      const { outcomes, elapsed } = await cpu.measure(() => round_(bytes));
       let complete = true;
       for (const outcome of outcomes) {
         if (outcome === undefined || outcome.exitCode === undefined) {
@@ -103,7 +120,9 @@ export async function streamConcurrent(context: BenchContext): Promise<CaseResul
     await client.deleteEnvironment(ENV.concurrent).catch(() => undefined);
   }
   const baseline = await context.baseline(`pipe_read_${streams}x${bytes}`, () => outputRead(context.quick ? 1 : 3, bytes, streams));
-  const terminal = await context.baseline(`terminal_read_${streams}x${bytes}`, () => outputRead(context.quick ? 1 : 3, bytes, streams, 'terminal'));
+  const terminal = await context.baseline(`terminal_read_${streams}x${bytes}`, async () =>
+    outputReadBaseline(terminalRuns, bytes, streams, 'terminal', ALTERNATING),
+  );
   const result = latencyResult(samples, errors.count, timed, baseline);
   const mbPerS = round((bytes * streams) / MB / (Math.max(result.p50_ms ?? 0, 0.001) / 1000), 1);
   return {
@@ -115,6 +134,7 @@ export async function streamConcurrent(context: BenchContext): Promise<CaseResul
     lost_exits: lostExits,
     baseline_mb_per_s: baseline.mb_per_s ?? 0,
     ...terminalCeiling(mbPerS, terminal),
+    ...cpu.perMb((bytes * streams) / MB),
     ...(errors.samples.length > 0 ? { error_samples: errors.samples } : {}),
   };
 }

@@ -180,22 +180,30 @@ export function outputReadOnce(bytes: number, channel: OutputChannel = 'pipe'): 
   });
 }
 
-export async function outputRead(n: number, bytes: number, streams = 1, channel: OutputChannel = 'pipe'): Promise<Baseline> {
-  await outputReadOnce(Math.min(bytes, 1024 * 1024), channel);
-  const samples: number[] = [];
-  for (let i = 0; i < n; i++) {
-    const start = nowMs();
-    await Promise.all(Array.from({ length: streams }, () => outputReadOnce(bytes, channel)));
-    samples.push(nowMs() - start);
-  }
+/* One round of `streams` reads of `bytes` each, at once: how long it took. */
+export async function outputReadRound(bytes: number, streams = 1, channel: OutputChannel = 'pipe'): Promise<number> {
+  const start = nowMs();
+  await Promise.all(Array.from({ length: streams }, () => outputReadOnce(bytes, channel)));
+  return nowMs() - start;
+}
+
+/* The baseline of rounds measured by outputReadRound, here or alternating with a case's rounds. */
+export function outputReadBaseline(samples: number[], bytes: number, streams = 1, channel: OutputChannel = 'pipe', note = ''): Baseline {
   const summary = summarize(samples);
   const mb = (bytes * streams) / 1e6;
   const source = channel === 'pipe' ? 'pipe' : 'terminal (pty master)';
   return {
-    what: streams === 1 ? `raw ${source} read of ${mb} MB` : `raw ${source} reads, ${streams} × ${bytes / 1e6} MB at once`,
+    what: `${streams === 1 ? `raw ${source} read of ${mb} MB` : `raw ${source} reads, ${streams} × ${bytes / 1e6} MB at once`}${note}`,
     ...summary,
     mb_per_s: round(mb / (Math.max(summary.p50_ms, 0.001) / 1000), 1),
   };
+}
+
+export async function outputRead(n: number, bytes: number, streams = 1, channel: OutputChannel = 'pipe'): Promise<Baseline> {
+  await outputReadOnce(Math.min(bytes, 1024 * 1024), channel);
+  const samples: number[] = [];
+  for (let i = 0; i < n; i++) samples.push(await outputReadRound(bytes, streams, channel));
+  return outputReadBaseline(samples, bytes, streams, channel);
 }
 
 /* An in-process Fastify no-op route over real HTTP with the same client: the cost of one request. */

@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { cpus, release, totalmem } from 'node:os';
 import { processesMatching, REPO_ROOT } from '../../test/support/daemon.js';
-import { sleep } from './stats.js';
+import { round, sleep } from './stats.js';
 
 /* Host facts and process memory, read from /proc so the figures match what the kernel accounts. */
 
@@ -146,4 +146,50 @@ export async function startFakeNomadProcess(port: number, options: { lean?: bool
     control,
     stop,
   };
+}
+
+/* /proc's clock ticks: USER_HZ, 100 on every Linux. */
+const CLOCK_TICKS_PER_S = 100;
+
+/* CPU time (user + system, every thread) a process has used so far, in ms; undefined once it is gone. */
+export function processCpuMs(pid: number): number | undefined {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
+  } catch {
+    return undefined;
+  }
+}
+
+/*
+ * CPU time the daemon and this process (the bench's WebSocket clients) spend within measured
+ * stretches: unlike rates on a shared machine, CPU per MB hardly moves with other sessions' load.
+ */
+export class CpuMeter {
+  #daemonMs = 0;
+  #clientMs = 0;
+  #measured = 0;
+
+  constructor(private readonly daemonPid: number | undefined) {}
+
+  async measure<T>(work: () => Promise<T>): Promise<T> {
+    const daemonBefore = this.daemonPid === undefined ? undefined : processCpuMs(this.daemonPid);
+    const clientBefore = process.cpuUsage();
+    this.#measured += 1;
+    try {
+      return await work();
+    } finally {
+      const client = process.cpuUsage(clientBefore);
+      this.#clientMs += (client.user + client.system) / 1000;
+      const daemonAfter = this.daemonPid === undefined ? undefined : processCpuMs(this.daemonPid);
+      if (daemonBefore !== undefined && daemonAfter !== undefined) this.#daemonMs += daemonAfter - daemonBefore;
+    }
+  }
+
+  /* mbEach: the MB one measured stretch moves. */
+  perMb(mbEach: number): { daemon_cpu_ms_per_mb: number; client_cpu_ms_per_mb: number } {
+    const mb = Math.max(this.#measured * mbEach, 1e-9);
+    return { daemon_cpu_ms_per_mb: round(this.#daemonMs / mb, 2), client_cpu_ms_per_mb: round(this.#clientMs / mb, 2) };
+  }
 }
