@@ -111,9 +111,8 @@ function extras(name: string, result: CaseResult): string {
     idle_runners: [
       'rss_mb_before',
       'rss_mb_at_1000',
-      'host_mb_per_runner_at_100',
-      'host_mb_per_runner_at_1000',
-      'host_mb_released_per_runner',
+      'host_mb_per_runner',
+      'host_mb_per_runner_samples',
       'charged_mb_per_runner_at_1000',
       'reached_at_1000',
       'fill_ms_at_1000',

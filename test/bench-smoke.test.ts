@@ -19,7 +19,7 @@ const EXPECTED: Record<string, string[]> = {
   throughput: LATENCY_KEYS,
   stream_single: [...LATENCY_KEYS, 'mb_per_s'],
   stream_concurrent: [...LATENCY_KEYS, 'mb_per_s', 'lost_bytes', 'lost_exits'],
-  idle_runners: ['n', 'errors', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000'],
+  idle_runners: ['n', 'errors', 'rss_mb_at_10', 'rss_mb_at_100', 'rss_mb_at_1000', 'host_mb_per_runner', 'host_mb_per_runner_samples'],
   pool_refill_100: LATENCY_KEYS,
   nomad_claim: LATENCY_KEYS,
   seccomp_start: LATENCY_KEYS,
