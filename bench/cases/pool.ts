@@ -48,7 +48,8 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
   const rssBefore = pid === undefined ? undefined : rssMb(pid);
   const result: CaseResult = { n: 0, errors: 0, sizes: actual, rss_mb_before: round(rssBefore ?? 0, 1) };
   const largestKey = nominal[nominal.length - 1];
-  const samples: number[] = [];
+  const fills: number[] = [];
+  const releases: number[] = [];
   try {
     for (const [index, size] of actual.entries()) {
       const key = nominal[index] ?? size;
@@ -70,7 +71,7 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
       result[`fill_ms_at_${key}`] = round(fillMs, 0);
       result.n = idle;
       if (idle < size) errors.add(new Error(`pool of ${size} reached only ${idle} idle runners within the wait budget`));
-      if (key === largestKey && idle > 0) samples.push(hostDelta / idle);
+      if (key === largestKey && idle > 0) fills.push(hostDelta / idle);
     }
     const largest = actual[actual.length - 1] ?? 0;
     for (let cycle = 0; cycle < cycles; cycle++) {
@@ -80,23 +81,25 @@ export async function idleRunners(context: BenchContext): Promise<CaseResult> {
       await until(async () => ((await client.poolOf(ENV.idle))?.idleRunners ?? 0) === 0, Date.now() + 60_000, 250);
       await settleKernelMemory(settleMs);
       memEmpty = memAvailableMb();
-      samples.push((memEmpty - memFull) / largest);
+      releases.push((memEmpty - memFull) / largest);
       if (cycle === cycles - 1) break;
       // And another fill of the same size.
       const idle = await fillIdlePool(client, largest, Date.now() + (context.quick ? 20_000 : 100_000));
       await sleep(context.quick ? 200 : 1500);
       await settleKernelMemory(settleMs);
-      if (idle > 0) samples.push((memEmpty - memAvailableMb()) / idle);
+      if (idle > 0) fills.push((memEmpty - memAvailableMb()) / idle);
     }
   } finally {
     const start = nowMs();
     await client.deleteEnvironment(ENV.idle).catch((error: unknown) => errors.add(error));
     result.teardown_ms = round(nowMs() - start, 0);
   }
-  const sorted = [...samples].sort((a, b) => a - b);
+  const sorted = [...fills, ...releases].sort((a, b) => a - b);
   if (sorted.length > 0) {
     result.host_mb_per_runner = round(percentile(sorted, 50), 2);
-    result.host_mb_per_runner_samples = sorted.map((sample) => round(sample, 2));
+    // In the order taken: a gap between fills and removals that persists is memory the host did not get back.
+    result.host_mb_per_runner_fills = fills.map((sample) => round(sample, 2));
+    result.host_mb_per_runner_removals = releases.map((sample) => round(sample, 2));
   }
   result.errors = errors.count;
   if (errors.samples.length > 0) result.error_samples = errors.samples;
