@@ -1,6 +1,6 @@
 /*
- * Where an idle runner's host memory goes (not a test): node --import tsx bench/idle-accounting.ts [N]
- * Starts the local daemon, fills a pool of N (default 200) idle runners and prints, per runner:
+ * Where an idle runner's host memory goes (not a test): node --import tsx bench/idle-accounting.ts [N] [CYCLES]
+ * Starts the local daemon, fills a pool of N (default 200) idle runners CYCLES times (default 3) and prints, per runner:
  * each sandbox process's private memory (smaps_rollup), kernel stacks and page tables, the kernel
  * slab caches that grew, per-cpu memory and page cache, next to the drop in MemAvailable.
  */
@@ -116,31 +116,88 @@ function sandboxProcesses(daemon: number): Map<string, ProcessFigures> {
 const mb = (bytes: number): string => (bytes / 1024 / 1024).toFixed(3);
 const kb = (bytes: number): string => (bytes / 1024).toFixed(1);
 
+/* Waits until unreclaimable slab stops moving: ended namespaces are freed asynchronously. */
+async function settle(): Promise<void> {
+  let last = meminfo().SUnreclaim ?? 0;
+  for (let i = 0; i < 30; i++) {
+    await sleep(1000);
+    const now = meminfo().SUnreclaim ?? 0;
+    if (Math.abs(now - last) < 1024 * 1024) return;
+    last = now;
+  }
+}
+
+interface Snapshot {
+  mem: Record<string, number>;
+  slab: Record<string, number>;
+  rss: number;
+  /* The runner cgroups' charges (v1): nothing else on the host moves these. */
+  charged: Record<string, number>;
+}
+
+function charged(parent: string): Record<string, number> {
+  const base = `/sys/fs/cgroup/memory/${parent}`;
+  const values: Record<string, number> = {};
+  try {
+    for (const line of readFileSync(`${base}/memory.stat`, 'utf8').split('\n')) {
+      const [key, value] = line.split(' ');
+      if (key?.startsWith('total_') && value !== undefined) values[key] = Number(value);
+    }
+    values.usage = Number(readFileSync(`${base}/memory.usage_in_bytes`, 'utf8'));
+    values.kmem = Number(readFileSync(`${base}/memory.kmem.usage_in_bytes`, 'utf8'));
+  } catch {
+    // No v1 memory controller here.
+  }
+  return values;
+}
+
+function median(values: number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor((sorted.length - 1) / 2)] ?? 0;
+}
+
+/*
+ * Other sessions on a shared host move every host-wide figure; each fill and each removal of the
+ * pool is one sample of every delta, and the median of them is printed.
+ */
+const cycles = Number(process.argv[3] ?? 3);
 const daemon = await startDaemon({ config: {}, startTimeoutMs: 30_000 });
 const client = new BenchClient(daemon.origin);
 try {
   const pid = daemonPid(daemon.configPath);
   if (pid === undefined) throw new Error('daemon pid not found');
-  await sleep(2000);
-  const memBefore = meminfo();
-  const slabBefore = slabs();
-  const rssBefore = fields(`/proc/${pid}/status`).VmRSS ?? 0;
-  await client.putEnvironment(environmentSpec(4, size));
-  const full = await until(async () => ((await client.poolOf(4))?.idleRunners ?? 0) >= size, Date.now() + 120_000, 250);
-  if (!full) throw new Error(`pool did not reach ${size}`);
-  await sleep(3000);
-  const memAfter = meminfo();
-  const slabAfter = slabs();
-  const rssAfter = fields(`/proc/${pid}/status`).VmRSS ?? 0;
-  const processes = sandboxProcesses(pid);
+  const snapshot = (): Snapshot => ({ mem: meminfo(), slab: slabs(), rss: fields(`/proc/${pid}/status`).VmRSS ?? 0, charged: charged(daemon.cgroupParent) });
+  const deltas: Array<{ full: Snapshot; empty: Snapshot }> = [];
+  let processes = new Map<string, ProcessFigures>();
+  await settle();
+  let empty = snapshot();
+  for (let cycle = 0; cycle < cycles; cycle++) {
+    await client.putEnvironment(environmentSpec(4, size));
+    const full = await until(async () => ((await client.poolOf(4))?.idleRunners ?? 0) >= size, Date.now() + 120_000, 250);
+    if (!full) throw new Error(`pool did not reach ${size}`);
+    await sleep(2000);
+    await settle();
+    const filled = snapshot();
+    deltas.push({ full: filled, empty });
+    processes = sandboxProcesses(pid);
+    await client.putEnvironment(environmentSpec(4, 0));
+    await until(async () => ((await client.poolOf(4))?.idleRunners ?? 0) === 0, Date.now() + 60_000, 250);
+    await settle();
+    empty = snapshot();
+    deltas.push({ full: filled, empty });
+  }
+  const delta = (of: (snap: Snapshot) => number): number => median(deltas.map(({ full, empty: before }) => of(full) - of(before)));
 
   const per = (bytes: number): string => `${kb(bytes / size).padStart(8)} KiB`;
-  console.log(`${size} idle runners; figures per runner\n`);
-  console.log(`MemAvailable drop         ${per((memBefore.MemAvailable ?? 0) - (memAfter.MemAvailable ?? 0))}`);
-  console.log(`MemFree drop              ${per((memBefore.MemFree ?? 0) - (memAfter.MemFree ?? 0))}`);
-  console.log(`daemon RSS growth         ${per(rssAfter - rssBefore)}`);
+  console.log(`${size} idle runners; figures per runner, medians of ${deltas.length} fills and removals\n`);
+  console.log(`MemAvailable drop         ${per(-delta((snap) => snap.mem.MemAvailable ?? 0))}`);
+  console.log(`daemon RSS growth         ${per(delta((snap) => snap.rss))}`);
   for (const key of ['AnonPages', 'Shmem', 'Cached', 'Slab', 'SReclaimable', 'SUnreclaim', 'KernelStack', 'PageTables', 'Percpu', 'VmallocUsed']) {
-    console.log(`meminfo ${key.padEnd(17)} ${per((memAfter[key] ?? 0) - (memBefore[key] ?? 0))}`);
+    console.log(`meminfo ${key.padEnd(17)} ${per(delta((snap) => snap.mem[key] ?? 0))}`);
+  }
+  console.log('\ncharged to the runner cgroups (v1 memory controller):');
+  for (const key of ['usage', 'kmem', 'total_rss', 'total_cache', 'total_shmem', 'total_mapped_file']) {
+    console.log(`  ${key.padEnd(24)} ${per(delta((snap) => snap.charged[key] ?? 0))}`);
   }
   console.log('\nprocesses (sum over sandboxes, per runner):');
   for (const [key, figures] of [...processes.entries()].sort()) {
@@ -149,14 +206,14 @@ try {
     );
   }
   console.log('\nslab caches that grew (per runner):');
-  const deltas = Object.keys(slabAfter)
-    .map((name) => [name, (slabAfter[name] ?? 0) - (slabBefore[name] ?? 0)] as const)
-    .filter(([, delta]) => delta > 512 * size)
+  const caches = Object.keys(deltas[0]?.full.slab ?? {})
+    .map((name) => [name, delta((snap) => snap.slab[name] ?? 0)] as const)
+    .filter(([, bytes]) => bytes > 512 * size)
     .sort((a, b) => b[1] - a[1]);
   let total = 0;
-  for (const [name, delta] of deltas) {
-    total += delta;
-    console.log(`  ${name.padEnd(28)} ${per(delta)}`);
+  for (const [name, bytes] of caches) {
+    total += bytes;
+    console.log(`  ${name.padEnd(28)} ${per(bytes)}`);
   }
   console.log(`  ${'(sum of these)'.padEnd(28)} ${per(total)}   total MB ${mb(total)}`);
 } finally {

@@ -1,5 +1,5 @@
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
 import { CodeOceanClient, environmentSpec } from './support/codeocean-client.js';
 import { type Daemon, descendantsOf, processesMatching, startDaemon } from './support/daemon.js';
@@ -20,6 +20,14 @@ function statusField(pid: number, field: string): string {
     .split('\n')
     .find((entry) => entry.startsWith(`${field}:`));
   return line?.slice(field.length + 1).trim() ?? '';
+}
+
+/* The v1 memory cgroup of a host process, as the host sees it. */
+function memoryCgroup(pid: number): string | undefined {
+  return readFileSync(`/proc/${pid}/cgroup`, 'utf8')
+    .split('\n')
+    .map((line) => line.split(':'))
+    .find(([, controllers]) => controllers?.split(',').includes('memory'))?.[2];
 }
 
 function parentOf(pid: number): number {
@@ -108,6 +116,37 @@ describe('sandbox processes on the host', () => {
       'the killed orphan to be reaped by the agent',
     );
     assert.ok([204, 410].includes((await client.deleteRunner(runnerId)).status));
+  });
+
+  test('an idle runner has no memory cgroup of its own (v1); a claimed one gets one, with its limit, before its first execution', {
+    skip: !existsSync('/sys/fs/cgroup/memory/cgroup.procs') && 'no cgroup v1 memory controller here',
+  }, async () => {
+    const parent = `/${daemon.cgroupParent}`;
+    const idle = spawnerChildren();
+    assert.ok(idle.length > 0);
+    for (const pid of idle) assert.equal(memoryCgroup(pid), parent, `idle sandbox ${pid} has a memory cgroup of its own`);
+    const runnerId = await client.claim(ENV);
+    const own = `${parent}/${runnerId}`;
+    const claimed = spawnerChildren().filter((pid) => memoryCgroup(pid) === own);
+    assert.equal(claimed.length, 1, "the claimed runner's agent is not in the runner's memory cgroup");
+    assert.equal(readFileSync(`/sys/fs/cgroup/memory${own}/memory.limit_in_bytes`, 'utf8').trim(), String(256 * 1024 * 1024));
+    const marker = sleepMarker();
+    const execution = client.connect(await client.websocketUrl(runnerId, `sleep ${marker}`, 0));
+    const [learner] = await waitFor(
+      async () => processesMatching(`sleep ${marker}`).filter((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('sleep\0')),
+      (pids) => pids.length === 1,
+      'the execution',
+    );
+    assert.ok(learner !== undefined);
+    assert.equal(memoryCgroup(learner), own, 'learner code runs outside the runner memory cgroup');
+    process.kill(learner, 'SIGKILL');
+    await execution;
+    assert.equal((await client.deleteRunner(runnerId)).status, 204);
+    await waitFor(
+      async () => existsSync(`/sys/fs/cgroup/memory${own}`),
+      (exists) => !exists,
+      "the destroyed runner's memory cgroup to go",
+    );
   });
 
   test('destroying a runner ends its one host process', async () => {

@@ -18,6 +18,12 @@ export interface ResourceLimits {
 /* One runner's cgroup(s): a process joins by writing its pid into every file of procsFiles. */
 export interface RunnerCgroup {
   readonly procsFiles: string[];
+  /*
+   * Gives the claimed runner whatever it went without while idle (v1: its own memory cgroup, with
+   * the limit) and moves the sandbox's processes into it (idle, that is its agent, which forks every
+   * execution afterwards). Must succeed before the runner runs any learner code.
+   */
+  claim(): void;
   /* How many OOM kills happened in this cgroup so far. */
   oomKills(): Promise<number>;
   /* Kills what is left inside and removes the cgroup. */
@@ -184,11 +190,18 @@ class CgroupV1Manager implements CgroupManager {
     return Object.values(this.parents).filter((directory): directory is string => directory !== undefined);
   }
 
+  /*
+   * An idle runner runs no learner code, so it has no memory cgroup of its own: its sandbox joins the
+   * memory parent, and claim() makes the runner's memory cgroup. Every memory cgroup costs the kernel
+   * a shrinker map sized by the most superblocks the host ever had (each sandbox mounts several),
+   * about 0.15 MB per cgroup here, for each of a thousand idle runners. pids and cpu cost little
+   * and limit the sandbox from its first process on.
+   */
   async create(name: string, limits: ResourceLimits): Promise<RunnerCgroup> {
     const memory = path.join(this.parents.memory, name);
     const pids = path.join(this.parents.pids, name);
     const cpu = this.parents.cpu ? path.join(this.parents.cpu, name) : undefined;
-    const directories = [memory, pids, ...(cpu ? [cpu] : [])];
+    const directories = [pids, ...(cpu ? [cpu] : [])];
     // Only what this call made is removed on failure: a name that exists already is someone else's.
     const made: string[] = [];
     try {
@@ -196,6 +209,16 @@ class CgroupV1Manager implements CgroupManager {
         mkdirSync(directory);
         made.push(directory);
       }
+      writeFileSync(path.join(pids, 'pids.max'), String(limits.pids));
+      if (cpu && limits.cpuShares > 0) writeFileSync(path.join(cpu, 'cpu.shares'), String(clampShares(limits.cpuShares)));
+    } catch (error) {
+      await emptyAndRemove(made);
+      throw error;
+    }
+    const claim = (): void => {
+      if (made.includes(memory)) return;
+      mkdirSync(memory);
+      made.push(memory);
       if (limits.memoryBytes > 0) {
         writeFileSync(path.join(memory, 'memory.limit_in_bytes'), String(limits.memoryBytes));
         // Without this, a runner could swap instead of being OOM-killed at its limit.
@@ -204,20 +227,20 @@ class CgroupV1Manager implements CgroupManager {
          * v1 does not charge socket buffers to memory.limit_in_bytes: without this, a runner that fills
          * loopback TCP connections without reading them pins gigabytes of host kernel memory. The
          * kernel only accounts sockets created after this limit is set, so it is written here, before
-         * any process joins the cgroup. (Kernels built without kmem accounting lack the file.)
+         * the runner's process joins the cgroup. (Kernels built without kmem accounting lack the file.)
          */
         optionalWrite(path.join(memory, 'memory.kmem.tcp.limit_in_bytes'), String(limits.memoryBytes), (code) => code === 'ENOENT');
       }
-      writeFileSync(path.join(pids, 'pids.max'), String(limits.pids));
-      if (cpu && limits.cpuShares > 0) writeFileSync(path.join(cpu, 'cpu.shares'), String(clampShares(limits.cpuShares)));
-    } catch (error) {
-      await emptyAndRemove(made);
-      throw error;
-    }
+      // The pids cgroup holds every process of the sandbox since its first: move them all.
+      const processes = readFileSync(path.join(pids, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean);
+      if (processes.length === 0) throw new Error(`runner cgroup ${name} has no process to claim`);
+      for (const pid of processes) writeFileSync(path.join(memory, 'cgroup.procs'), pid);
+    };
     return {
-      procsFiles: directories.map((directory) => path.join(directory, 'cgroup.procs')),
+      procsFiles: [path.join(this.parents.memory, 'cgroup.procs'), ...directories.map((directory) => path.join(directory, 'cgroup.procs'))],
+      claim,
       oomKills: () => readCounter(path.join(memory, 'memory.oom_control'), 'oom_kill'),
-      destroy: () => emptyAndRemove(directories),
+      destroy: () => emptyAndRemove(made),
     };
   }
 }
@@ -268,6 +291,8 @@ class CgroupV2Manager implements CgroupManager {
     }
     return {
       procsFiles: [path.join(directory, 'cgroup.procs')],
+      // v2 forbids processes in the parent, which enables the controllers for its children: limited from the start.
+      claim: () => undefined,
       oomKills: () => readCounter(path.join(directory, 'memory.events'), 'oom_kill'),
       destroy: async () => {
         optionalWrite(path.join(directory, 'cgroup.kill'), '1', () => true);

@@ -102,7 +102,16 @@ export class LocalAccessorHandler extends AccessorHandler {
   }
 
   protected async claimOwn(environmentId: number, inactivityTimeout: number, log?: ContextLogger, signal?: AbortSignal): Promise<Runner | undefined> {
-    return this.pools.claim(environmentId, inactivityTimeout, log, signal);
+    const runner = await this.pools.claim(environmentId, inactivityTimeout, log, signal);
+    if (runner === undefined) return undefined;
+    try {
+      runner.claimed();
+    } catch (error) {
+      // Without its limits the runner must not run learner code: it goes, and the claim fails.
+      this.pools.return(runner, log);
+      throw new Error(`cannot apply the claimed runner's limits: ${String(error)}`);
+    }
+    return runner;
   }
 
   protected async returnOwn(runner: Runner, log?: ContextLogger): Promise<void> {

@@ -128,6 +128,11 @@ export class LocalRunner extends InactivityTrackingRunner implements ManagedRunn
     return error instanceof AgentClosedError ? new RunnerNotFoundError(this.id) : error;
   }
 
+  /* Called when a claim takes this runner, before it is handed out (see RunnerCgroup.claim). */
+  claimed(): void {
+    this.sandbox.claim();
+  }
+
   async destroy(reason: string, log?: ContextLogger): Promise<void> {
     if (this.#destroyed) return;
     this.#destroyed = true;

@@ -154,7 +154,7 @@ export class Sandbox {
     /* bubblewrap until the agent is ready, then the agent itself (the sandbox's pid 1), adopted by the spawner. */
     private readonly hostProcess: SpawnedProcess,
     readonly agent: AgentClient,
-    cgroup: RunnerCgroup | undefined,
+    private readonly cgroup: RunnerCgroup | undefined,
     onCleanupError: (error: unknown) => void,
   ) {
     this.#cleanedUp = hostProcess.exited.then(async () => {
@@ -234,6 +234,11 @@ export class Sandbox {
   /* A host process inside the sandbox's network namespace (its pid 1, the agent, once started). */
   get processId(): number | undefined {
     return this.hostProcess.pid;
+  }
+
+  /* Before the first learner code: the limits an idle sandbox went without (see RunnerCgroup.claim). */
+  claim(): void {
+    this.cgroup?.claim();
   }
 
   get alive(): boolean {
