@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdtempSync, openSync, rmSync } from 'node:fs';
+import { execFileSync, spawn } from 'node:child_process';
+import { closeSync, constants, existsSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { open, readFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
@@ -13,27 +13,46 @@ const MEGABYTE = 1024 * 1024;
 test('a runner cgroup carries memory, CPU share and pids limits, and is removed again', async () => {
   const manager = await createCgroupManager('auto', 'poseidon-ts-test', pino({ level: 'silent' }));
   assert.notEqual(manager.version, 'off', 'these machines have cgroups; without them the limits are not enforced');
-  const cgroup = await manager.create(`limits-${process.pid}`, { memoryBytes: 64 * MEGABYTE, cpuShares: 512, pids: 77 });
+  const name = `limits-${process.pid}`;
+  const cgroup = await manager.create(name, { memoryBytes: 64 * MEGABYTE, cpuShares: 512, pids: 77 });
   assert.ok(cgroup);
-  const directoryOf = (controller: string) => {
-    const file = cgroup.procsFiles.find((candidate) => manager.version === 'v2' || candidate.includes(`/${controller}/`));
-    assert.ok(file, `no ${controller} cgroup`);
-    return file.replace(/\/cgroup\.procs$/, '');
-  };
-  const read = async (controller: string, name: string) => (await readFile(`${directoryOf(controller)}/${name}`, 'utf8')).trim();
-  if (manager.version === 'v1') {
-    assert.equal(await read('memory', 'memory.limit_in_bytes'), String(64 * MEGABYTE));
-    // v1 does not charge socket buffers to the memory limit; the runner gets a TCP limit of the same size.
-    assert.equal(await read('memory', 'memory.kmem.tcp.limit_in_bytes'), String(64 * MEGABYTE));
-    assert.equal(await read('cpu', 'cpu.shares'), '512');
-  } else {
-    assert.equal(await read('memory', 'memory.max'), String(64 * MEGABYTE));
-    assert.equal(await read('cpu', 'cpu.weight'), String(Math.round(1 + ((512 - 2) * 9999) / (262_144 - 2))));
+  // A sandbox stand-in joins every procs file, as the spawner's child does before it execs.
+  const sandbox = spawn('sleep', ['60'], { stdio: 'ignore' });
+  try {
+    for (const file of cgroup.procsFiles) writeFileSync(file, String(sandbox.pid));
+    const own = (controller: string) => {
+      const file = cgroup.procsFiles.find((candidate) => manager.version === 'v2' || candidate.includes(`/${controller}/`));
+      assert.ok(file, `no ${controller} cgroup`);
+      return file.replace(/\/cgroup\.procs$/, '');
+    };
+    if (manager.version === 'v1') {
+      // Idle, the sandbox has no memory cgroup of its own: it sits in the parent, which has no limit.
+      assert.notEqual(path.basename(own('memory')), name);
+      cgroup.claim();
+      const memory = path.join(own('memory'), name);
+      const read = async (file: string) => (await readFile(file, 'utf8')).trim();
+      assert.equal(await read(`${memory}/memory.limit_in_bytes`), String(64 * MEGABYTE));
+      // v1 does not charge socket buffers to the memory limit; the runner gets a TCP limit of the same size.
+      assert.equal(await read(`${memory}/memory.kmem.tcp.limit_in_bytes`), String(64 * MEGABYTE));
+      assert.equal(await read(`${memory}/cgroup.procs`), String(sandbox.pid), 'the claim moved the sandbox into its memory cgroup');
+      assert.equal(await read(`${own('cpu')}/cpu.shares`), '512');
+      assert.equal(await read(`${own('pids')}/pids.max`), '77');
+      assert.equal(await cgroup.oomKills(), 0);
+      await cgroup.destroy();
+      for (const directory of [memory, own('pids'), own('cpu')]) assert.equal(existsSync(directory), false, `${directory} is left`);
+    } else {
+      cgroup.claim();
+      const read = async (file: string) => (await readFile(`${own('memory')}/${file}`, 'utf8')).trim();
+      assert.equal(await read('memory.max'), String(64 * MEGABYTE));
+      assert.equal(await read('cpu.weight'), String(Math.round(1 + ((512 - 2) * 9999) / (262_144 - 2))));
+      assert.equal(await read('pids.max'), '77');
+      assert.equal(await cgroup.oomKills(), 0);
+      await cgroup.destroy();
+      assert.equal(existsSync(own('memory')), false);
+    }
+  } finally {
+    sandbox.kill('SIGKILL');
   }
-  assert.equal(await read('pids', 'pids.max'), '77');
-  assert.equal(await cgroup.oomKills(), 0);
-  await cgroup.destroy();
-  await assert.rejects(readFile(cgroup.procsFiles[0] ?? ''), /ENOENT/);
 });
 
 /*
@@ -53,7 +72,8 @@ test('runner cgroups are created and removed while every thread of the I/O pool 
     const work = (async () => {
       const cgroup = await manager.create(`pool-blocked-${process.pid}`, { memoryBytes: 32 * MEGABYTE, cpuShares: 100, pids: 16 });
       assert.ok(cgroup);
-      const directories = cgroup.procsFiles.map((file) => path.dirname(file));
+      // The runner's own directories (v1 puts an idle sandbox in the memory parent, which stays).
+      const directories = cgroup.procsFiles.map((file) => path.dirname(file)).filter((entry) => path.basename(entry) === `pool-blocked-${process.pid}`);
       assert.ok(directories.every((entry) => existsSync(entry)));
       await cgroup.destroy();
       return directories;
