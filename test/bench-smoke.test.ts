@@ -13,12 +13,15 @@ import { REPO_ROOT } from './support/daemon.js';
 
 const LATENCY_KEYS = ['n', 'p50_ms', 'p90_ms', 'p99_ms', 'max_ms', 'ops_per_s', 'errors', 'baseline', 'baseline_p50_ms', 'ratio_p50'];
 
+/* The terminal ceiling (measured alternating with the timed rounds) and CPU per MB on both ends. */
+const STREAM_KEYS = ['terminal_mb_per_s', 'of_terminal', 'daemon_cpu_ms_per_mb', 'client_cpu_ms_per_mb'];
+
 const EXPECTED: Record<string, string[]> = {
   claim_copy_return: LATENCY_KEYS,
   execute_true: LATENCY_KEYS,
   throughput: LATENCY_KEYS,
-  stream_single: [...LATENCY_KEYS, 'mb_per_s'],
-  stream_concurrent: [...LATENCY_KEYS, 'mb_per_s', 'lost_bytes', 'lost_exits'],
+  stream_single: [...LATENCY_KEYS, 'mb_per_s', ...STREAM_KEYS],
+  stream_concurrent: [...LATENCY_KEYS, 'mb_per_s', 'lost_bytes', 'lost_exits', ...STREAM_KEYS],
   idle_runners: [
     'n',
     'errors',
@@ -64,6 +67,13 @@ test('every bench case runs with --quick and reports the documented keys', { tim
       for (const key of keys) assert.ok(key in result, `case ${name} lacks "${key}": ${JSON.stringify(result)}`);
       assert.equal(typeof result['n'], 'number');
       assert.ok((result['n'] as number) >= 1, `case ${name} measured nothing: ${JSON.stringify(result)}`);
+    }
+    for (const name of ['stream_single', 'stream_concurrent']) {
+      const result = results.cases?.[name] ?? {};
+      // Read from /proc in 10 ms ticks, which --quick's few MB may not reach: a number, maybe 0.
+      for (const key of ['daemon_cpu_ms_per_mb', 'client_cpu_ms_per_mb'])
+        assert.ok(Number.isFinite(result[key]) && (result[key] as number) >= 0, `${name} ${key}: ${JSON.stringify(result)}`);
+      assert.ok((result['terminal_mb_per_s'] as number) > 0, `${name}: ${JSON.stringify(result)}`);
     }
   } finally {
     rmSync(dir, { recursive: true, force: true });

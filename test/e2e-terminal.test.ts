@@ -163,6 +163,14 @@ const CASES: Case[] = [
     check: (messages) => assert.deepEqual(messages, [{ type: 'start' }, { type: 'stdout', data: `${'x'.repeat(200_000)}\r\n` }, { type: 'exit', data: 0 }]),
   },
   {
+    // Messages are escaped from the bytes (src/api/output-message.ts): 420 KB, several messages
+    // and many agent frames, so characters of 2, 3 and 4 bytes are cut between chunks somewhere.
+    name: 'a long run of multi-byte characters, quotes, backslashes and control characters',
+    command: `${PY} -c "import sys; sys.stdout.buffer.write(b'\\xc3\\xa9\\xe2\\x82\\xac\\xf0\\x9d\\x84\\x9e\\x22\\x5c\\x09\\x01x' * 30000 + b'\\n')"`,
+    check: (messages) =>
+      assert.deepEqual(messages, [{ type: 'start' }, { type: 'stdout', data: `${'é€𝄞"\\\t\x01x'.repeat(30_000)}\r\n` }, { type: 'exit', data: 0 }]),
+  },
+  {
     name: 'a time limit',
     command: 'echo started; sleep 30',
     timeLimit: 1,
