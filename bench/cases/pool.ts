@@ -30,8 +30,8 @@ async function fillIdlePool(client: BenchClient, size: number, deadline: number)
  * other sessions it moves with their work too (tens of MB within a fill, either way). The largest
  * pool is therefore filled and removed several times, each fill and each removal a sample of the
  * same cost (taken once the kernel's slab settled), and the median is reported, with the spread.
- * The memory charged to the runner cgroups is reported beside it: a lower bound (the kernel does
- * not charge all of its objects to a cgroup) that nothing else on the host can move.
+ * The memory charged to the runner cgroups is reported beside it: what the kernel accounts to them
+ * (not all of its objects; reclaimable caches included), which nothing else on the host can move.
  */
 export async function idleRunners(context: BenchContext): Promise<CaseResult> {
   const { client, pid, daemon } = await context.local();

@@ -60,7 +60,7 @@ export async function settleKernelMemory(timeoutMs = 20_000): Promise<void> {
 /*
  * What the kernel charged to the runner cgroups below parent: their processes' pages, page tables,
  * kernel stacks and the kernel objects it accounts to a cgroup (namespaces, mounts, inodes, most
- * slab). Unaccounted kernel memory is not in it, so it is a lower bound of the host figure, but
+ * slab). Unaccounted kernel memory is not in it, reclaimable caches are: not the host figure, but
  * one that no other process on the host can disturb.
  */
 export function cgroupChargedMb(parent: string): number | undefined {
