@@ -5,7 +5,7 @@
  * slab caches that grew, per-cpu memory and page cache, next to the drop in MemAvailable.
  */
 import { readdirSync, readFileSync } from 'node:fs';
-import { startDaemon } from '../test/support/daemon.js';
+import { parentOf, startDaemon } from '../test/support/daemon.js';
 import { BenchClient, environmentSpec } from './lib/client.js';
 import { until } from './lib/context.js';
 import { sleep } from './lib/stats.js';
@@ -34,15 +34,6 @@ function slabs(): Record<string, number> {
     if (name && Number.isFinite(numSlabs)) values[name] = (values[name] ?? 0) + numSlabs * pagesPerSlab * 4096;
   }
   return values;
-}
-
-function parentOf(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-  } catch {
-    return undefined;
-  }
 }
 
 function children(): Map<number, number[]> {

@@ -135,7 +135,8 @@ export function isSandboxOwner(pid: number): boolean {
   return argv0Of(parentOf(pid)).endsWith('poseidon-spawner') && argv0Of(pid) !== '';
 }
 
-function parentOf(pid: number): number | undefined {
+/** The parent pid of a live process, undefined once it is gone. */
+export function parentOf(pid: number): number | undefined {
   try {
     const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
     // comm may contain spaces and parentheses, so fields are counted from the last ')'.

@@ -3,7 +3,7 @@ import { randomInt } from 'node:crypto';
 import { chmodSync, chownSync, existsSync, readdirSync, readFileSync, readlinkSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import type { CodeOceanClient, ExecutionResult } from './codeocean-client.js';
-import { descendantsOf, processesMatching, REPO_ROOT, type Daemon } from './daemon.js';
+import { descendantsOf, parentOf, processesMatching, REPO_ROOT, type Daemon } from './daemon.js';
 import { waitFor } from './wait.js';
 
 /*
@@ -120,15 +120,6 @@ export function cpuSeconds(pid: number): number {
   const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
   // Fields after the comm: state is index 0, utime 11, stime 12 (man 5 proc, minus the first two).
   return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS;
-}
-
-function parentOf(pid: number): number | undefined {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return Number(stat.slice(stat.lastIndexOf(')') + 2).split(' ')[1]);
-  } catch {
-    return undefined;
-  }
 }
 
 function argv0(pid: number): string {
