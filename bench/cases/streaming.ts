@@ -107,6 +107,12 @@ export async function streamConcurrent(context: BenchContext): Promise<CaseResul
         const received = outcome?.stdoutBytes ?? 0;
         if (received !== terminalBytes(bytes)) complete = false;
         lostBytes += Math.max(0, terminalBytes(bytes) - received);
+        // What a short stream ended with, so that a lost byte can be traced to its cause.
+        if (outcome !== undefined && (received !== terminalBytes(bytes) || (outcome.exitCode ?? 0) !== 0)) {
+          complete = false;
+          const sample = `received ${received} of ${terminalBytes(bytes)} bytes, exit ${String(outcome.exitCode)}, errors ${outcome.errors.join('; ')}`;
+          if (errors.samples.length < 5) errors.samples.push(sample);
+        }
       }
       if (complete) {
         samples.push(elapsed);
