@@ -176,6 +176,8 @@ test('with networkAccess, an exposed port is reachable at the reported mappedPor
       ),
     (text) => text !== '',
     'the runner to serve on its exposed port',
+    // Python starts at the sandboxes' nice 10: on a loaded 2-core host that alone can take many seconds.
+    60_000,
   );
   assert.equal(body, 'served from the runner\n');
   assert.equal((await client.deleteRunner(runnerId)).status, 204);

@@ -155,7 +155,12 @@ describe('sandbox spawner', () => {
     // `; exit 7` keeps sh from exec'ing sleep: sh waits for its one child, as bubblewrap does for a sandbox.
     const child = spawner.spawn(['/bin/sh', '-c', 'sleep 30; exit 7'], { PATH: '/usr/bin:/bin' });
     (await child.connection).destroy();
-    await waitUntil(() => child.pid !== undefined && readFileSync(`/proc/${child.pid}/task/${child.pid}/children`, 'utf8').trim() !== '');
+    // Waits until the child has finished exec'ing sleep: during an exec its cmdline reads empty.
+    const childOf = (pid: number) => readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim();
+    await waitUntil(() => {
+      const grandchild = child.pid === undefined ? '' : childOf(child.pid);
+      return grandchild !== '' && /^sleep\0/.test(readFileSync(`/proc/${grandchild}/cmdline`, 'utf8'));
+    });
     const waiter = child.pid ?? 0;
     await child.detach();
     assert.notEqual(child.pid, waiter, 'the held process is the child now');
