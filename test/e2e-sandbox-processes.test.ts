@@ -30,8 +30,13 @@ function memoryCgroup(pid: number): string | undefined {
     .find(([, controllers]) => controllers?.split(',').includes('memory'))?.[2];
 }
 
+/* -1 for a process that ended meanwhile: listings race with pool refills. */
 function parentOf(pid: number): number {
-  return Number(statusField(pid, 'PPid'));
+  try {
+    return Number(statusField(pid, 'PPid'));
+  } catch {
+    return -1;
+  }
 }
 
 function processState(pid: number): string | undefined {
@@ -122,7 +127,12 @@ describe('sandbox processes on the host', () => {
     skip: !existsSync('/sys/fs/cgroup/memory/cgroup.procs') && 'no cgroup v1 memory controller here',
   }, async () => {
     const parent = `/${daemon.cgroupParent}`;
-    const idle = spawnerChildren();
+    // The previous test's runner was just returned: wait for its refill to finish (a sandbox still being built is bwrap's).
+    const idle = await waitFor(
+      async () => spawnerChildren(),
+      (pids) => pids.length === POOL && pids.every((pid) => !hostExecutable(pid).endsWith('bwrap')),
+      'the pool to settle',
+    );
     assert.ok(idle.length > 0);
     for (const pid of idle) assert.equal(memoryCgroup(pid), parent, `idle sandbox ${pid} has a memory cgroup of its own`);
     const runnerId = await client.claim(ENV);
