@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { closeSync, constants, existsSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
+import fs, { closeSync, constants, existsSync, mkdtempSync, openSync, rmSync, writeFileSync } from 'node:fs';
 import { open, readFile } from 'node:fs/promises';
+import { syncBuiltinESMExports } from 'node:module';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { test } from 'node:test';
@@ -93,5 +94,58 @@ test('runner cgroups are created and removed while every thread of the I/O pool 
     await Promise.all(parked.map(async (handle) => (await handle).close()));
     if (writer !== undefined) closeSync(writer);
     rmSync(directory, { recursive: true, force: true });
+  }
+});
+
+/*
+ * A process listed in the runner's pids cgroup can end before the claim moves it (bubblewrap's own
+ * process leaves right after the sandbox starts; a waiting claim gets the runner at once): the kernel
+ * answers ESRCH for it, and the claim moves the others instead of failing the learner's request.
+ * The listing is given an already reaped pid, which the kernel then refuses exactly so.
+ */
+test('a claim skips a listed process that has ended, and fails when none is left', async (t) => {
+  const manager = await createCgroupManager('auto', process.env.TEST_CGROUP_PARENT ?? 'poseidon-ts-test', pino({ level: 'silent' }));
+  if (manager.version !== 'v1') return t.skip('the claim moves processes between cgroups only on cgroup v1');
+  const gone = spawn('true', { stdio: 'ignore' });
+  await new Promise((resolve) => gone.once('exit', resolve));
+  const pidsFile = (cgroup: { procsFiles: string[] }) => cgroup.procsFiles.find((file) => file.includes('/pids/')) ?? '';
+  const realRead = fs.readFileSync;
+  const withDeadPid = (cgroup: { procsFiles: string[] }, alive: boolean) => {
+    const patched = ((file: fs.PathOrFileDescriptor, options?: unknown) => {
+      const content = realRead(file, options as BufferEncoding);
+      return file === pidsFile(cgroup) ? `${String(gone.pid)}\n${alive ? content : ''}` : content;
+    }) as typeof fs.readFileSync;
+    fs.readFileSync = patched;
+    syncBuiltinESMExports();
+  };
+  const restore = () => {
+    fs.readFileSync = realRead;
+    syncBuiltinESMExports();
+  };
+  const sandbox = spawn('sleep', ['60'], { stdio: 'ignore' });
+  const cgroup = await manager.create(`claim-race-${process.pid}`, { memoryBytes: 32 * MEGABYTE, cpuShares: 100, pids: 16 });
+  const lonely = await manager.create(`claim-none-${process.pid}`, { memoryBytes: 32 * MEGABYTE, cpuShares: 100, pids: 16 });
+  assert.ok(cgroup && lonely);
+  try {
+    for (const file of cgroup.procsFiles) writeFileSync(file, String(sandbox.pid));
+    withDeadPid(cgroup, true);
+    try {
+      cgroup.claim();
+    } finally {
+      restore();
+    }
+    const memory = path.join(path.dirname(cgroup.procsFiles[0] ?? ''), `claim-race-${process.pid}`);
+    assert.equal((await readFile(path.join(memory, 'cgroup.procs'), 'utf8')).trim(), String(sandbox.pid), 'the live process was moved');
+    withDeadPid(lonely, false);
+    try {
+      assert.throws(() => lonely.claim(), /every process ended before the claim/);
+    } finally {
+      restore();
+    }
+  } finally {
+    sandbox.kill('SIGKILL');
+    await new Promise((resolve) => sandbox.once('exit', resolve));
+    await cgroup.destroy();
+    await lonely.destroy();
   }
 });

@@ -234,7 +234,21 @@ class CgroupV1Manager implements CgroupManager {
       // The pids cgroup holds every process of the sandbox since its first: move them all.
       const processes = readFileSync(path.join(pids, 'cgroup.procs'), 'utf8').split('\n').filter(Boolean);
       if (processes.length === 0) throw new Error(`runner cgroup ${name} has no process to claim`);
-      for (const pid of processes) writeFileSync(path.join(memory, 'cgroup.procs'), pid);
+      /*
+       * A process listed a moment ago may have ended since (bubblewrap's own process leaves soon after
+       * the sandbox starts, and a claim can come right after the build): ESRCH, nothing to move. The
+       * claim fails only when no process could be moved, so a dead sandbox is never handed out.
+       */
+      let moved = 0;
+      for (const pid of processes) {
+        try {
+          writeFileSync(path.join(memory, 'cgroup.procs'), pid);
+          moved += 1;
+        } catch (error) {
+          if ((error as NodeJS.ErrnoException).code !== 'ESRCH') throw error;
+        }
+      }
+      if (moved === 0) throw new Error(`runner cgroup ${name}: every process ended before the claim`);
     };
     return {
       procsFiles: [path.join(this.parents.memory, 'cgroup.procs'), ...directories.map((directory) => path.join(directory, 'cgroup.procs'))],
