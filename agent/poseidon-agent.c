@@ -42,7 +42,8 @@
  *   0x80 READY          u32 protocol version (3); id 0; sent once at start
  *   0x81 STDOUT         raw data
  *   0x82 STDERR         raw data
- *   0x83 EXIT           u32 code: exit status, or 128 + signal number
+ *   0x83 EXIT           u32 code: exit status, or 128 + signal number; after the output the
+ *                       process wrote before it ended (held back while paused, sent on RESUME)
  *   0x84 OUTPUT_CLOSED  (empty) stdout and stderr both reached EOF (may come before or after EXIT)
  *   0x85 RESULT         u32 status (0 = ok, else an errno value) | UTF-8 message
  *   0x86 LISTING        raw bytes; concatenated, per entry 8 NUL-terminated fields as GNU
@@ -116,6 +117,8 @@ struct exec {
 	size_t in_len;
 	int in_close;               /* close stdin once in_buf is written */
 	int exited, closed_sent, paused, done;
+	int exit_pending;           /* reaped, EXIT not sent yet: it waits for the output read first */
+	uint32_t exit_code;
 	int discard;                /* DISCARD: output is read and dropped, no more events */
 	int tty;                    /* in_fd is a duplicate of the terminal's master, out_fd the master */
 	int err_crlf;               /* stderr pipe of a tty execution: "\n" goes out as "\r\n" */
@@ -278,7 +281,7 @@ static void check_finished(struct exec *e)
 		e->closed_sent = 1;
 		if (!e->discard) send_event(EV_OUTPUT_CLOSED, e->id, NULL, 0);
 	}
-	if (e->exited && e->closed_sent) {
+	if (e->exited && !e->exit_pending && e->closed_sent) {
 		e->done = 1;
 
 		close_fd(&e->in_fd);
@@ -587,6 +590,21 @@ out:
 	free(envp);
 }
 
+/*
+ * What the child wrote before it died is read out and sent before its EXIT: the daemon counts
+ * output after EXIT as a background process's and stops waiting for it after a short silence, so
+ * the process's own last output must never come after it. While the daemon has us paused, the
+ * EXIT waits for its RESUME (or DISCARD), and the reading then happens first.
+ */
+static void report_exit(struct exec *e)
+{
+	for (int i = 0; i < DRAIN_LIMIT && e->out_fd >= 0 && forward_output(e, &e->out_fd, EV_STDOUT); i++) {}
+	for (int i = 0; i < DRAIN_LIMIT && e->err_fd >= 0 && forward_output(e, &e->err_fd, EV_STDERR); i++) {}
+	e->exit_pending = 0;
+	send_u32(EV_EXIT, e->id, e->exit_code);
+	check_finished(e);
+}
+
 static void reap_children(void)
 {
 	int status;
@@ -596,12 +614,10 @@ static void reap_children(void)
 		for (size_t i = 0; i < nexecs; i++)
 			if (execs[i]->pid == pid && !execs[i]->exited) e = execs[i];
 		if (!e) continue;
-		/* What the child wrote before it died comes before its EXIT, unless the daemon paused us. */
-		for (int i = 0; !e->paused && i < DRAIN_LIMIT && e->out_fd >= 0 && forward_output(e, &e->out_fd, EV_STDOUT); i++) {}
-		for (int i = 0; !e->paused && i < DRAIN_LIMIT && e->err_fd >= 0 && forward_output(e, &e->err_fd, EV_STDERR); i++) {}
 		e->exited = 1;
-		send_u32(EV_EXIT, e->id, WIFEXITED(status) ? (uint32_t)WEXITSTATUS(status) : 128u + (uint32_t)WTERMSIG(status));
-		check_finished(e);
+		e->exit_pending = 1;
+		e->exit_code = WIFEXITED(status) ? (uint32_t)WEXITSTATUS(status) : 128u + (uint32_t)WTERMSIG(status);
+		if (!e->paused) report_exit(e);
 	}
 }
 
@@ -1307,7 +1323,10 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 	case REQ_READ: handle_read(id, &c); break;
 	case REQ_PAUSE:
 	case REQ_RESUME:
-		if ((e = find_exec(id)) && !e->discard) e->paused = type == REQ_PAUSE;
+		if ((e = find_exec(id)) && !e->discard) {
+			e->paused = type == REQ_PAUSE;
+			if (e->exit_pending && !e->paused) report_exit(e);
+		}
 		if ((r = find_reader(id))) r->paused = type == REQ_PAUSE;
 		break;
 	case REQ_DISCARD:
@@ -1318,7 +1337,12 @@ static void handle_frame(uint8_t type, uint32_t id, const uint8_t *payload, size
 		 * far less than the writer, and nothing is framed, sent or decoded. The entry goes once
 		 * both pipes reach EOF and the process was reaped.
 		 */
-		if ((e = find_exec(id))) { e->discard = 1; e->paused = 0; check_finished(e); }
+		if ((e = find_exec(id))) {
+			e->discard = 1;
+			e->paused = 0;
+			if (e->exit_pending) report_exit(e);
+			check_finished(e);
+		}
 		break;
 	default: send_result(id, EINVAL, "unknown request type %u", type);
 	}

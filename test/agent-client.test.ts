@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { after, before, describe, test } from 'node:test';
-import { AgentRequestError, type AgentClient, type AgentExecOptions } from '../src/local/agent/agent-client.js';
+import { AgentRequestError, type AgentClient, type AgentExecOptions, OUTPUT_AFTER_EXIT_MS } from '../src/local/agent/agent-client.js';
 import { EventType, encodeFrame, FrameParser } from '../src/local/frames.js';
 import { type AgentSandbox, startAgentSandbox } from './support/agent-sandbox.js';
 import { seccompProgram } from '../src/local/seccomp.js';
@@ -43,6 +43,12 @@ function capability(status: string, name: string): bigint {
   const match = new RegExp(`^${name}:\\s*([0-9a-f]+)$`, 'm').exec(status);
   assert.ok(match?.[1], `${name} missing from /proc/self/status`);
   return BigInt(`0x${match[1]}`);
+}
+
+/* Host pids of a process's descendants, from /proc. */
+function descendantsOf(pid: number): number[] {
+  const children = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(' ').filter(Boolean).map(Number);
+  return children.flatMap((child) => [child, ...descendantsOf(child)]);
 }
 
 function hostProcessExists(pid: number): boolean {
@@ -332,11 +338,7 @@ describe('agent lifetime', () => {
       while (!stdout.includes('\n')) await new Promise((resolve) => setTimeout(resolve, 5));
       // Find the host pid of the sleep: a child of the agent, which is a child of bwrap's pid 1.
       const bwrapPid = sandbox.child.pid ?? 0;
-      const descendants = (pid: number): number[] => {
-        const children = readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(' ').filter(Boolean).map(Number);
-        return children.flatMap((child) => [child, ...descendants(child)]);
-      };
-      const sleepPid = descendants(bwrapPid).find((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'sleep');
+      const sleepPid = descendantsOf(bwrapPid).find((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'sleep');
       assert.ok(sleepPid, 'the sleep runs');
       const result = execution.result.catch((error: Error) => error);
       await sandbox.stop();
@@ -393,6 +395,41 @@ describe('sandbox agent: terminal executions', () => {
   test('stderr on the terminal when asked', async () => {
     const result = await run(client, 'echo out; echo err >&2', { ...LEARNER, tty: { stderr: 'terminal' } });
     assert.deepEqual(result, { exitCode: 0, stdout: 'out\r\nerr\r\n', stderr: '' });
+  });
+
+  test('output still in the terminal when the process ends while paused comes before its exit', async () => {
+    let stdout = '';
+    const execution = client.exec(['/bin/sh', '-c', 'echo $$ > /tmp/leader; read go; head -c 8000 /dev/zero | tr "\\0" y'], LEARNER, {
+      onStdout: (chunk) => (stdout += chunk.toString()),
+      onStderr: () => undefined,
+    });
+    // PAUSE reaches the agent before the line that lets the process write: its 8,000 bytes stay
+    // in the terminal, unread, until RESUME.
+    execution.pauseOutput();
+    execution.writeStdin(Buffer.from('go\n'));
+    // Ends once the agent reaped the paused process (kill -0 holds for a zombie).
+    const reaped = await run(
+      client,
+      'while [ ! -s /tmp/leader ]; do sleep 0.01; done; p=$(cat /tmp/leader); while kill -0 "$p" 2>/dev/null; do sleep 0.01; done',
+      LEARNER,
+    );
+    assert.equal(reaped.exitCode, 0);
+    // The agent stopped right after RESUME is sent: an EXIT sent ahead of the held-back output
+    // would end the execution after the daemon's short wait for late output, losing that output.
+    const agentPid = descendantsOf(sandbox.child.pid ?? 0).find((pid) => readFileSync(`/proc/${pid}/comm`, 'utf8').trim() === 'agent');
+    assert.ok(agentPid, 'the agent runs');
+    process.kill(agentPid, 'SIGSTOP');
+    let ended = false;
+    try {
+      execution.resumeOutput();
+      const result = execution.result.then(() => (ended = true));
+      await Promise.race([result, new Promise((resolve) => setTimeout(resolve, OUTPUT_AFTER_EXIT_MS + 1000))]);
+      assert.equal(ended, false, 'the execution ended while its output was still unread');
+    } finally {
+      process.kill(agentPid, 'SIGCONT');
+    }
+    assert.equal((await execution.result).exitCode, 0);
+    assert.equal(stdout, `go\r\n${'y'.repeat(8000)}`);
   });
 
   test('closing stdin types ^D: EOF for a reader at the start of a line', async () => {
