@@ -24,8 +24,9 @@
  *   0x84 DETACHED i32 pid of the process now held: the adopted one, or the same as before if the
  *                 child had not exactly one child of its own (then nothing changed)
  *
- * When stdin reaches EOF (the daemon is gone) the spawner kills all its children and exits; the
- * children also die with it (PR_SET_PDEATHSIG, and bubblewrap's --die-with-parent).
+ * When stdin reaches EOF (the daemon is gone) the spawner kills all its children and exits; its
+ * direct children also die with it (PR_SET_PDEATHSIG). A DETACHed sandbox's pid 1 has no death
+ * signal: it ends when its connection to the daemon does, which a dying daemon closes.
  */
 #define _GNU_SOURCE
 #include <errno.h>

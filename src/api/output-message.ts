@@ -75,7 +75,7 @@ function writeBytes(source: Buffer, from: number, to: number, target: Buffer, of
 /*
  * Escapes valid UTF-8 into `target` from `offset` as a JSON string's inside; returns the new
  * offset. Four bytes at a time: one test per word finds whether any byte is below 0x20, '"' or
- * '' (the "has a byte less than / equal to" bit tricks), and a word without one is copied whole,
+ * '\' (the "has a byte less than / equal to" bit tricks), and a word without one is copied whole,
  * which makes this about twice as fast as a byte loop on text.
  */
 function writeEscaped(source: Buffer, target: Buffer, offset: number): number {

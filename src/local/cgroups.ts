@@ -162,7 +162,7 @@ async function emptyAndRemove(directories: string[]): Promise<void> {
         }
         return true;
       } catch {
-        // Unreadable or not removable for another reason: nothing more to do here than the old code did.
+        // Unreadable, or not removable for another reason: killing cannot help, so the directory is left.
         return false;
       }
     });
